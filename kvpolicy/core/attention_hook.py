@@ -1,0 +1,92 @@
+"""How the cache sees queries: a pass-through wrapper around transformers' attention functions.
+
+Every decoder family in transformers 5.x computes its final query (after RoPE, after any
+q-norm) and then calls ``cache.update(k, v, layer_idx)`` followed by an attention function
+looked up by name (``sdpa``, flash, ...) or the modeling file's own ``eager_attention_forward``.
+``PolicyCache.update`` leaves a note in a context variable; the wrapper below, when it finds
+a note for the calling module's layer, gives the cache the exact query the model used, lets
+the cache supply a mask for compressed layers, and tells it when attention has run. With no
+note (any other cache, or a policy that asked for nothing) the wrapper is a single
+``ContextVar.get`` and a call through. Why this and not module hooks: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import UnsupportedModelError
+
+_MARK = "__kvpolicy_wrapped__"
+
+
+@dataclass
+class Pending:
+    cache: Any
+    layer_idx: int
+
+
+PENDING: contextvars.ContextVar[Pending | None] = contextvars.ContextVar("kvpolicy_pending", default=None)
+
+
+def _wrap(fn: Callable, impl: str) -> Callable:
+    if getattr(fn, _MARK, False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(module, query, key, value, *args, **kwargs):
+        note = PENDING.get()
+        if note is None or note.layer_idx != getattr(module, "layer_idx", None):
+            return fn(module, query, key, value, *args, **kwargs)
+        PENDING.set(None)
+        cache = note.cache
+        if args:
+            mask, rest = args[0], args[1:]
+        else:
+            mask, rest = kwargs.pop("attention_mask", None), ()
+        mask = cache._before_attention(note.layer_idx, module, query, mask, impl)
+        out = fn(module, query, key, value, mask, *rest, **kwargs)
+        cache._after_attention(note.layer_idx, module, query)
+        return out
+
+    setattr(wrapped, _MARK, True)
+    return wrapped
+
+
+_installed_modules: set[str] = set()
+
+
+def install() -> None:
+    """Wrap the registered attention functions and every loaded family's eager function.
+
+    Idempotent and cheap; called on each cache's first update so modeling files imported
+    after kvpolicy are covered too.
+    """
+    from transformers.modeling_utils import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    for name, fn in list(mapping.items()):
+        if not getattr(fn, _MARK, False):
+            mapping[name] = _wrap(fn, name)
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or mod_name in _installed_modules or not mod_name.startswith("transformers.models."):
+            continue
+        fn = getattr(mod, "eager_attention_forward", None)
+        if callable(fn):
+            setattr(mod, "eager_attention_forward", _wrap(fn, "eager"))
+        _installed_modules.add(mod_name)
+
+
+def check_consumed() -> None:
+    """Raise if the last layer's note was never picked up: its attention bypassed the wrapper."""
+    note = PENDING.get()
+    if note is not None:
+        PENDING.set(None)
+        raise UnsupportedModelError(
+            f"layer {note.layer_idx} ran attention through a function kvpolicy cannot see (a custom or "
+            "unsupported attention implementation, or a modeling file imported after the cache was "
+            "filled). Load the model with attn_implementation='sdpa' or 'eager'."
+        )

@@ -1,0 +1,307 @@
+"""``PolicyCache``: a transformers ``Cache`` whose layers keep what a ``CachePolicy`` chooses.
+
+Flow for one layer in one forward: ``update`` appends the new keys/values in place and
+returns the layer's kept keys/values; the attention wrapper (``attention_hook``) then asks
+``_before_attention`` for the mask (ours when the layer has been compressed, since
+transformers' mask assumes slot ``i`` holds token ``i``), runs attention, and calls
+``_after_attention``, where the policy's signals are updated and its plan applied.
+Compressing *after* the layer's attention keeps the prompt's own forward exact: every
+prompt token attends to the whole prompt, as with a full cache, and only later tokens see
+the compressed cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from . import attention_hook
+from .errors import CacheMisuseError
+from .layer_store import PolicyLayer
+from .policy import CachePolicy, LayerView, Plan
+
+
+class PolicyCache(Cache):
+    """A KV cache driven by a :class:`CachePolicy`; pass it as ``past_key_values`` to ``generate``.
+
+    Example::
+
+        cache = PolicyCache(make_policy("pyramidinfer"))
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        cache.kv_tokens_per_layer(); cache.memory_bytes()
+    """
+
+    is_compileable = False
+
+    def __init__(self, policy: CachePolicy | str | None = None, **overrides: Any):
+        super().__init__(layers=[])
+        if policy is None or isinstance(policy, str):
+            from .registry import make_policy
+
+            policy = make_policy(policy or "full", **overrides)
+        elif overrides:
+            raise TypeError("pass overrides either to the policy or to PolicyCache(name, **overrides), not both")
+        self.policy: CachePolicy = policy
+        self.pad: torch.Tensor | None = None  # left padding per row [B]
+        self.prompt_len: list[int] | None = None
+        self._adapter = None
+        self._model_ref: weakref.ref | None = None
+        self._policy_state: dict[int, dict] = {}
+        self._setup_done = False
+
+    # ----------------------------------------------------------------- Cache API
+    def _layer(self, layer_idx: int) -> PolicyLayer:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(PolicyLayer(self, len(self.layers)))
+        return self.layers[layer_idx]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        attention_hook.check_consumed()
+        if not self.layers:
+            attention_hook.install()
+        layer = self._layer(layer_idx)
+        if self.pad is not None and key_states.shape[0] != self.pad.shape[0]:
+            raise CacheMisuseError(
+                f"this cache was filled with a batch of {self.pad.shape[0]} rows and is now given "
+                f"{key_states.shape[0]}; make a new cache for each generate call (or call cache.reset())"
+            )
+        keys, values = layer.append(key_states, value_states)
+        attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """True number of tokens seen (pads included, as transformers counts), not tokens kept."""
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].total_seen
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        if layer_idx >= len(self.layers):
+            q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+            return q, 0
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # transformers < 5.3
+        return -1
+
+    @property
+    def max_batch_size(self) -> int:
+        return -1 if self.pad is None else int(self.pad.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return self.max_batch_size
+
+    def reset(self) -> None:
+        """Empty the cache so it can serve a new prompt (or another model)."""
+        for layer in self.layers:
+            layer.reset()
+        self.layers = []
+        self.pad = None
+        self.prompt_len = None
+        self._model_ref = None
+        self._policy_state = {}
+        self._setup_done = False
+
+    def _rows(self, fn) -> None:
+        if self.pad is not None:
+            self.pad = fn(self.pad)
+            self.prompt_len = [self.prompt_len[i] for i in fn(torch.arange(len(self.prompt_len))).tolist()]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._rows(lambda t: t[indices.to(t.device)])
+
+    # ----------------------------------------------------------------- reporting
+    def headroom(self, layer_idx: int) -> int:
+        return self.policy.headroom(layer_idx)
+
+    def kv_tokens_per_layer(self) -> list[int]:
+        """Slots in use per layer (the largest row; rows with fewer valid tokens have masked slots)."""
+        return [layer.length for layer in self.layers]
+
+    def valid_tokens_per_layer(self) -> list[list[int]]:
+        """Valid kept tokens per layer and row (heads hold equal counts)."""
+        out = []
+        for layer in self.layers:
+            if layer.keys is None:
+                out.append([])
+                continue
+            out.append(layer.valid_mask()[:, 0].sum(-1).tolist())
+        return out
+
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """Row-local positions ``[B, H_kv, L]`` kept in ``layer_idx`` (-1 for masked slots)."""
+        return self.layers[layer_idx].local_positions()
+
+    def memory_bytes(self, allocated: bool = True) -> int:
+        """Bytes of keys+values held (``allocated``: buffer capacity, else slots in use)."""
+        return sum(layer.kv_bytes(allocated) for layer in self.layers)
+
+    def memory_bytes_per_layer(self, allocated: bool = True) -> list[int]:
+        return [layer.kv_bytes(allocated) for layer in self.layers]
+
+    def signal_bytes(self) -> int:
+        """Bytes of bookkeeping beside the KV (positions, query windows, scores)."""
+        return sum(layer.signal_bytes() for layer in self.layers)
+
+    # ----------------------------------------------------------------- attention hooks
+    def _bind(self, module: Any) -> None:
+        """First sight of the model: pick the adapter, check support, set the policy up."""
+        from .registry import find_adapter
+
+        config = module.config
+        self._adapter = find_adapter(config)
+        self._adapter.check_attention(config)
+        num_layers = config.num_hidden_layers
+        compressible = self._adapter.compressible_layers(config)
+        self._windows = self._adapter.sliding_windows(config)
+        self.policy.setup(num_layers, compressible)
+        self._num_layers = num_layers
+        self._compressible = compressible
+        self._setup_done = True
+
+    def _check_model(self, layer: PolicyLayer, module: Any) -> None:
+        ref = getattr(layer, "module_ref", None)
+        if ref is None:
+            layer.module_ref = weakref.ref(module)
+            layer.scaling = getattr(module, "scaling", None) or module.head_dim**-0.5
+            layer.compressible = self._compressible[layer.layer_idx]
+        elif ref() is not module:
+            raise CacheMisuseError(
+                "this cache already holds keys/values of another model; use a new cache per model "
+                "(or call cache.reset())"
+            )
+
+    def _find_pad(self, mask: torch.Tensor | None, batch: int, device: torch.device) -> None:
+        if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            last = mask[:, 0, -1, :]
+            valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+            if valid.shape[0] != batch:
+                valid = valid.expand(batch, -1)
+            self.pad = (valid.long().cumsum(-1) == 0).sum(-1).to(device)
+        self.prompt_len = None
+
+    def _before_attention(self, layer_idx: int, module: Any, query: torch.Tensor, mask: Any, impl: str):
+        if not self._setup_done:
+            self._bind(module)
+        layer = self.layers[layer_idx]
+        self._check_model(layer, module)
+        if self.pad is None:
+            self._find_pad(mask, query.shape[0], query.device)
+        if layer.contiguous:
+            return mask
+        if impl not in ("sdpa", "eager"):
+            raise CacheMisuseError(
+                f"attention implementation {impl!r} cannot attend over a compressed layer; "
+                "load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        return self._compressed_mask(layer, query, mask, impl)
+
+    def _compressed_mask(self, layer: PolicyLayer, query: torch.Tensor, mask: Any, impl: str) -> torch.Tensor:
+        pos = layer.pos_view()  # [B, H, L]
+        q = query.shape[2]
+        qpos = torch.arange(layer.total_seen - q, layer.total_seen, device=pos.device)
+        valid = pos >= self.pad.view(-1, 1, 1)
+        allowed = valid.unsqueeze(2) & (pos.unsqueeze(2) <= qpos.view(1, 1, -1, 1))  # [B, H, Q, L]
+        window = self._windows[layer.layer_idx]
+        if window is not None:  # sliding layer: what transformers' sliding mask would allow
+            allowed &= pos.unsqueeze(2) > qpos.view(1, 1, -1, 1) - window
+        groups = query.shape[1] // pos.shape[1]
+        if groups > 1:
+            allowed = allowed.repeat_interleave(groups, dim=1)
+        want_bool = mask.dtype == torch.bool if isinstance(mask, torch.Tensor) else impl == "sdpa"
+        if want_bool:
+            return allowed
+        zero = torch.zeros((), dtype=query.dtype, device=query.device)
+        neg = torch.tensor(torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device)
+        return torch.where(allowed, zero, neg)
+
+    def _after_attention(self, layer_idx: int, module: Any, query: torch.Tensor) -> None:
+        layer = self.layers[layer_idx]
+        if not layer.compressible:
+            return
+        policy = self.policy
+        signals = policy.signals
+        prefill = self.prompt_len is None
+        new = query.shape[2]
+        if prefill:
+            window = signals.prefill_query_window(max(self._seen_real(layer)))
+            layer.record_queries(query, max(window, signals.decode_query_window))
+        elif signals.decode_query_window:
+            layer.record_queries(query, signals.decode_query_window)
+        if signals.accumulated_attention:
+            layer.accumulate_attention(query)
+        seen = self._seen_real(layer)
+        view = LayerView(
+            layer_idx=layer_idx,
+            num_layers=self._num_layers,
+            phase="prefill" if prefill else "decode",
+            layer=layer,
+            seen=seen,
+            prompt_len=seen if prefill else self.prompt_len,
+            new_tokens=new,
+            state=self._policy_state.setdefault(layer_idx, {}),
+        )
+        plan = policy.plan(view)
+        if plan is not None:
+            self._apply(layer, plan)
+        if prefill and layer_idx == self._last_compressible():
+            self.prompt_len = seen
+        if prefill and signals.decode_query_window == 0 and layer.qwin is not None:
+            layer.qwin = layer.qwin_pos = None  # prefill-only window: free it now
+
+    def _last_compressible(self) -> int:
+        idx = [i for i, c in enumerate(self._compressible) if c]
+        return idx[-1] if idx else -1
+
+    def _seen_real(self, layer: PolicyLayer) -> list[int]:
+        return (layer.total_seen - self.pad).tolist()
+
+    def _apply(self, layer: PolicyLayer, plan: Plan) -> None:
+        """Turn a plan into kept slots: protect sinks/recent, drop invalid, top-k, sort by position."""
+        local = layer.local_positions()  # [B, H, L]
+        b, h, L = local.shape
+        seen = torch.tensor(self._seen_real(layer), device=local.device).view(-1, 1, 1)
+        valid = local >= 0
+        n_valid = valid[:, 0].sum(-1).tolist()
+        keep = [max(0, min(int(k), n)) for k, n in zip(plan.keep, n_valid)]
+        if all(k >= n for k, n in zip(keep, n_valid)):
+            return  # nothing to evict (masked pads stay masked by transformers' own mask)
+        if plan.scores is None:
+            scores = local.float()  # recency
+        else:
+            scores = plan.scores.float().expand(b, h, L).clone()
+        protected = (local < plan.sinks) | (local >= seen - plan.recent)
+        scores = scores.masked_fill(protected, float("inf"))
+        scores = scores.masked_fill(~valid, float("-inf"))
+        k_max = max(keep) if keep else 0
+        top = scores.topk(k_max, dim=-1, sorted=True).indices  # best first
+        # rows keeping fewer than k_max: their surplus picks become invalid after the sort below
+        rank = torch.arange(k_max, device=local.device).view(1, 1, -1)
+        row_keep = torch.tensor(keep, device=local.device).view(-1, 1, 1)
+        chosen_pos = layer.pos_view().gather(2, top)
+        big = torch.iinfo(chosen_pos.dtype).max
+        order_key = torch.where(rank < row_keep, chosen_pos, torch.full_like(chosen_pos, big))
+        order = order_key.argsort(dim=-1)
+        index = top.gather(2, order)
+        layer.compact(index, keep)

@@ -1,0 +1,287 @@
+"""One layer's kept keys/values, their original positions, and the signals kept beside them.
+
+Layout: ``keys``/``values`` are ``[B, H_kv, capacity, D]`` buffers of which the first
+``length`` slots are in use; ``pos`` ``[B, H_kv, capacity]`` holds each slot's absolute
+cache index (the column transformers would give it; -1 for an empty slot). A slot is valid
+for row ``b`` when ``pos >= pad[b]`` (left padding is never attended). Appends write in
+place; the buffer grows by the policy's headroom only when full, and a compression gathers
+the kept slots into a right-sized buffer so the evicted memory is really returned.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache import PolicyCache
+
+_QUERY_CHUNK = 128  # queries scored at once; bounds the [B, H, chunk, L] temporary
+
+
+class PolicyLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, owner: "PolicyCache", layer_idx: int):
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.length = 0  # slots in use
+        self.total_seen = 0  # tokens this layer has been given (absolute, pads included)
+        self.since_compress = 0
+        self.contiguous = True  # slot i holds absolute token i (no compression yet)
+        self.compressible = True
+        self.pos: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = None  # accumulated attention [B, H, capacity] (float32)
+        self.qwin: torch.Tensor | None = None  # recent queries [B, Hq, W, D]
+        self.qwin_pos: torch.Tensor | None = None  # their absolute positions [W]
+        self.scaling: float | None = None
+        self.num_groups = 1
+
+    # ----------------------------------------------------------------- transformers API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.append(key_states, value_states)
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers < 5.3 passes cache_position
+            query_length = query_length.shape[0]
+        return self.total_seen + int(query_length), 0
+
+    def get_seq_length(self) -> int:
+        return self.total_seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.pos = self.acc = self.qwin = self.qwin_pos = None
+        self.length = self.total_seen = self.since_compress = 0
+        self.contiguous = True
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        if tokens_to_remove > 0:  # legacy: absolute target length
+            tokens_to_remove = tokens_to_remove - self.total_seen
+        n = -tokens_to_remove
+        if n <= 0:
+            return
+        if not self.contiguous:
+            from .errors import CacheMisuseError
+
+            raise CacheMisuseError(
+                "crop() cannot undo tokens of a compressed layer (they may already be evicted); "
+                "assisted/speculative decoding needs the 'full' policy"
+            )
+        self.length -= n
+        self.total_seen -= n
+        self.keys = self.keys[:, :, : self.length]
+        self.values = self.values[:, :, : self.length]
+        self.pos = self.pos[:, :, : self.length]
+
+    def _rows(self, fn) -> None:
+        for name in ("keys", "values", "pos", "acc", "qwin"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.keys is not None:
+            self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.keys is not None:
+            self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.keys is not None:
+            self._rows(lambda t: t[indices, ...])
+
+    # ----------------------------------------------------------------- storage
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def keys_view(self) -> torch.Tensor:
+        return self.keys[:, :, : self.length]
+
+    def values_view(self) -> torch.Tensor:
+        return self.values[:, :, : self.length]
+
+    def pos_view(self) -> torch.Tensor:
+        return self.pos[:, :, : self.length]
+
+    def local_positions(self) -> torch.Tensor:
+        pad = self.owner.pad.view(-1, 1, 1)
+        pos = self.pos_view()
+        return torch.where(pos >= pad, pos - pad, torch.full_like(pos, -1))
+
+    def valid_mask(self) -> torch.Tensor:
+        return self.pos_view() >= self.owner.pad.view(-1, 1, 1)
+
+    def _grow(self, needed: int) -> None:
+        """Reallocate to hold ``needed`` slots plus the policy's headroom (rare, amortised)."""
+        new_cap = needed + self.owner.headroom(self.layer_idx)
+        b, h, _, d = self.keys.shape
+        for name, fill in (("keys", None), ("values", None), ("pos", -1), ("acc", 0.0)):
+            old = getattr(self, name)
+            if old is None:
+                continue
+            shape = (b, h, new_cap, d) if old.dim() == 4 else (b, h, new_cap)
+            new = old.new_empty(shape) if fill is None else old.new_full(shape, fill)
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = key_states.shape[2]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start_abs = self.total_seen
+        if self.keys is None or self.length == 0 and self.capacity < q:
+            # first fill: adopt the tensors as the buffer (no copy); growth happens on decode
+            self.keys, self.values = key_states.contiguous(), value_states.contiguous()
+            b, h = key_states.shape[:2]
+            self.pos = torch.arange(start_abs, start_abs + q, device=key_states.device).expand(b, h, q).contiguous()
+            if self.owner.policy.signals.accumulated_attention:
+                self.acc = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
+            self.length = q
+        else:
+            if key_states.shape[0] != self.keys.shape[0]:
+                from .errors import CacheMisuseError
+
+                raise CacheMisuseError(
+                    f"this cache holds a batch of {self.keys.shape[0]} rows but was given {key_states.shape[0]}; "
+                    "make a new cache for each generate call (or call cache.reset())"
+                )
+            if self.length + q > self.capacity:
+                self._grow(self.length + q)
+            end = self.length + q
+            self.keys[:, :, self.length : end] = key_states
+            self.values[:, :, self.length : end] = value_states
+            self.pos[:, :, self.length : end] = torch.arange(start_abs, start_abs + q, device=self.pos.device)
+            if self.acc is not None:
+                self.acc[:, :, self.length : end] = 0.0
+            self.length = end
+        self.total_seen += q
+        self.since_compress += q
+        return self.keys_view(), self.values_view()
+
+    def compact(self, index: torch.Tensor, keep_counts: list[int]) -> None:
+        """Keep the slots ``index`` ``[B, H, K]`` (sorted by position); row ``b`` keeps ``keep_counts[b]``.
+
+        Rows keeping fewer than ``K`` get their surplus slots marked invalid (pos = -1), so the
+        tensor stays rectangular but attention ignores them.
+        """
+        k = index.shape[2]
+        new_cap = k + self.owner.headroom(self.layer_idx)
+        b, h, _, d = self.keys.shape
+        idx4 = index.unsqueeze(-1).expand(b, h, k, d)
+        if new_cap < self.capacity // 2 or new_cap > self.capacity:
+            # shrink (the prefill case): a right-sized buffer, and the old one is freed
+            keys = self.keys.new_empty(b, h, new_cap, d)
+            values = self.values.new_empty(b, h, new_cap, d)
+            pos = self.pos.new_full((b, h, new_cap), -1)
+            acc = None if self.acc is None else self.acc.new_zeros(b, h, new_cap)
+        else:  # in-place compaction: the usual decode case
+            keys, values, pos, acc = self.keys, self.values, self.pos, self.acc
+        gathered_k = self.keys.gather(2, idx4)
+        gathered_v = self.values.gather(2, idx4)
+        gathered_p = self.pos.gather(2, index)
+        gathered_a = None if self.acc is None else self.acc.gather(2, index)
+        keys[:, :, :k] = gathered_k
+        values[:, :, :k] = gathered_v
+        pos[:, :, :k] = gathered_p
+        if acc is not None:
+            acc[:, :, :k] = gathered_a
+        for row, count in enumerate(keep_counts):
+            if count < k:
+                pos[row, :, count:k] = -1
+        self.keys, self.values, self.pos, self.acc = keys, values, pos, acc
+        self.length = k
+        self.since_compress = 0
+        self.contiguous = False
+
+    # ----------------------------------------------------------------- signals
+    def record_queries(self, query: torch.Tensor, window: int) -> None:
+        """Keep the newest ``window`` queries ``[B, Hq, W, D]`` with their absolute positions."""
+        if window <= 0:
+            return
+        q = query.shape[2]
+        qpos = torch.arange(self.total_seen - q, self.total_seen, device=query.device)
+        if self.qwin is None or q >= window:
+            self.qwin = query[:, :, -window:].detach().clone()
+            self.qwin_pos = qpos[-window:].clone()
+        else:
+            self.qwin = torch.cat([self.qwin, query.detach()], dim=2)[:, :, -window:]
+            self.qwin_pos = torch.cat([self.qwin_pos, qpos])[-window:]
+
+    def _attention_probs(self, queries: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """Softmax attention ``[B, H_kv, Q, L]`` (float32, GQA groups averaged) of ``queries``."""
+        keys = self.keys_view()
+        b, hkv, L, d = keys.shape
+        hq = queries.shape[1]
+        g = hq // hkv
+        qq = queries.reshape(b, hkv, g, queries.shape[2], d).float()
+        logits = torch.einsum("bhgqd,bhld->bhgql", qq, keys.float()) * self.scaling
+        pos = self.pos_view()
+        valid = (pos >= self.owner.pad.view(-1, 1, 1)).unsqueeze(2).unsqueeze(2)  # [B,H,1,1,L]
+        causal = pos.unsqueeze(2).unsqueeze(2) <= qpos.view(1, 1, 1, -1, 1)
+        logits = logits.masked_fill(~(valid & causal), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0)  # a pad query attends to nothing
+        return probs.mean(dim=2)
+
+    def window_attention(self, weights: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
+        if self.qwin is None:
+            raise RuntimeError("no queries recorded: the policy must declare a query window in its signals")
+        queries, qpos = self.qwin, self.qwin_pos
+        if num_queries is not None:
+            queries, qpos = queries[:, :, -num_queries:], qpos[-num_queries:]
+        w = queries.shape[2]
+        if weights is None:
+            weights = torch.ones(w, device=queries.device)
+        weights = weights[-w:].to(device=queries.device, dtype=torch.float32)
+        out = None
+        for s in range(0, w, _QUERY_CHUNK):
+            probs = self._attention_probs(queries[:, :, s : s + _QUERY_CHUNK], qpos[s : s + _QUERY_CHUNK])
+            part = torch.einsum("bhql,q->bhl", probs, weights[s : s + _QUERY_CHUNK])
+            out = part if out is None else out + part
+        return out
+
+    def accumulate_attention(self, query: torch.Tensor) -> None:
+        """Add the attention of this forward's queries to every kept key (H2O's running score)."""
+        q = query.shape[2]
+        qpos = torch.arange(self.total_seen - q, self.total_seen, device=query.device)
+        for s in range(0, q, _QUERY_CHUNK):
+            probs = self._attention_probs(query[:, :, s : s + _QUERY_CHUNK], qpos[s : s + _QUERY_CHUNK])
+            self.acc[:, :, : self.length] += probs.sum(dim=2)
+
+    def accumulated_attention(self) -> torch.Tensor:
+        if self.acc is None:
+            raise RuntimeError("accumulated attention was not requested in the policy's signals")
+        return self.acc[:, :, : self.length]
+
+    # ----------------------------------------------------------------- accounting
+    def kv_bytes(self, allocated: bool = True) -> int:
+        if self.keys is None:
+            return 0
+        n = self.capacity if allocated else self.length
+        per_slot = self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
+        return 2 * n * per_slot
+
+    def signal_bytes(self) -> int:
+        total = 0
+        for t in (self.acc, self.qwin, self.pos):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total

@@ -1,0 +1,148 @@
+"""The ``CachePolicy`` interface: what a compression policy decides, and what it may look at.
+
+A policy never touches tensors it does not own. The cache hands it a :class:`LayerView`
+(the layer's kept keys and positions, lengths, and lazy access to the signals it declared),
+and the policy answers with a :class:`Plan`: how many tokens each row keeps and a score per
+kept slot. The cache does the rest (protecting sinks and the recent window, top-k, gathering,
+freeing memory), so every policy gets those invariants for free and is a few dozen lines.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+
+import torch
+
+from .config import PolicyConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layer_store import PolicyLayer
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What a policy needs the framework to compute; anything not asked for costs nothing.
+
+    ``prefill_query_window(prompt_len)`` — how many of the last prompt queries to keep for
+    scoring at prefill (0: none). ``decode_query_window`` — how many recent queries to keep
+    during decoding for later re-scoring. ``accumulated_attention`` — H2O-style running sum of
+    the attention every query has paid to every kept key.
+    """
+
+    prefill_query_window: Callable[[int], int] = lambda n: 0
+    decode_query_window: int = 0
+    accumulated_attention: bool = False
+
+    @property
+    def needs_queries(self) -> bool:
+        return self.decode_query_window > 0 or self.accumulated_attention or self.prefill_query_window(1 << 20) > 0
+
+
+NO_SIGNALS = Signals()
+
+
+@dataclass
+class Plan:
+    """A policy's answer for one layer.
+
+    ``keep``: tokens to keep per batch row (clipped to what the row holds). ``scores``: one
+    float per kept slot ``[B, H_kv, L]`` — higher is kept first; ``None`` means "keep by
+    recency". ``sinks``/``recent``: leading and trailing tokens of each row (row-local
+    positions) that must survive whatever the scores say.
+    """
+
+    keep: list[int]
+    scores: torch.Tensor | None
+    sinks: int = 0
+    recent: int = 0
+
+
+@dataclass
+class LayerView:
+    """Read-only view of one layer given to :meth:`CachePolicy.plan`."""
+
+    layer_idx: int
+    num_layers: int
+    phase: Phase
+    layer: "PolicyLayer"
+    seen: list[int]  # real (non-pad) tokens seen per row, including this forward
+    prompt_len: list[int]  # real prompt tokens per row (set at prefill)
+    new_tokens: int  # tokens appended by this forward
+    state: dict[str, Any] = field(default_factory=dict)  # the policy's own per-layer scratch
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seen)
+
+    @property
+    def length(self) -> int:
+        """Slots in use (the same for every row and head; unused ones are invalid)."""
+        return self.layer.length
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.layer.keys_view()
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Row-local positions ``[B, H_kv, L]`` of the kept tokens; -1 marks invalid slots."""
+        return self.layer.local_positions()
+
+    @property
+    def since_compress(self) -> int:
+        return self.layer.since_compress
+
+    def window_attention(self, weights: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
+        """Attention of the stored query window over the kept keys, summed over queries.
+
+        Returns ``[B, H_kv, L]`` (query heads of a GQA group are averaged). ``weights`` (``[W]``,
+        oldest query first) weight each query; ``num_queries`` uses only the newest ones.
+        """
+        return self.layer.window_attention(weights=weights, num_queries=num_queries)
+
+    def accumulated_attention(self) -> torch.Tensor:
+        return self.layer.accumulated_attention()
+
+
+class CachePolicy(ABC):
+    """Decides, per layer, which cached tokens to keep.
+
+    Subclasses set ``name`` (the registry key), ``config_class`` (a pydantic model) and
+    ``signals``, and implement :meth:`plan`. ``plan`` is called after the attention of every
+    compressible layer in every forward; returning ``None`` keeps everything (and costs
+    nothing), so cheap early exits belong at its top.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
+    #: select per KV head (True) or one token set shared by all heads of a layer (False)
+    per_head: ClassVar[bool] = True
+
+    def __init__(self, config: PolicyConfig | None = None, **overrides: Any):
+        from .config import build_config
+
+        self.config = build_config(self.config_class, config, overrides, policy_name=getattr(self, "name", None))
+
+    @property
+    def signals(self) -> Signals:
+        return NO_SIGNALS
+
+    def setup(self, num_layers: int, compressible: list[bool]) -> None:
+        """Called once when the cache meets the model (before the first plan)."""
+        self.num_layers = num_layers
+        self.compressible = compressible
+
+    @abstractmethod
+    def plan(self, view: LayerView) -> Plan | None:
+        """Return a :class:`Plan` to compress ``view.layer`` now, or ``None`` to leave it."""
+
+    def headroom(self, layer_idx: int) -> int:
+        """Free slots to allocate after a compression, so decoding appends in place."""
+        return 64
+
+    def describe(self) -> str:
+        return f"{self.name}({self.config.model_dump_json()})"

@@ -1,0 +1,157 @@
+"""Policy and adapter registry: pluggy hooks discovered through entry points.
+
+Third-party packages declare, in their pyproject::
+
+    [project.entry-points."kvpolicy.policies"]
+    mypolicy = "my_package.kv"        # a module (or object) with @hookimpl functions
+
+and implement ``kvpolicy_policies()`` returning policy classes (and/or
+``kvpolicy_adapters()`` returning adapter instances). Built-ins register exactly this way
+through kvpolicy's own entry points, so there is one path for everyone.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from .errors import ConfigError, UnknownPolicyError, UnsupportedModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..adapters.base import ModelAdapter
+    from .cache import PolicyCache
+    from .policy import CachePolicy
+
+PROJECT = "kvpolicy"
+POLICY_GROUP = "kvpolicy.policies"
+ADAPTER_GROUP = "kvpolicy.adapters"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+_BUILTIN_PLUGINS = ("kvpolicy.policies", "kvpolicy.adapters")
+
+
+class KVPolicySpec:
+    @hookspec
+    def kvpolicy_policies(self) -> list[type["CachePolicy"]]:
+        """Return the CachePolicy subclasses this plugin provides."""
+
+    @hookspec
+    def kvpolicy_adapters(self) -> list["ModelAdapter"]:
+        """Return the ModelAdapter instances this plugin provides."""
+
+
+_manager: pluggy.PluginManager | None = None
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager, loading every entry point once."""
+    global _manager
+    if _manager is None:
+        pm = pluggy.PluginManager(PROJECT)
+        pm.add_hookspecs(KVPolicySpec)
+        for group in (POLICY_GROUP, ADAPTER_GROUP):
+            pm.load_setuptools_entrypoints(group)
+        # Running from a source tree without `pip install -e .`: no entry points exist yet,
+        # so register the built-in plugin modules the same way the entry points would.
+        for module_name in _BUILTIN_PLUGINS:
+            module = importlib.import_module(module_name)
+            if not pm.is_registered(module):
+                pm.register(module, name=module_name)
+        _manager = pm
+    return _manager
+
+
+def reload_plugins() -> None:
+    """Forget loaded plugins (tests install a plugin and call this to see it)."""
+    global _manager
+    importlib.invalidate_caches()
+    _manager = None
+
+
+def _policies() -> dict[str, type["CachePolicy"]]:
+    out: dict[str, type[CachePolicy]] = {}
+    for batch in plugin_manager().hook.kvpolicy_policies():
+        for cls in batch:
+            out[cls.name] = cls
+    return out
+
+
+def available_policies() -> list[str]:
+    """Names accepted by :func:`make_policy` / :func:`make_cache`."""
+    return sorted(_policies())
+
+
+def policy_class(name: str) -> type["CachePolicy"]:
+    policies = _policies()
+    if name not in policies:
+        raise UnknownPolicyError(name, list(policies))
+    return policies[name]
+
+
+def make_policy(name_or_config: Any = "full", **overrides: Any) -> "CachePolicy":
+    """Build a policy from a name, a preset name/path, a config dict or a config model."""
+    from .config import PolicyConfig, load_preset
+
+    if isinstance(name_or_config, PolicyConfig):
+        cls = _class_for_config(name_or_config)
+        return cls(name_or_config, **overrides)
+    if isinstance(name_or_config, dict):
+        data = dict(name_or_config)
+        name = data.pop("policy", None)
+        if name is None:
+            raise ConfigError("a config dict needs a 'policy' key naming the policy")
+        return policy_class(name)(data, **overrides)
+    if isinstance(name_or_config, (str, Path)):
+        name = str(name_or_config)
+        policies = _policies()
+        if name in policies:
+            return policies[name](**overrides)
+        looks_like_file = isinstance(name_or_config, Path) or name.endswith((".yaml", ".yml", ".json"))
+        try:
+            data = load_preset(name)
+        except ConfigError:
+            if looks_like_file:
+                raise
+            raise UnknownPolicyError(name, list(policies)) from None
+        return make_policy(data, **overrides)
+    raise ConfigError(f"cannot build a policy from {type(name_or_config).__name__}; pass a name, preset or config")
+
+
+def _class_for_config(config: Any) -> type["CachePolicy"]:
+    for cls in _policies().values():
+        if type(config) is cls.config_class:
+            return cls
+    raise ConfigError(f"no registered policy uses config class {type(config).__name__}")
+
+
+def make_cache(name_or_config: Any = "full", **overrides: Any) -> "PolicyCache":
+    """``make_cache("pyramidinfer", prefill_decay_ratio=0.8)`` or ``make_cache(config)``."""
+    from .cache import PolicyCache
+
+    return PolicyCache(make_policy(name_or_config, **overrides))
+
+
+def _adapters() -> list["ModelAdapter"]:
+    out: list[ModelAdapter] = []
+    for batch in plugin_manager().hook.kvpolicy_adapters():
+        out.extend(batch)
+    return out
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for a in _adapters() for t in a.model_types})
+
+
+def find_adapter(config: Any) -> "ModelAdapter":
+    model_type = getattr(config, "model_type", None)
+    for adapter in _adapters():
+        if model_type in adapter.model_types:
+            return adapter
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported by kvpolicy; supported: {', '.join(supported_model_types())}. "
+        "Add an adapter under the 'kvpolicy.adapters' entry-point group (see docs/adding-a-policy.md)."
+    )

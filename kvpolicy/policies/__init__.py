@@ -1,0 +1,40 @@
+"""Built-in policies, registered through the ``kvpolicy.policies`` entry point like any plugin."""
+
+from __future__ import annotations
+
+from ..core.registry import hookimpl
+from .attention_scored import H2OPolicy, PyramidKVPolicy, SnapKVPolicy
+from .budget import BudgetConfig, BudgetPolicy
+from .pyramidinfer import PyramidInferConfig, PyramidInferPolicy
+from .simple import FullPolicy, RandomPolicy, StreamingLLMPolicy
+
+BUILTIN_POLICIES = [
+    FullPolicy,
+    PyramidInferPolicy,
+    H2OPolicy,
+    StreamingLLMPolicy,
+    SnapKVPolicy,
+    PyramidKVPolicy,
+    RandomPolicy,
+]
+
+
+@hookimpl
+def kvpolicy_policies():
+    return list(BUILTIN_POLICIES)
+
+
+__all__ = [
+    "BUILTIN_POLICIES",
+    "BudgetConfig",
+    "BudgetPolicy",
+    "FullPolicy",
+    "H2OPolicy",
+    "PyramidInferConfig",
+    "PyramidInferPolicy",
+    "PyramidKVPolicy",
+    "RandomPolicy",
+    "SnapKVPolicy",
+    "StreamingLLMPolicy",
+    "kvpolicy_policies",
+]

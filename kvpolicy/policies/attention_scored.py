@@ -1,0 +1,76 @@
+"""Policies that score tokens by attention: H2O, SnapKV, PyramidKV."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..core.policy import LayerView, Signals
+from ..core.schedule import linear_budgets
+from .budget import BudgetConfig, BudgetPolicy
+
+
+class H2OPolicy(BudgetPolicy):
+    """Heavy-Hitter Oracle (Zhang et al., 2023): keep the keys with the most attention received
+    so far (summed over every query, per KV head) plus a recent window, evicting as decoding goes."""
+
+    name = "h2o"
+
+    @property
+    def signals(self) -> Signals:
+        return Signals(accumulated_attention=True)
+
+    def scores(self, view: LayerView) -> torch.Tensor:
+        return view.accumulated_attention()
+
+
+class SnapKVConfig(BudgetConfig):
+    """SnapKV votes with the last ``window_size`` prompt queries; ``kernel_size`` pools the votes
+    so that neighbours of an important token survive with it."""
+
+    compress: str = Field("prefill", pattern="^(prefill|both)$")
+    kernel_size: int = Field(7, ge=1)
+
+
+class SnapKVPolicy(BudgetPolicy):
+    """SnapKV (Li et al., 2024): observation-window attention, max-pooled, per KV head."""
+
+    name = "snapkv"
+    config_class = SnapKVConfig
+
+    @property
+    def signals(self) -> Signals:
+        w = self.config.window_size
+        return Signals(prefill_query_window=lambda n: min(n, w), decode_query_window=w if self.config.compress == "both" else 0)
+
+    def scores(self, view: LayerView) -> torch.Tensor:
+        votes = view.window_attention(num_queries=self.config.window_size)
+        k = self.config.kernel_size
+        if k > 1:
+            b, h, length = votes.shape
+            votes = F.max_pool1d(votes.reshape(b * h, 1, length), k, stride=1, padding=k // 2)[..., :length]
+            votes = votes.reshape(b, h, length)
+        return votes
+
+
+class PyramidKVConfig(SnapKVConfig):
+    """PyramidKV spends the same total budget as SnapKV but more in low layers: the bottom layer
+    gets ``2*avg - top`` and the top ``avg / beta`` (never below ``window_size + sink_size``).
+    It compresses the prompt only; generated tokens are all kept."""
+
+    compress: str = Field("prefill", pattern="^prefill$")
+    beta: float = Field(20.0, ge=1.0)
+
+
+class PyramidKVPolicy(SnapKVPolicy):
+    """PyramidKV (Cai et al., 2024): SnapKV scoring with pyramidal per-layer budgets."""
+
+    name = "pyramidkv"
+    config_class = PyramidKVConfig
+
+    def target(self, view: LayerView, seen: int) -> int:
+        avg = super().target(view, seen)
+        floor = min(seen, self.config.window_size + self.config.sink_size)
+        budgets = linear_budgets(avg * view.num_layers, view.num_layers, self.config.beta, floor)
+        return min(budgets[view.layer_idx], seen)

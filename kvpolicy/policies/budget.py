@@ -1,0 +1,73 @@
+"""Shared parts of the budgeted policies: one config, one budget rule, one decode cadence.
+
+Every policy here answers the same two questions — *how many* tokens a layer keeps and
+*which* — and only the second differs between H2O, SnapKV, StreamingLLM and random. So
+the first lives here once, and each policy is its scoring function.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..core.config import PolicyConfig
+from ..core.policy import CachePolicy, LayerView, Plan
+
+
+class BudgetConfig(PolicyConfig):
+    """How much a layer keeps, and when it is compressed.
+
+    ``compression_ratio`` is the share of the tokens seen that is evicted (0.54 removes about
+    54%); ``budget`` instead fixes the tokens kept per layer and head (overrides the ratio).
+    ``sink_size`` leading tokens and the ``window_size`` most recent ones are always kept
+    (clipped to the budget). ``compress`` says when: after the prompt only (``prefill``, the
+    SnapKV way: the cache then grows by one token per generated token) or also while
+    decoding (``both``), every ``evict_every`` new tokens so the per-token cost stays low.
+    """
+
+    compression_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    budget: int | None = Field(None, ge=1)
+    sink_size: int = Field(4, ge=0)
+    window_size: int = Field(32, ge=0)
+    compress: Literal["prefill", "both"] = "both"
+    evict_every: int = Field(1, ge=1)
+
+
+class BudgetPolicy(CachePolicy):
+    """Base of the policies that keep a token budget chosen by a per-slot score."""
+
+    config_class = BudgetConfig
+
+    def target(self, view: LayerView, seen: int) -> int:
+        """Tokens to keep in ``view``'s layer for a row that has seen ``seen`` real tokens."""
+        c = self.config
+        if c.budget is not None:
+            return c.budget
+        return seen - int(seen * c.compression_ratio)
+
+    def due(self, view: LayerView) -> bool:
+        """Compress now? Always after the prompt; while decoding per ``compress``/``evict_every``."""
+        if view.phase == "prefill":
+            return True
+        return self.config.compress == "both" and view.since_compress >= self.config.evict_every
+
+    def scores(self, view: LayerView):
+        """Score per kept slot, ``[B, H_kv or 1, L]`` (higher kept first); ``None`` keeps the newest."""
+        raise NotImplementedError
+
+    def plan(self, view: LayerView) -> Plan | None:
+        if not self.due(view):
+            return None
+        keep = [self.target(view, s) for s in view.seen]
+        if all(k >= s for k, s in zip(keep, view.seen)):
+            return None  # under budget: nothing to score, nothing to evict
+        return protected_plan(keep, self.scores(view), self.config.sink_size, self.config.window_size)
+
+
+def protected_plan(keep: list[int], scores, sinks: int, recent: int) -> Plan:
+    """A plan whose protected sinks + recent window never exceed the smallest row's budget."""
+    smallest = min(keep)
+    sinks = min(sinks, smallest)
+    recent = min(recent, smallest - sinks)
+    return Plan(keep=keep, scores=scores, sinks=sinks, recent=recent)

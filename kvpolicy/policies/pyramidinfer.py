@@ -1,0 +1,142 @@
+"""PyramidInfer (Yang et al., ACL 2024): pivotal context chosen by recent attention, fewer per layer.
+
+See docs/policies/pyramidinfer.md for the algorithm, every setting, and where this differs
+from the reference code (github.com/mutonix/pyramidinfer).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..core.config import PolicyConfig
+from ..core.policy import CachePolicy, LayerView, Plan, Signals
+from ..core.schedule import DecayStrategy, decay_ratio, pyramid_context_lengths
+
+
+class PyramidInferConfig(PolicyConfig):
+    """Settings named as in the reference code's ``configs/*.json`` (defaults: its Llama-2-7B)."""
+
+    # prefill: which prompt tokens each layer keeps
+    prefill_recent_ratio: float = Field(0.2, gt=0.0, lt=1.0, description="share of the prompt whose queries vote")
+    prefill_decay_ratio: float = Field(0.9, gt=0.0, le=1.0, description="keep ratio reached at the last layer")
+    prefill_decay_strategy: DecayStrategy = "cosine"
+    min_context_length: int = Field(64, ge=0, description="a layer never prunes its context below this")
+    layerwise_downsample_interval: int = Field(1, ge=1, description="prune after every n-th layer")
+    distance_weight: float = Field(1.2, ge=0.0, description="weight of the newest voting query (oldest: 1)")
+    streamingllm_sink_len: int = Field(4, ge=0, description="leading tokens always kept")
+    # decoding: how generated tokens are compressed
+    gen_recent_ratio: float = Field(0.2, gt=0.0, lt=1.0, description="recent window while decoding, share of the prompt")
+    gen_decay_ratio: float = Field(0.1, gt=0.0, le=1.0)
+    gen_decay_strategy: DecayStrategy = "cosine"
+    exceed_length_to_compress: int = Field(16, ge=1, description="tokens leaving the window per re-compression")
+    gen_compress_ratio: float = Field(0.9, gt=0.0, le=1.0)
+    gen_query_window: int = Field(32, ge=1, description="recent queries that score decode-time groups")
+    # ours
+    head_aggregation: Literal["layer", "kv_head"] = Field(
+        "layer", description="'layer': one token set per layer (reference); 'kv_head': per KV head"
+    )
+
+
+#: Reference presets by model depth, for ``PyramidCache()`` with no arguments (the same values
+#: as configs/pyramidinfer_*.yaml; a test keeps them equal).
+DEPTH_PRESETS: list[tuple[int, str, dict]] = [
+    (32, "pyramidinfer_llama2_7b", {}),
+    (40, "pyramidinfer_llama2_13b", {"prefill_decay_ratio": 0.8, "layerwise_downsample_interval": 2}),
+    (10**9, "pyramidinfer_llama2_70b", {"prefill_decay_ratio": 0.9, "layerwise_downsample_interval": 3}),
+]
+
+
+def preset_for_depth(num_layers: int) -> tuple[str, PyramidInferConfig]:
+    """Deeper models get the reference's settings for the Llama-2 of the nearest depth at or above."""
+    for max_layers, name, values in DEPTH_PRESETS:
+        if num_layers <= max_layers:
+            return name, PyramidInferConfig(**values)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class PyramidInferPolicy(CachePolicy):
+    name = "pyramidinfer"
+    config_class = PyramidInferConfig
+    per_head = False
+
+    def __init__(self, config=None, **overrides):
+        self.auto = config is None and not overrides
+        super().__init__(config, **overrides)
+        self.preset_name: str | None = None
+
+    def setup(self, num_layers: int, compressible: list[bool]) -> None:
+        super().setup(num_layers, compressible)
+        if self.auto:
+            self.preset_name, self.config = preset_for_depth(num_layers)
+
+    def recent_window(self, prompt_len: int, ratio: float) -> int:
+        return min(prompt_len, 1 + int(prompt_len * ratio))
+
+    @property
+    def signals(self) -> Signals:
+        c = self.config
+        return Signals(
+            prefill_query_window=lambda n: self.recent_window(n, c.prefill_recent_ratio),
+            decode_query_window=c.gen_query_window,
+        )
+
+    def context_budgets(self, context_length: int) -> list[int]:
+        c = self.config
+        return pyramid_context_lengths(
+            context_length,
+            self.num_layers,
+            c.prefill_decay_ratio,
+            c.prefill_decay_strategy,
+            c.min_context_length,
+            c.layerwise_downsample_interval,
+        )
+
+    def group_keep(self, layer_idx: int) -> int:
+        """Tokens kept of each decode-time group of ``exceed_length_to_compress``."""
+        c = self.config
+        ratio = decay_ratio(layer_idx, self.num_layers, c.gen_decay_ratio, c.gen_decay_strategy)
+        return max(int(c.exceed_length_to_compress * c.gen_compress_ratio * ratio), 1)
+
+    def _aggregate(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.config.head_aggregation == "layer":
+            return scores.mean(dim=1, keepdim=True)
+        return scores
+
+    def plan(self, view: LayerView) -> Plan | None:
+        if view.phase == "prefill":
+            return self._plan_prefill(view)
+        return self._plan_decode(view)
+
+    def _plan_prefill(self, view: LayerView) -> Plan | None:
+        c = self.config
+        windows = [self.recent_window(n, c.prefill_recent_ratio) for n in view.seen]
+        view.state["frontier"] = [n - w for n, w in zip(view.seen, windows)]
+        keep = [self.context_budgets(n - w)[view.layer_idx] + w for n, w in zip(view.seen, windows)]
+        if all(k >= n for k, n in zip(keep, view.seen)):
+            return None
+        w_max = max(windows)
+        weights = torch.linspace(1.0, c.distance_weight, w_max)
+        scores = self._aggregate(view.window_attention(weights=weights, num_queries=w_max))
+        return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=min(windows))
+
+    def _plan_decode(self, view: LayerView) -> Plan | None:
+        c = self.config
+        group = c.exceed_length_to_compress
+        frontier: list[int] = view.state["frontier"]
+        windows = [self.recent_window(p, c.gen_recent_ratio) for p in view.prompt_len]
+        due = [s - w - f >= group for s, w, f in zip(view.seen, windows, frontier)]
+        if not any(due):
+            return None
+        local = view.positions  # [B, H, L], -1 invalid
+        valid = (local[:, 0] >= 0).sum(-1).tolist()
+        start = torch.tensor(frontier, device=local.device).view(-1, 1, 1)
+        in_group = (local >= start) & (local < start + group) & torch.tensor(due, device=local.device).view(-1, 1, 1)
+        attn = self._aggregate(view.window_attention()).expand_as(local)
+        scores = torch.where(in_group, attn, torch.full_like(attn, float("inf")))
+        evict = group - self.group_keep(view.layer_idx)
+        keep = [v - evict if d else v for v, d in zip(valid, due)]
+        view.state["frontier"] = [f + group if d else f for f, d in zip(frontier, due)]
+        return Plan(keep=keep, scores=scores, sinks=0, recent=0)

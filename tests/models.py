@@ -1,0 +1,71 @@
+"""Tiny random-initialised decoder models, one per supported family, for exact unit tests."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(family: str = "llama", attn: str = "sdpa", layers: int = 4, seed: int = 0):
+    config = FAMILIES[family]()
+    config.num_hidden_layers = layers
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = config.layer_types[:1] * layers
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def batch(lengths: list[int], seed: int = 0, vocab: int = 97) -> dict[str, torch.Tensor]:
+    """Left-padded random prompts of the given lengths (tokens 3..vocab-1; 0 is the pad)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def greedy(model, inputs, cache, new_tokens: int = 12):
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, inputs["input_ids"].shape[1] :]
