@@ -277,6 +277,11 @@ class PolicyCache(Cache):
     def _seen_real(self, layer: PolicyLayer) -> list[int]:
         return (layer.total_seen - self.pad).tolist()
 
+    @staticmethod
+    def _per_row(value: int | list[int], rows: int, device: torch.device) -> torch.Tensor:
+        values = [value] * rows if isinstance(value, int) else list(value)
+        return torch.tensor(values, device=device).view(-1, 1, 1)
+
     def _apply(self, layer: PolicyLayer, plan: Plan) -> None:
         """Turn a plan into kept slots: protect sinks/recent, drop invalid, top-k, sort by position."""
         local = layer.local_positions()  # [B, H, L]
@@ -291,7 +296,11 @@ class PolicyCache(Cache):
             scores = local.float()  # recency
         else:
             scores = plan.scores.float().expand(b, h, L).clone()
-        protected = (local < plan.sinks) | (local >= seen - plan.recent)
+        # protections never exceed a row's budget: the newest tokens first, then the sinks
+        keep_t = torch.tensor(keep, device=local.device).view(-1, 1, 1)
+        recent = torch.minimum(keep_t, self._per_row(plan.recent, b, local.device))
+        sinks = torch.minimum(keep_t - recent, self._per_row(plan.sinks, b, local.device))
+        protected = (local < sinks) | (local >= seen - recent)
         scores = scores.masked_fill(protected, float("inf"))
         scores = scores.masked_fill(~valid, float("-inf"))
         k_max = max(keep) if keep else 0

@@ -156,13 +156,7 @@ class PolicyLayer(CacheLayerMixin):
                 self.acc = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
             self.length = q
         else:
-            if key_states.shape[0] != self.keys.shape[0]:
-                from .errors import CacheMisuseError
-
-                raise CacheMisuseError(
-                    f"this cache holds a batch of {self.keys.shape[0]} rows but was given {key_states.shape[0]}; "
-                    "make a new cache for each generate call (or call cache.reset())"
-                )
+            self._check_compatible(key_states)
             if self.length + q > self.capacity:
                 self._grow(self.length + q)
             end = self.length + q
@@ -175,6 +169,22 @@ class PolicyLayer(CacheLayerMixin):
         self.total_seen += q
         self.since_compress += q
         return self.keys_view(), self.values_view()
+
+    def _check_compatible(self, key_states: torch.Tensor) -> None:
+        from .errors import CacheMisuseError
+
+        held, given = self.keys.shape, key_states.shape
+        if given[0] != held[0]:
+            raise CacheMisuseError(
+                f"this cache holds a batch of {held[0]} rows but was given {given[0]}; "
+                "make a new cache for each generate call (or call cache.reset())"
+            )
+        if given[1] != held[1] or given[3] != held[3] or key_states.dtype != self.keys.dtype:
+            raise CacheMisuseError(
+                f"this cache holds keys of shape heads={held[1]}, head_dim={held[3]}, {self.keys.dtype} from "
+                f"another model, now given heads={given[1]}, head_dim={given[3]}, {key_states.dtype}; "
+                "use a new cache per model (or call cache.reset())"
+            )
 
     def compact(self, index: torch.Tensor, keep_counts: list[int]) -> None:
         """Keep the slots ``index`` ``[B, H, K]`` (sorted by position); row ``b`` keeps ``keep_counts[b]``.

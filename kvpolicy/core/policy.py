@@ -52,13 +52,14 @@ class Plan:
     ``keep``: tokens to keep per batch row (clipped to what the row holds). ``scores``: one
     float per kept slot ``[B, H_kv, L]`` — higher is kept first; ``None`` means "keep by
     recency". ``sinks``/``recent``: leading and trailing tokens of each row (row-local
-    positions) that must survive whatever the scores say.
+    positions) that must survive whatever the scores say; the cache clips them to each row's
+    ``keep`` (recent window first), so a small budget is never exceeded to honour them.
     """
 
     keep: list[int]
     scores: torch.Tensor | None
-    sinks: int = 0
-    recent: int = 0
+    sinks: int | list[int] = 0
+    recent: int | list[int] = 0
 
 
 @dataclass

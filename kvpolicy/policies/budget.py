@@ -62,12 +62,4 @@ class BudgetPolicy(CachePolicy):
         keep = [self.target(view, s) for s in view.seen]
         if all(k >= s for k, s in zip(keep, view.seen)):
             return None  # under budget: nothing to score, nothing to evict
-        return protected_plan(keep, self.scores(view), self.config.sink_size, self.config.window_size)
-
-
-def protected_plan(keep: list[int], scores, sinks: int, recent: int) -> Plan:
-    """A plan whose protected sinks + recent window never exceed the smallest row's budget."""
-    smallest = min(keep)
-    sinks = min(sinks, smallest)
-    recent = min(recent, smallest - sinks)
-    return Plan(keep=keep, scores=scores, sinks=sinks, recent=recent)
+        return Plan(keep=keep, scores=self.scores(view), sinks=self.config.sink_size, recent=self.config.window_size)

@@ -120,7 +120,7 @@ class PyramidInferPolicy(CachePolicy):
         w_max = max(windows)
         weights = torch.linspace(1.0, c.distance_weight, w_max)
         scores = self._aggregate(view.window_attention(weights=weights, num_queries=w_max))
-        return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=min(windows))
+        return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=windows)
 
     def _plan_decode(self, view: LayerView) -> Plan | None:
         c = self.config
