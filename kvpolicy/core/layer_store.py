@@ -260,11 +260,13 @@ class PolicyLayer(CacheLayerMixin):
         w = queries.shape[2]
         if weights is None:
             weights = torch.ones(w, device=queries.device)
-        weights = weights[-w:].to(device=queries.device, dtype=torch.float32)
+        weights = weights[..., -w:].to(device=queries.device, dtype=torch.float32)
+        if weights.dim() == 1:
+            weights = weights.expand(queries.shape[0], w)
         out = None
         for s in range(0, w, _QUERY_CHUNK):
             probs = self._attention_probs(queries[:, :, s : s + _QUERY_CHUNK], qpos[s : s + _QUERY_CHUNK])
-            part = torch.einsum("bhql,q->bhl", probs, weights[s : s + _QUERY_CHUNK])
+            part = torch.einsum("bhql,bq->bhl", probs, weights[:, s : s + _QUERY_CHUNK])
             out = part if out is None else out + part
         return out
 

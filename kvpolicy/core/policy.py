@@ -100,8 +100,9 @@ class LayerView:
     def window_attention(self, weights: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
         """Attention of the stored query window over the kept keys, summed over queries.
 
-        Returns ``[B, H_kv, L]`` (query heads of a GQA group are averaged). ``weights`` (``[W]``,
-        oldest query first) weight each query; ``num_queries`` uses only the newest ones.
+        Returns ``[B, H_kv, L]`` (query heads of a GQA group are averaged). ``weights`` (``[W]`` or
+        per row ``[B, W]``, oldest query first; 0 drops a query) weight each query;
+        ``num_queries`` uses only the newest ones.
         """
         return self.layer.window_attention(weights=weights, num_queries=num_queries)
 

@@ -118,7 +118,9 @@ class PyramidInferPolicy(CachePolicy):
         if all(k >= n for k, n in zip(keep, view.seen)):
             return None
         w_max = max(windows)
-        weights = torch.linspace(1.0, c.distance_weight, w_max)
+        weights = torch.zeros(len(windows), w_max)  # per row: its own window, newest weighted most
+        for row, w in enumerate(windows):
+            weights[row, w_max - w :] = torch.linspace(1.0, c.distance_weight, w)
         scores = self._aggregate(view.window_attention(weights=weights, num_queries=w_max))
         return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=windows)
 

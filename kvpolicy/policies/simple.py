@@ -37,10 +37,20 @@ class RandomPolicy(BudgetPolicy):
     name = "random"
     config_class = RandomConfig
 
+    _CHUNK = 1024
+
     def scores(self, view: LayerView):
-        gen = view.state.get("generator")
-        if gen is None:
-            gen = torch.Generator().manual_seed(self.config.seed * 1009 + view.layer_idx)
-            view.state["generator"] = gen
-        b, h, length = view.positions.shape
-        return torch.rand(b, h, length, generator=gen).to(view.positions.device)
+        """Each token draws one random score when it arrives, from a table keyed by its row-local
+        position, so a padded row gets the same subset as the same row run alone."""
+        local = view.positions
+        heads = local.shape[1]
+        table: torch.Tensor = view.state.get("table", torch.empty(0, heads))
+        need = int(local.max()) + 1
+        while table.shape[0] < need:
+            chunk = table.shape[0] // self._CHUNK
+            gen = torch.Generator().manual_seed(hash((self.config.seed, view.layer_idx, chunk)) & 0x7FFFFFFF)
+            table = torch.cat([table, torch.rand(self._CHUNK, heads, generator=gen)])
+        view.state["table"] = table
+        table = table.to(local.device)
+        head_idx = torch.arange(heads, device=local.device).view(1, -1, 1)
+        return table[local.clamp(min=0), head_idx.expand_as(local)]

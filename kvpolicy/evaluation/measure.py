@@ -1,0 +1,139 @@
+"""Timing and memory bookkeeping for one cache's life: prefill, decode, and what it holds.
+
+Why a separate module: every task (scoring, needle, generation) must measure the same things
+the same way, or the per-policy numbers in ``compare`` would not be comparable. A task runs
+its forwards through :class:`Meter`, which records one :class:`SequenceStats` per cache.
+
+Peak memory: on CUDA the runner reads ``torch.cuda.max_memory_allocated`` (weights and
+activations included). Elsewhere there is no cheap allocator-level peak for torch tensors
+(``tracemalloc`` does not see them and RSS is dominated by the model), so the peak reported
+is the largest ``cache.memory_bytes(allocated=True) + cache.signal_bytes()`` sampled after
+prefill and after every decode step: the cache's own peak footprint, buffers and policy
+bookkeeping included.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class SequenceStats:
+    """What one cache (one prefill + its decoding) cost."""
+
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+    kv_bytes_prefill: int = 0
+    kv_bytes_end: int = 0
+    kv_bytes_allocated_end: int = 0
+    peak_cache_bytes: int = 0
+    layer_tokens_prefill: list[int] = field(default_factory=list)
+    layer_tokens_end: list[int] = field(default_factory=list)
+
+
+def _cache_footprint(cache: Any) -> int:
+    signal = getattr(cache, "signal_bytes", None)
+    return cache.memory_bytes(allocated=True) + (signal() if signal else 0)
+
+
+class Meter:
+    """Runs timed forwards/generations and keeps one :class:`SequenceStats` per cache."""
+
+    def __init__(self) -> None:
+        self.sequences: list[SequenceStats] = []
+
+    # ------------------------------------------------------------------ snapshots
+    def _after_prefill(self, stats: SequenceStats, cache: Any) -> None:
+        stats.kv_bytes_prefill = cache.memory_bytes(allocated=False)
+        stats.layer_tokens_prefill = list(cache.kv_tokens_per_layer())
+        stats.peak_cache_bytes = max(stats.peak_cache_bytes, _cache_footprint(cache))
+
+    def _at_end(self, stats: SequenceStats, cache: Any) -> None:
+        stats.kv_bytes_end = cache.memory_bytes(allocated=False)
+        stats.kv_bytes_allocated_end = cache.memory_bytes(allocated=True)
+        stats.layer_tokens_end = list(cache.kv_tokens_per_layer())
+        stats.peak_cache_bytes = max(stats.peak_cache_bytes, _cache_footprint(cache))
+        self.sequences.append(stats)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, model: Any, inputs: dict[str, torch.Tensor], cache: Any, new_tokens: int, pad_id: int) -> torch.Tensor:
+        """Greedy ``generate`` of exactly ``new_tokens`` tokens; returns them ``[B, new_tokens]``.
+
+        Prefill time is the time to the first logits; the rest is decode (``new_tokens - 1``
+        forwards per row), read by a logits processor that also samples the cache's footprint.
+        """
+        stats = SequenceStats(prefill_tokens=int(inputs["attention_mask"].sum()))
+        meter = self
+
+        class _Clock(LogitsProcessor):
+            calls = 0
+            first = 0.0
+
+            def __call__(self, input_ids, scores):
+                if self.calls == 0:
+                    self.first = time.perf_counter()
+                    meter._after_prefill(stats, cache)
+                else:
+                    stats.peak_cache_bytes = max(stats.peak_cache_bytes, _cache_footprint(cache))
+                self.calls += 1
+                return scores
+
+        clock = _Clock()
+        start = time.perf_counter()
+        out = model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+        end = time.perf_counter()
+        stats.prefill_s = clock.first - start
+        stats.decode_s = end - clock.first
+        stats.decode_tokens = (clock.calls - 1) * inputs["input_ids"].shape[0]
+        self._at_end(stats, cache)
+        return out[:, inputs["input_ids"].shape[1] :]
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score(self, model: Any, ids: torch.Tensor, prefix: int, step: int, cache: Any) -> tuple[float, int]:
+        """Sum of next-token NLL over ``ids[:, prefix+1:]`` and its count.
+
+        The first ``prefix`` tokens are one prefill (the policy compresses them); the rest go
+        through the cache ``step`` tokens per forward, so each scored token sees only what the
+        policy kept. The prefill's own last logits are not scored: they see the full prompt
+        under every policy.
+        """
+        stats = SequenceStats(prefill_tokens=ids.shape[0] * prefix)
+        start = time.perf_counter()
+        model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True)
+        stats.prefill_s = time.perf_counter() - start
+        self._after_prefill(stats, cache)
+        nll, count = 0.0, 0
+        length = ids.shape[1]
+        start = time.perf_counter()
+        pos = prefix
+        while pos < length - 1:
+            chunk = ids[:, pos : min(pos + step, length - 1)]
+            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits.float()
+            targets = ids[:, pos + 1 : pos + 1 + chunk.shape[1]]
+            nll += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            ).item()
+            count += targets.numel()
+            stats.decode_tokens += chunk.numel()
+            stats.peak_cache_bytes = max(stats.peak_cache_bytes, _cache_footprint(cache))
+            pos += chunk.shape[1]
+        stats.decode_s = time.perf_counter() - start
+        self._at_end(stats, cache)
+        return nll, count

@@ -1,0 +1,107 @@
+"""Every misuse gets an error that names the problem and the fix."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import kvpolicy
+from kvpolicy import CacheMisuseError, ConfigError, UnknownPolicyError, UnsupportedModelError, make_cache
+from models import batch, greedy, tiny_model
+
+
+def test_unknown_policy_lists_the_available_ones():
+    with pytest.raises(UnknownPolicyError) as err:
+        make_cache("pyramid_infer")
+    message = str(err.value)
+    assert "pyramid_infer" in message
+    for name in ("full", "pyramidinfer", "h2o", "streamingllm", "snapkv", "random"):
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    "policy, overrides, field",
+    [
+        ("h2o", {"compression_ratio": 1.5}, "compression_ratio"),
+        ("h2o", {"budget": 0}, "budget"),
+        ("pyramidinfer", {"prefill_decay_ratio": 0.0}, "prefill_decay_ratio"),
+        ("pyramidinfer", {"prefill_decay_strategy": "exponential"}, "prefill_decay_strategy"),
+        ("snapkv", {"windw_size": 8}, "windw_size"),
+    ],
+)
+def test_invalid_config_names_field_and_range(policy, overrides, field):
+    with pytest.raises(ConfigError) as err:
+        make_cache(policy, **overrides)
+    message = str(err.value)
+    assert field in message and policy in message
+    if field == "compression_ratio":
+        assert "less than 1" in message
+    if field == "windw_size":
+        assert "unknown setting" in message
+
+
+def test_missing_preset_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no preset or file"):
+        make_cache(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("compression_ratio: 0.5\n")
+    with pytest.raises(ConfigError, match="'policy' key"):
+        make_cache(str(bad))
+
+
+def test_unsupported_model_type_names_supported_ones():
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=97)
+    model = GPT2LMHeadModel(config).eval()
+    with pytest.raises(UnsupportedModelError) as err:
+        greedy(model, batch([10]), make_cache("h2o", budget=4), new_tokens=2)
+    message = str(err.value)
+    assert "'gpt2'" in message and "llama" in message and "qwen3" in message
+
+
+def test_unsupported_attention_implementation(monkeypatch):
+    model = tiny_model("llama", "sdpa")
+    monkeypatch.setattr(model.config, "_attn_implementation", "flex_attention", raising=False)
+    with pytest.raises(UnsupportedModelError, match="attn_implementation='sdpa'"):
+        with torch.no_grad():
+            model(**batch([8]), past_key_values=make_cache("h2o", budget=4))
+
+
+def test_cache_reused_across_models():
+    cache = make_cache("full")
+    greedy(tiny_model("llama", "sdpa"), batch([12]), cache, new_tokens=2)
+    with pytest.raises(CacheMisuseError, match="another model"):
+        greedy(tiny_model("llama", "sdpa", seed=1), batch([12]), cache, new_tokens=2)
+    other_shape = tiny_model("qwen3", "sdpa")
+    cache2 = make_cache("full")
+    greedy(tiny_model("llama", "sdpa"), batch([12]), cache2, new_tokens=2)
+    with pytest.raises(CacheMisuseError, match="another model|new cache"):
+        greedy(other_shape, batch([12]), cache2, new_tokens=2)
+
+
+def test_cache_reused_across_batch_sizes():
+    model = tiny_model("llama", "sdpa")
+    cache = make_cache("h2o", budget=8)
+    greedy(model, batch([12, 9]), cache, new_tokens=2)
+    with pytest.raises(CacheMisuseError, match="batch of 2 rows"):
+        greedy(model, batch([12, 9, 5]), cache, new_tokens=2)
+
+
+def test_reset_makes_a_cache_reusable():
+    model = tiny_model("llama", "sdpa")
+    cache = make_cache("full")
+    first = greedy(model, batch([12]), cache, new_tokens=3)
+    cache.reset()
+    again = greedy(model, batch([12]), cache, new_tokens=3)
+    assert torch.equal(first, again)
+
+
+def test_crop_of_compressed_layer_is_refused():
+    model = tiny_model("llama", "sdpa")
+    cache = make_cache("streamingllm", budget=6, sink_size=2, window_size=2)
+    greedy(model, batch([20]), cache, new_tokens=2)
+    with pytest.raises(CacheMisuseError, match="full"):
+        cache.crop(10)
+
+
+def test_errors_share_a_base_class():
+    for cls in (UnknownPolicyError, ConfigError, UnsupportedModelError, CacheMisuseError):
+        assert issubclass(cls, kvpolicy.KVPolicyError)

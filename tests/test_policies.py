@@ -1,0 +1,164 @@
+"""Per-policy behaviour on tiny models: exact budgets, the pyramid, no-op when the budget is large."""
+
+import pytest
+import torch
+
+from kvpolicy import PyramidCache, available_policies, make_cache, make_policy
+from kvpolicy.core.schedule import decay_ratio, linear_budgets, pyramid_context_lengths
+from kvpolicy.policies.pyramidinfer import DEPTH_PRESETS, PyramidInferConfig, preset_for_depth
+from models import batch, greedy, tiny_model
+
+ALL = ["full", "pyramidinfer", "h2o", "streamingllm", "snapkv", "pyramidkv", "random"]
+
+
+def test_builtin_policies_registered():
+    assert set(ALL) <= set(available_policies())
+
+
+@pytest.mark.parametrize("policy", ALL)
+def test_generous_budget_generates_exactly_what_full_does(policy):
+    model = tiny_model("llama", "sdpa")
+    inputs = batch([40, 25, 31])
+    full = greedy(model, inputs, make_cache("full"), new_tokens=10)
+    if policy == "pyramidinfer":
+        overrides = {"min_context_length": 10_000}  # a context never pruned
+    elif policy == "full":
+        overrides = {}
+    else:
+        overrides = {"budget": 60}  # above prompt + new tokens
+    cache = make_cache(policy, **overrides)
+    assert torch.equal(greedy(model, inputs, cache, new_tokens=10), full)
+    assert cache.valid_tokens_per_layer()[0] == [49, 34, 40]
+
+
+@pytest.mark.parametrize("policy", ["pyramidinfer", "h2o", "snapkv", "streamingllm", "random", "pyramidkv"])
+def test_padded_row_matches_row_alone(policy):
+    model = tiny_model("llama", "sdpa", layers=6)
+    overrides = {"min_context_length": 4} if policy == "pyramidinfer" else {"compression_ratio": 0.5}
+    inputs = batch([90, 64], seed=3)
+    together = make_cache(policy, **overrides)
+    out_together = greedy(model, inputs, together, new_tokens=20)
+    alone_inputs = {k: v[1:, 90 - 64 :] for k, v in inputs.items()}
+    alone = make_cache(policy, **overrides)
+    out_alone = greedy(model, alone_inputs, alone, new_tokens=20)
+    assert torch.equal(out_together[1], out_alone[0])
+    for layer in range(6):
+        kept_together = together.kept_positions(layer)[1]
+        kept_alone = alone.kept_positions(layer)[0]
+        for head in range(kept_alone.shape[0]):
+            a = [p for p in kept_together[head].tolist() if p >= 0]
+            b = [p for p in kept_alone[head].tolist() if p >= 0]
+            assert a == b
+
+
+def test_pyramidinfer_prefill_counts_follow_the_schedule():
+    layers, n = 8, 300
+    model = tiny_model("llama", "sdpa", layers=layers)
+    cache = make_cache("pyramidinfer", min_context_length=16)
+    with torch.no_grad():
+        model(**batch([n]), past_key_values=cache)
+    window = 1 + int(n * 0.2)
+    expected = [c + window for c in pyramid_context_lengths(n - window, layers, 0.9, "cosine", 16, 1)]
+    assert [row[0] for row in cache.valid_tokens_per_layer()] == expected
+    assert expected[0] == n and expected[-1] < expected[len(expected) // 2] < n  # layer 0 keeps all; deeper layers less
+    # one token set per layer (reference behaviour): all KV heads keep the same positions
+    pos = cache.kept_positions(layers - 1)[0]
+    assert torch.equal(pos[0], pos[1])
+
+
+def test_pyramidinfer_decode_compresses_in_groups():
+    layers, n, group = 4, 100, 8
+    model = tiny_model("llama", "sdpa", layers=layers)
+    cache = make_cache("pyramidinfer", min_context_length=8, exceed_length_to_compress=group)
+    greedy(model, batch([n]), cache, new_tokens=1)
+    after_prefill = [row[0] for row in cache.valid_tokens_per_layer()]
+    steps = 2 * group + 3
+    cache2 = make_cache("pyramidinfer", min_context_length=8, exceed_length_to_compress=group)
+    greedy(model, batch([n]), cache2, new_tokens=steps + 1)
+    policy = cache2.policy
+    for layer in range(layers):
+        evicted_per_group = group - policy.group_keep(layer)
+        expected = after_prefill[layer] + steps - 2 * evicted_per_group
+        assert cache2.valid_tokens_per_layer()[layer][0] == expected
+    # deeper layers keep fewer tokens of each group (gen decay)
+    keeps = [policy.group_keep(layer) for layer in range(layers)]
+    assert keeps == sorted(keeps, reverse=True) and keeps[0] > keeps[-1]
+
+
+def test_pyramidinfer_kv_head_aggregation_selects_per_head():
+    model = tiny_model("llama", "sdpa", layers=4)
+    cache = make_cache("pyramidinfer", min_context_length=8, head_aggregation="kv_head")
+    with torch.no_grad():
+        model(**batch([200]), past_key_values=cache)
+    pos = cache.kept_positions(3)[0]
+    assert not torch.equal(pos[0], pos[1])
+
+
+def test_pyramid_cache_default_picks_preset_by_depth():
+    model = tiny_model("llama", "sdpa", layers=4)
+    cache = PyramidCache()
+    greedy(model, batch([20]), cache, new_tokens=2)
+    assert cache.policy.preset_name == "pyramidinfer_llama2_7b"
+    assert preset_for_depth(40)[0] == "pyramidinfer_llama2_13b"
+    assert preset_for_depth(80)[0] == "pyramidinfer_llama2_70b"
+    assert PyramidCache(prefill_decay_ratio=0.5).policy.auto is False
+
+
+@pytest.mark.parametrize("_max_layers, preset, values", DEPTH_PRESETS)
+def test_depth_presets_match_the_preset_files(_max_layers, preset, values):
+    from_file = make_policy(preset).config
+    assert from_file == PyramidInferConfig(**values)
+
+
+@pytest.mark.parametrize(
+    "preset, decay, interval",
+    [
+        ("pyramidinfer_llama2_7b", 0.9, 1),
+        ("pyramidinfer_llama3_8b", 0.9, 1),
+        ("pyramidinfer_llama2_13b", 0.8, 2),
+        ("pyramidinfer_llama2_70b", 0.9, 3),
+        ("pyramidinfer_llama3_70b", 0.9, 3),
+    ],
+)
+def test_reference_presets(preset, decay, interval):
+    c = make_policy(preset).config
+    assert (c.prefill_decay_ratio, c.layerwise_downsample_interval) == (decay, interval)
+    assert (c.prefill_recent_ratio, c.min_context_length, c.streamingllm_sink_len, c.distance_weight) == (0.2, 64, 4, 1.2)
+    assert (c.gen_recent_ratio, c.gen_decay_ratio, c.exceed_length_to_compress) == (0.2, 0.1, 16)
+    assert c.prefill_decay_strategy == c.gen_decay_strategy == "cosine"
+
+
+def test_pyramidkv_budgets_are_pyramidal_with_the_snapkv_mean():
+    layers, n = 6, 200
+    model = tiny_model("llama", "sdpa", layers=layers)
+    cache = make_cache("pyramidkv", compression_ratio=0.5)
+    with torch.no_grad():
+        model(**batch([n]), past_key_values=cache)
+    counts = [row[0] for row in cache.valid_tokens_per_layer()]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    assert counts == [min(b, n) for b in linear_budgets(100 * layers, layers, 20.0, 36)]
+
+
+def test_h2o_keeps_the_heaviest_hitters():
+    """Against an independent recomputation of accumulated attention on a one-layer model."""
+    model = tiny_model("llama", "eager", layers=1)
+    n, budget = 40, 12
+    inputs = batch([n])
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    attn = out.attentions[0][0]  # [Hq, n, n]
+    acc = attn.reshape(2, 2, n, n).mean(1).sum(1)  # GQA groups averaged, summed over queries
+    cache = make_cache("h2o", budget=budget, sink_size=0, window_size=0)
+    with torch.no_grad():
+        model(**inputs, past_key_values=cache)
+    for head in range(2):
+        kept = cache.kept_positions(0)[0, head].tolist()
+        assert kept == sorted(acc[head].topk(budget).indices.tolist())
+
+
+def test_decay_schedule_endpoints():
+    assert decay_ratio(0, 32, 0.9, "cosine") == 1.0
+    assert decay_ratio(16, 32, 0.5, "cosine") == pytest.approx(0.75)
+    assert decay_ratio(16, 32, 0.5, "linear") == pytest.approx(0.75)
+    assert decay_ratio(8, 32, 0.5, "linear") == pytest.approx(0.875)
+    assert decay_ratio(31, 32, 0.7, "constant") == 0.7
