@@ -1,0 +1,195 @@
+"""The three quality tasks of ``kvpolicy compare``: perplexity, needle retrieval, agreement.
+
+Why three: each catches a different failure of a compression policy. ``ppl`` measures how
+much worse the model predicts real text once the cache decides what later tokens see;
+``needle`` whether one specific early fact survives eviction; ``agreement`` how far greedy
+generation drifts from the uncompressed model's. All inputs are built once per run from a
+seed (same inputs for every policy), and every size lives in :class:`EvalSizes`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+import torch
+
+from . import texts
+from .measure import Meter
+
+CacheFactory = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class EvalSizes:
+    """Every size of the evaluation; ``small`` keeps a default ``compare`` within minutes on CPU."""
+
+    seed: int = 0
+    batch_size: int = 1
+    # ppl: documents of ppl_prefix + ppl_tokens tokens; the last ppl_tokens are scored ppl_step at a time
+    ppl_docs: int = 2
+    ppl_prefix: int = 1536
+    ppl_tokens: int = 128
+    ppl_step: int = 4
+    # needle: haystacks of these token lengths, needle at these depths (fractions), samples cycle the grid
+    needle_samples: int = 4
+    needle_lengths: tuple[int, ...] = (1024, 2048)
+    needle_depths: tuple[float, ...] = (0.1, 0.5)
+    needle_answer_tokens: int = 8
+    # agreement: prompts of this many tokens, greedy continuation of max_new_tokens
+    agreement_prompts: int = 2
+    agreement_prompt_tokens: int = 2048
+    max_new_tokens: int = 32
+
+    def replace(self, **changes: Any) -> "EvalSizes":
+        data = asdict(self)
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return EvalSizes(**data)
+
+
+PRESETS: dict[str, EvalSizes] = {
+    "tiny": EvalSizes(ppl_docs=1, ppl_prefix=96, ppl_tokens=16, needle_samples=2, needle_lengths=(64, 96),
+                      agreement_prompts=1, agreement_prompt_tokens=96, max_new_tokens=6, needle_answer_tokens=4),
+    "small": EvalSizes(),
+    "sweep": EvalSizes(ppl_docs=3, ppl_prefix=2048, ppl_tokens=128, needle_samples=6,
+                       needle_lengths=(1024, 2048, 4096), needle_depths=(0.1, 0.5, 0.9), agreement_prompts=2),
+}
+SIZE_FIELDS = [f.name for f in fields(EvalSizes)]
+
+
+@dataclass
+class TaskResult:
+    """Metrics of one task under one policy, plus what later policies compare against."""
+
+    metrics: dict[str, float]
+    reference: Any = None
+    details: list[Any] = field(default_factory=list)
+
+
+class Task:
+    """A task prepares its inputs once, then runs them under any cache factory."""
+
+    name: str = ""
+    #: the metric keys this task adds to a result row (documented in docs/cli.md)
+    metric_keys: tuple[str, ...] = ()
+    #: the key plotted against KV reduction, and whether higher is better
+    headline: str = ""
+    higher_is_better: bool = True
+
+    def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
+        raise NotImplementedError
+
+    def run(self, model: Any, new_cache: CacheFactory, meter: Meter, reference: Any) -> TaskResult:
+        raise NotImplementedError
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class PerplexityTask(Task):
+    name = "ppl"
+    metric_keys = ("ppl", "ppl_ratio")
+    headline = "ppl_ratio"
+    higher_is_better = False
+
+    def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
+        self.sizes = sizes
+        self.docs = texts.token_documents(tokenizer, sizes.ppl_docs, sizes.ppl_prefix + sizes.ppl_tokens + 1, sizes.seed)
+
+    def run(self, model: Any, new_cache: CacheFactory, meter: Meter, reference: Any) -> TaskResult:
+        nll, count = 0.0, 0
+        device = model.device
+        for group in _batches(self.docs, self.sizes.batch_size):
+            ids = torch.tensor(group, device=device)
+            n, c = meter.score(model, ids, self.sizes.ppl_prefix, self.sizes.ppl_step, new_cache())
+            nll, count = nll + n, count + c
+        ppl = math.exp(nll / count)
+        ratio = ppl / reference if reference else 1.0
+        return TaskResult({"ppl": ppl, "ppl_ratio": ratio}, reference=ppl)
+
+
+def _chat_ids(tokenizer: Any, user: str) -> list[int]:
+    """Token ids of a one-turn chat prompt (the instruct model's template when it has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+    return tokenizer(user + "\nAnswer:", add_special_tokens=True)["input_ids"]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: Any) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+class NeedleTask(Task):
+    name = "needle"
+    metric_keys = ("needle_accuracy",)
+    headline = "needle_accuracy"
+
+    QUESTION = "What is the secret passkey hidden in the text above? Answer with the number only."
+
+    def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
+        self.sizes, self.tokenizer = sizes, tokenizer
+        rng = random.Random(sizes.seed + 1)
+        grid = [(n, d) for n in sizes.needle_lengths for d in sizes.needle_depths]
+        self.samples: list[dict[str, Any]] = []
+        for k in range(sizes.needle_samples):
+            length, depth = grid[k % len(grid)]
+            secret = str(rng.randrange(10000, 100000))
+            paras = texts.haystack(tokenizer, length, rng)
+            where = min(len(paras), max(0, round(depth * len(paras))))
+            needle = f"The secret passkey is {secret}. Remember it: the secret passkey is {secret}."
+            body = "\n\n".join(paras[:where] + [needle] + paras[where:])
+            user = f"Below is an extract from a novel. A secret passkey is hidden in it.\n\n{body}\n\n{self.QUESTION}"
+            self.samples.append({"ids": _chat_ids(tokenizer, user), "secret": secret, "length": length, "depth": depth})
+
+    def run(self, model: Any, new_cache: CacheFactory, meter: Meter, reference: Any) -> TaskResult:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        correct, details = 0, []
+        for group in _batches(self.samples, self.sizes.batch_size):
+            inputs = _left_pad([s["ids"] for s in group], pad, model.device)
+            out = meter.generate(model, inputs, new_cache(), self.sizes.needle_answer_tokens, pad)
+            for s, row in zip(group, out.tolist()):
+                answer = self.tokenizer.decode(row, skip_special_tokens=True)
+                found = re.search(r"\d+", answer)
+                ok = found is not None and found.group(0) == s["secret"]
+                correct += ok
+                details.append({"length": s["length"], "depth": s["depth"], "ok": bool(ok), "answer": answer.strip()})
+        return TaskResult({"needle_accuracy": correct / len(self.samples)}, details=details)
+
+
+class AgreementTask(Task):
+    name = "agreement"
+    metric_keys = ("agreement",)
+    headline = "agreement"
+
+    def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
+        self.sizes, self.tokenizer = sizes, tokenizer
+        self.prompts = texts.token_documents(tokenizer, sizes.agreement_prompts, sizes.agreement_prompt_tokens, sizes.seed + 2)
+
+    def run(self, model: Any, new_cache: CacheFactory, meter: Meter, reference: Any) -> TaskResult:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        outputs: list[list[int]] = []
+        for group in _batches(self.prompts, self.sizes.batch_size):
+            inputs = _left_pad(group, pad, model.device)
+            outputs.extend(meter.generate(model, inputs, new_cache(), self.sizes.max_new_tokens, pad).tolist())
+        if reference is None:
+            share = 1.0
+        else:
+            same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
+            share = same / sum(len(r) for r in reference)
+        return TaskResult({"agreement": share}, reference=outputs)
+
+
+TASKS: dict[str, type[Task]] = {"ppl": PerplexityTask, "needle": NeedleTask, "agreement": AgreementTask}
