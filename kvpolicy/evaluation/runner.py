@@ -1,0 +1,166 @@
+"""Run policies over tasks and turn the measurements into one result row per policy.
+
+Why it is built this way: quality and cost are only comparable on identical inputs, so the
+tasks prepare their inputs once and every policy (``full`` first, as the reference for the
+ratios and for agreement) runs them in the same order. Policies are validated before any
+model work, so a typo fails in a second rather than after the first policy.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..core.config import ConfigError, load_preset
+from ..core.registry import make_cache, make_policy, policy_class
+from .measure import Meter
+from .tasks import TASKS, EvalSizes, Task
+
+#: the policy every other one is measured against (always run first)
+REFERENCE = "full"
+
+
+@dataclass
+class PolicySpec:
+    """One policy to run: its name, the settings it is built with, and the sweep ratio."""
+
+    policy: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    ratio: float | None = None
+    config: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.policy if self.ratio is None else f"{self.policy}@{self.ratio:g}"
+
+    def new_cache(self) -> Any:
+        return make_cache({"policy": self.policy, **self.settings})
+
+
+def takes_ratio(policy: str) -> bool:
+    """Whether a policy has a ``compression_ratio`` setting (the budget policies do)."""
+    return "compression_ratio" in policy_class(policy).config_class.model_fields
+
+
+def check_ratio(ratio: float) -> float:
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"compression ratio {ratio:g} is outside [0, 1); pass e.g. --ratio 0.54")
+    return ratio
+
+
+def build_specs(policies: list[str], ratios: list[float], config: str | None = None) -> list[PolicySpec]:
+    """One spec per policy and ratio (ratio-free policies once), ``full`` first; all validated.
+
+    ``config`` (a preset name or file) gives the settings of the policy it names; its own
+    ``compression_ratio`` or ``budget``, if set, wins over ``ratios`` for that policy.
+    """
+    preset: dict[str, Any] = {}
+    if config:
+        preset = dict(load_preset(config))
+    preset_policy = preset.pop("policy", None)
+    for r in ratios:
+        check_ratio(r)
+    names = [REFERENCE] + [p for p in dict.fromkeys(policies) if p != REFERENCE]
+    if preset_policy and preset_policy not in names:
+        names.append(preset_policy)
+    specs: list[PolicySpec] = []
+    for name in names:
+        policy_class(name)  # unknown names fail here, before any model work
+        base = dict(preset) if name == preset_policy else {}
+        fixed = "compression_ratio" in base or "budget" in base
+        if takes_ratio(name) and not fixed:
+            for r in ratios:
+                specs.append(PolicySpec(name, {**base, "compression_ratio": r}, r, config if base else None))
+        else:
+            specs.append(PolicySpec(name, base, base.get("compression_ratio"), config if base else None))
+    for spec in specs:
+        make_policy({"policy": spec.policy, **spec.settings})  # validate settings now
+    return specs
+
+
+def _row(spec: PolicySpec, meter: Meter, metrics: dict[str, float], peak_cuda: int | None) -> dict[str, Any]:
+    seqs = meter.sequences
+    prefill_s = sum(s.prefill_s for s in seqs)
+    decode_s = sum(s.decode_s for s in seqs)
+    first = seqs[-1] if seqs else None
+    row: dict[str, Any] = {
+        "policy": spec.policy,
+        "label": spec.label,
+        "ratio": spec.ratio,
+        "config": spec.config,
+        "settings": spec.settings,
+        "sequences": len(seqs),
+        "kv_bytes_prefill": int(statistics.mean(s.kv_bytes_prefill for s in seqs)) if seqs else 0,
+        "kv_bytes": int(statistics.mean(s.kv_bytes_end for s in seqs)) if seqs else 0,
+        "kv_bytes_allocated": int(statistics.mean(s.kv_bytes_allocated_end for s in seqs)) if seqs else 0,
+        "peak_memory_bytes": peak_cuda if peak_cuda is not None else max((s.peak_cache_bytes for s in seqs), default=0),
+        "peak_memory_source": "cuda_max_memory_allocated" if peak_cuda is not None else "kv_cache_peak",
+        "prefill_s": prefill_s / len(seqs) if seqs else 0.0,
+        "prefill_tokens_per_s": sum(s.prefill_tokens for s in seqs) / prefill_s if prefill_s else 0.0,
+        "decode_tokens_per_s": sum(s.decode_tokens for s in seqs) / decode_s if decode_s else 0.0,
+        "layer_tokens_prefill": first.layer_tokens_prefill if first else [],
+        "layer_tokens_end": first.layer_tokens_end if first else [],
+        "_kv_prefill_each": [s.kv_bytes_prefill for s in seqs],
+        "_kv_end_each": [s.kv_bytes_end for s in seqs],
+    }
+    row.update(metrics)
+    return row
+
+
+def _add_reductions(rows: list[dict[str, Any]]) -> None:
+    """``kv_reduction``: 1 - bytes / full's bytes on the same sequences (at the end and after prefill)."""
+    ref = next((r for r in rows if r["policy"] == REFERENCE), None)
+    for row in rows:
+        for key, each in (("kv_reduction", "_kv_end_each"), ("kv_reduction_prefill", "_kv_prefill_each")):
+            full = sum(ref[each]) if ref else 0
+            row[key] = 1.0 - sum(row[each]) / full if full else 0.0
+    for row in rows:
+        row.pop("_kv_prefill_each")
+        row.pop("_kv_end_each")
+
+
+def run_compare(
+    model: Any,
+    tokenizer: Any,
+    specs: list[PolicySpec],
+    task_names: list[str],
+    sizes: EvalSizes,
+    progress: Callable[[str], None] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every spec over every task; one row per spec (``full`` first).
+
+    ``progress(description)`` is called before each (policy, task) step and ``on_step()`` after
+    it, so a caller can drive any progress bar.
+    """
+    tasks: list[Task] = []
+    for name in task_names:
+        task = TASKS[name]()
+        task.prepare(tokenizer, sizes)
+        tasks.append(task)
+    references: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    rows = []
+    cuda = model.device.type == "cuda"
+    for spec in specs:
+        meter = Meter()
+        metrics: dict[str, float] = {}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(model.device)
+        for task in tasks:
+            if progress:
+                progress(f"{spec.label}: {task.name}")
+            result = task.run(model, spec.new_cache, meter, references.get(task.name))
+            if spec.policy == REFERENCE and spec.ratio is None:
+                references.setdefault(task.name, result.reference)
+            metrics.update(result.metrics)
+            details[f"{spec.label}/{task.name}"] = result.details
+            if on_step:
+                on_step()
+        peak = int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
+        rows.append(_row(spec, meter, metrics, peak))
+    _add_reductions(rows)
+    return rows
