@@ -37,3 +37,29 @@ def test_policy_cache_is_a_transformers_cache():
 
     assert isinstance(PolicyCache(), Cache)
     assert isinstance(FullCache(), PolicyCache)
+
+
+def test_beam_search_matches_dynamic_cache():
+    """reorder_cache works: beam search with the full policy equals transformers' own cache."""
+    model = tiny_model("llama", "sdpa")
+    inputs = batch([18, 11])
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(**inputs, past_key_values=DynamicCache(config=model.config), **kwargs)
+        got = model.generate(**inputs, past_key_values=FullCache(), **kwargs)
+    assert torch.equal(expected, got)
+
+
+def test_beam_search_with_compression_runs_and_keeps_budget():
+    model = tiny_model("llama", "sdpa")
+    cache = make_cache("h2o", budget=10)
+    with torch.no_grad():
+        model.generate(**batch([30, 20]), past_key_values=cache, max_new_tokens=5, num_beams=2, pad_token_id=0)
+    assert all(count == 10 for row in cache.valid_tokens_per_layer() for count in row)
+
+
+def test_make_cache_from_config_objects():
+    from kvpolicy.policies.simple import StreamingLLMConfig
+
+    cache = make_cache(StreamingLLMConfig(budget=8))
+    assert cache.policy.name == "streamingllm"

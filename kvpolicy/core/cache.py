@@ -113,9 +113,19 @@ class PolicyCache(Cache):
         self._setup_done = False
 
     def _rows(self, fn) -> None:
-        if self.pad is not None:
-            self.pad = fn(self.pad)
-            self.prompt_len = [self.prompt_len[i] for i in fn(torch.arange(len(self.prompt_len))).tolist()]
+        """Re-index every per-row record: padding, prompt lengths, and the policies' per-row
+        lists in their layer state (by convention, a list with one entry per batch row)."""
+        if self.pad is None:
+            return
+        rows = self.pad.shape[0]
+        order = fn(torch.arange(rows)).tolist()
+        self.pad = fn(self.pad)
+        if self.prompt_len is not None:
+            self.prompt_len = [self.prompt_len[i] for i in order]
+        for state in self._policy_state.values():
+            for key, value in state.items():
+                if isinstance(value, list) and len(value) == rows:
+                    state[key] = [value[i] for i in order]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -191,11 +201,16 @@ class PolicyCache(Cache):
             )
 
     def _find_pad(self, mask: torch.Tensor | None, batch: int, device: torch.device) -> None:
-        if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
             self.pad = torch.zeros(batch, dtype=torch.long, device=device)
         else:
-            last = mask[:, 0, -1, :]
-            valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+            last = mask[:, 0, -1, :] if mask.dim() == 4 else mask  # 2-D: flash attention's padding mask
+            if last.dtype == torch.bool:
+                valid = last
+            elif last.is_floating_point():  # additive mask: 0 attends, a large negative does not
+                valid = last > torch.finfo(last.dtype).min / 2
+            else:
+                valid = last != 0
             if valid.shape[0] != batch:
                 valid = valid.expand(batch, -1)
             self.pad = (valid.long().cumsum(-1) == 0).sum(-1).to(device)
@@ -267,8 +282,12 @@ class PolicyCache(Cache):
             self._apply(layer, plan)
         if prefill and layer_idx == self._last_compressible():
             self.prompt_len = seen
-        if prefill and signals.decode_query_window == 0 and layer.qwin is not None:
-            layer.qwin = layer.qwin_pos = None  # prefill-only window: free it now
+        if prefill and layer.qwin is not None:  # keep only what decoding will use
+            if signals.decode_query_window == 0:
+                layer.qwin = layer.qwin_pos = None
+            elif layer.qwin.shape[2] > signals.decode_query_window:
+                layer.qwin = layer.qwin[:, :, -signals.decode_query_window :].clone()
+                layer.qwin_pos = layer.qwin_pos[-signals.decode_query_window :].clone()
 
     def _last_compressible(self) -> int:
         idx = [i for i, c in enumerate(self._compressible) if c]

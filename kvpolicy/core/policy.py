@@ -50,7 +50,8 @@ class Plan:
     """A policy's answer for one layer.
 
     ``keep``: tokens to keep per batch row (clipped to what the row holds). ``scores``: one
-    float per kept slot ``[B, H_kv, L]`` — higher is kept first; ``None`` means "keep by
+    float per kept slot, ``[B, H_kv, L]`` to select per KV head or ``[B, 1, L]`` for one token
+    set shared by all heads of the layer — higher is kept first; ``None`` means "keep by
     recency". ``sinks``/``recent``: leading and trailing tokens of each row (row-local
     positions) that must survive whatever the scores say; the cache clips them to each row's
     ``keep`` (recent window first), so a small budget is never exceeded to honour them.
@@ -121,8 +122,6 @@ class CachePolicy(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
-    #: select per KV head (True) or one token set shared by all heads of a layer (False)
-    per_head: ClassVar[bool] = True
 
     def __init__(self, config: PolicyConfig | None = None, **overrides: Any):
         from .config import build_config

@@ -76,6 +76,11 @@ def _policies() -> dict[str, type["CachePolicy"]]:
     out: dict[str, type[CachePolicy]] = {}
     for batch in plugin_manager().hook.kvpolicy_policies():
         for cls in batch:
+            if cls.name in out and out[cls.name] is not cls:
+                raise ConfigError(
+                    f"two plugins register a policy named {cls.name!r} ({out[cls.name].__module__} and "
+                    f"{cls.__module__}); uninstall one or rename its policy"
+                )
             out[cls.name] = cls
     return out
 
@@ -122,10 +127,16 @@ def make_policy(name_or_config: Any = "full", **overrides: Any) -> "CachePolicy"
 
 
 def _class_for_config(config: Any) -> type["CachePolicy"]:
-    for cls in _policies().values():
-        if type(config) is cls.config_class:
-            return cls
-    raise ConfigError(f"no registered policy uses config class {type(config).__name__}")
+    matches = [cls for cls in _policies().values() if type(config) is cls.config_class]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ConfigError(f"no registered policy uses config class {type(config).__name__}")
+    names = ", ".join(sorted(cls.name for cls in matches))
+    raise ConfigError(
+        f"{type(config).__name__} is shared by several policies ({names}); "
+        "pass the policy name too: make_cache(name, **settings)"
+    )
 
 
 def make_cache(name_or_config: Any = "full", **overrides: Any) -> "PolicyCache":

@@ -11,11 +11,16 @@ from ..core.schedule import linear_budgets
 from .budget import BudgetConfig, BudgetPolicy
 
 
+class H2OConfig(BudgetConfig):
+    """H2O's budget: ``window_size`` recent tokens plus heavy hitters up to the budget."""
+
+
 class H2OPolicy(BudgetPolicy):
     """Heavy-Hitter Oracle (Zhang et al., 2023): keep the keys with the most attention received
     so far (summed over every query, per KV head) plus a recent window, evicting as decoding goes."""
 
     name = "h2o"
+    config_class = H2OConfig
 
     @property
     def signals(self) -> Signals:

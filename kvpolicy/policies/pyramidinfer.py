@@ -60,7 +60,6 @@ def preset_for_depth(num_layers: int) -> tuple[str, PyramidInferConfig]:
 class PyramidInferPolicy(CachePolicy):
     name = "pyramidinfer"
     config_class = PyramidInferConfig
-    per_head = False
 
     def __init__(self, config=None, **overrides):
         self.auto = config is None and not overrides

@@ -18,10 +18,15 @@ class FullPolicy(CachePolicy):
         return None
 
 
+class StreamingLLMConfig(BudgetConfig):
+    """Sinks (``sink_size``) plus the newest tokens up to the budget; ``window_size`` is implied."""
+
+
 class StreamingLLMPolicy(BudgetPolicy):
     """Attention sinks plus the most recent tokens (Xiao et al., 2023); no scores at all."""
 
     name = "streamingllm"
+    config_class = StreamingLLMConfig
 
     def scores(self, view: LayerView):
         return None  # recency: the newest tokens win, sinks are protected by the plan

@@ -1,0 +1,211 @@
+"""Generated tokens/s and memory per policy on a Llama-2-7B-shaped model with random weights.
+
+Speed does not depend on weight values, so the model is built from its config on the device
+(nothing big travels). For each policy: fixed batch sizes (per-step overhead), and the largest
+batch that fits, found from a linear memory model fitted at two batch sizes and then
+confirmed by a real run (stepping down on out-of-memory).
+
+    python benchmarks/throughput.py --shape llama2-7b --prompt-lens 512 --batch-sizes 1,8,32 \
+        --json docs/benchmarks/throughput.json
+
+``--shape tiny`` runs a CPU dry run (the test suite does this so the script cannot rot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kvpolicy  # noqa: E402
+
+SHAPES = {
+    "llama2-7b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=97, max_position_embeddings=4096,
+    ),
+}
+
+#: policy label -> how to build its cache (None: transformers' own cache implementation)
+POLICIES: dict[str, Any] = {
+    "hf-dynamic": lambda: DynamicCache(),
+    "hf-static": None,  # generate(cache_implementation="static"): transformers compiles the step
+    "full": lambda: kvpolicy.make_cache("full"),
+    "pyramidinfer": lambda: kvpolicy.make_cache("pyramidinfer_llama2_7b"),
+    "h2o": lambda: kvpolicy.make_cache("h2o", compression_ratio=0.54, evict_every=16),
+    "streamingllm": lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16),
+}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(**SHAPES[shape], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def kv_bytes(cache: Any) -> int:
+    if isinstance(cache, kvpolicy.PolicyCache):
+        return cache.memory_bytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str) -> dict[str, Any]:
+    """One greedy generation; prefill measured by a separate 1-token generate of the same batch."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, prompt), device=device, generator=None)
+    mask = torch.ones_like(ids)
+    common = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+
+    def generate(tokens: int):
+        kwargs = dict(common, max_new_tokens=tokens, min_new_tokens=tokens)
+        cache = None
+        if POLICIES[policy] is None:
+            kwargs["cache_implementation"] = "static"
+        else:
+            cache = POLICIES[policy]()
+            kwargs["past_key_values"] = cache
+        sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**kwargs)
+        sync(device)
+        return time.perf_counter() - start, cache, out
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    prefill_s, _, _ = generate(1)
+    total_s, cache, out = generate(new)
+    assert out.shape[1] == prompt + new
+    decode_s = max(total_s - prefill_s, 1e-9)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    held = kv_bytes(cache) if cache is not None else None
+    return {
+        "policy": policy,
+        "batch": batch,
+        "prompt": prompt,
+        "new_tokens": new,
+        "prefill_s": prefill_s,
+        "total_s": total_s,
+        "decode_step_ms": 1000 * decode_s / (new - 1),
+        "generated_tokens_per_s": batch * new / total_s,
+        "peak_memory_bytes": peak,
+        "kv_bytes_per_seq": None if held is None else held / batch,
+    }
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def try_run(model, policy, batch, prompt, new, device):
+    try:
+        return run_once(model, policy, batch, prompt, new, device)
+    except Exception as err:  # noqa: BLE001
+        if not is_oom(err):
+            raise
+        return None
+    finally:
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit: int) -> dict | None:
+    """Fit peak = a + b * batch on the probes, predict the largest batch, confirm it by running."""
+    pts = [(r["batch"], r["peak_memory_bytes"]) for r in probes if r and r["peak_memory_bytes"]]
+    if len(pts) < 2:
+        return None
+    (b1, m1), (b2, m2) = pts[-2], pts[-1]
+    per_seq = (m2 - m1) / (b2 - b1)
+    capacity = torch.cuda.get_device_properties(0).total_memory * 0.97
+    guess = min(limit, int((capacity - (m1 - per_seq * b1)) / per_seq))
+    while guess > b2:
+        result = try_run(model, policy, guess, prompt, new, device)
+        if result is not None:
+            result["search"] = "largest fitting (predicted from memory fit, confirmed)"
+            return result
+        guess = int(guess * 0.9)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--prompt-lens", default="512")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--max-batch", action="store_true", help="also search the largest fitting batch (CUDA)")
+    ap.add_argument("--batch-limit", type=int, default=512)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    policies = args.policies.split(",")
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        print(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}", file=sys.stderr)
+        return 2
+    model = build_model(args.shape, args.device, dtype)
+    rows: list[dict[str, Any]] = []
+    for prompt in [int(p) for p in args.prompt_lens.split(",")]:
+        for policy in policies:
+            probes = []
+            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+                result = try_run(model, policy, batch, prompt, args.new_tokens, args.device)
+                if result is None:
+                    rows.append({"policy": policy, "batch": batch, "prompt": prompt, "oom": True})
+                    print(f"{policy} prompt={prompt} batch={batch}: out of memory", flush=True)
+                    break
+                probes.append(result)
+                rows.append(result)
+                print(json.dumps(result), flush=True)
+            if args.max_batch and args.device.startswith("cuda"):
+                best = largest_batch(model, policy, prompt, args.new_tokens, args.device, probes, args.batch_limit)
+                if best is not None:
+                    rows.append(best)
+                    print(json.dumps(best), flush=True)
+    meta = {
+        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shape": args.shape,
+        "dtype": args.dtype,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""The GPU throughput script's CPU dry run, so the benchmark cannot rot between GPU sessions."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_script_dry_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "tp.json"
+    code = module.main(
+        ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", "40",
+         "--new-tokens", "4", "--batch-sizes", "2", "--policies", "hf-dynamic,full,pyramidinfer,h2o", "--json", str(out)]
+    )
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert {r["policy"] for r in data["rows"]} == {"hf-dynamic", "full", "pyramidinfer", "h2o"}
+    for row in data["rows"]:
+        assert row["generated_tokens_per_s"] > 0 and row["decode_step_ms"] > 0
+    assert data["meta"]["transformers"]
