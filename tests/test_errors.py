@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import kvpolicy
@@ -65,16 +67,21 @@ def test_unsupported_attention_implementation(monkeypatch):
             model(**batch([8]), past_key_values=make_cache("h2o", budget=4))
 
 
-def test_cache_reused_across_models():
+OLD_TRANSFORMERS = Version(transformers.__version__) < Version("5.3")
+
+
+@pytest.mark.parametrize("second_prompt", [30, 12])
+def test_cache_reused_across_models(second_prompt):
+    if second_prompt <= 13 and OLD_TRANSFORMERS:
+        pytest.skip("transformers < 5.3 slices the prompt by the cached length and fails before the cache sees it")
     cache = make_cache("full")
     greedy(tiny_model("llama", "sdpa"), batch([12]), cache, new_tokens=2)
     with pytest.raises(CacheMisuseError, match="another model"):
-        greedy(tiny_model("llama", "sdpa", seed=1), batch([12]), cache, new_tokens=2)
-    other_shape = tiny_model("qwen3", "sdpa")
+        greedy(tiny_model("llama", "sdpa", seed=1), batch([second_prompt]), cache, new_tokens=2)
     cache2 = make_cache("full")
     greedy(tiny_model("llama", "sdpa"), batch([12]), cache2, new_tokens=2)
     with pytest.raises(CacheMisuseError, match="another model|new cache"):
-        greedy(other_shape, batch([12]), cache2, new_tokens=2)
+        greedy(tiny_model("qwen3", "sdpa"), batch([second_prompt]), cache2, new_tokens=2)
 
 
 def test_cache_reused_across_batch_sizes():
@@ -82,7 +89,7 @@ def test_cache_reused_across_batch_sizes():
     cache = make_cache("h2o", budget=8)
     greedy(model, batch([12, 9]), cache, new_tokens=2)
     with pytest.raises(CacheMisuseError, match="batch of 2 rows"):
-        greedy(model, batch([12, 9, 5]), cache, new_tokens=2)
+        greedy(model, batch([30, 9, 5]), cache, new_tokens=2)
 
 
 def test_reset_makes_a_cache_reusable():

@@ -74,7 +74,9 @@ def install() -> None:
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or mod_name in _installed_modules or not mod_name.startswith("transformers.models."):
             continue
-        fn = getattr(mod, "eager_attention_forward", None)
+        # read __dict__, not getattr: transformers' lazy package modules import submodules
+        # (image processors needing torchvision, ...) on attribute access
+        fn = vars(mod).get("eager_attention_forward") if hasattr(mod, "__dict__") else None
         if callable(fn):
             setattr(mod, "eager_attention_forward", _wrap(fn, "eager"))
         _installed_modules.add(mod_name)

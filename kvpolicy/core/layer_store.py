@@ -62,6 +62,9 @@ class PolicyLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # abstract in transformers < 5.3
+        return -1
+
     def reset(self) -> None:
         self.keys = self.values = self.pos = self.acc = self.qwin = self.qwin_pos = None
         self.length = self.total_seen = self.since_compress = 0

@@ -30,19 +30,19 @@ class EvalSizes:
     seed: int = 0
     batch_size: int = 1
     # ppl: documents of ppl_prefix + ppl_tokens tokens; the last ppl_tokens are scored ppl_step at a time
-    ppl_docs: int = 2
-    ppl_prefix: int = 1536
+    ppl_docs: int = 1
+    ppl_prefix: int = 2048
     ppl_tokens: int = 128
-    ppl_step: int = 4
+    ppl_step: int = 8
     # needle: haystacks of these token lengths, needle at these depths (fractions), samples cycle the grid
-    needle_samples: int = 4
+    needle_samples: int = 3
     needle_lengths: tuple[int, ...] = (1024, 2048)
-    needle_depths: tuple[float, ...] = (0.1, 0.5)
-    needle_answer_tokens: int = 8
+    needle_depths: tuple[float, ...] = (0.25, 0.75)
+    needle_answer_tokens: int = 14
     # agreement: prompts of this many tokens, greedy continuation of max_new_tokens
     agreement_prompts: int = 2
     agreement_prompt_tokens: int = 2048
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
 
     def replace(self, **changes: Any) -> "EvalSizes":
         data = asdict(self)
@@ -54,8 +54,10 @@ PRESETS: dict[str, EvalSizes] = {
     "tiny": EvalSizes(ppl_docs=1, ppl_prefix=96, ppl_tokens=16, needle_samples=2, needle_lengths=(64, 96),
                       agreement_prompts=1, agreement_prompt_tokens=96, max_new_tokens=6, needle_answer_tokens=4),
     "small": EvalSizes(),
-    "sweep": EvalSizes(ppl_docs=3, ppl_prefix=2048, ppl_tokens=128, needle_samples=6,
-                       needle_lengths=(1024, 2048, 4096), needle_depths=(0.1, 0.5, 0.9), agreement_prompts=2),
+    "sweep": EvalSizes(needle_samples=4, agreement_prompts=1, max_new_tokens=32),
+    "large": EvalSizes(ppl_docs=4, ppl_prefix=4096, ppl_tokens=256, needle_samples=12,
+                       needle_lengths=(1024, 2048, 4096, 6144), needle_depths=(0.1, 0.5, 0.9),
+                       agreement_prompts=4, agreement_prompt_tokens=4096, max_new_tokens=64),
 }
 SIZE_FIELDS = [f.name for f in fields(EvalSizes)]
 
@@ -170,8 +172,12 @@ class NeedleTask(Task):
 
 
 class AgreementTask(Task):
+    """``agreement``: share of generated positions equal to full's; ``agreement_prefix``: share
+    generated before the first difference (position-wise agreement is near 0 after an early
+    divergence even when both continuations are fine, so both are reported)."""
+
     name = "agreement"
-    metric_keys = ("agreement",)
+    metric_keys = ("agreement", "agreement_prefix")
     headline = "agreement"
 
     def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
@@ -185,11 +191,14 @@ class AgreementTask(Task):
             inputs = _left_pad(group, pad, model.device)
             outputs.extend(meter.generate(model, inputs, new_cache(), self.sizes.max_new_tokens, pad).tolist())
         if reference is None:
-            share = 1.0
-        else:
-            same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
-            share = same / sum(len(r) for r in reference)
-        return TaskResult({"agreement": share}, reference=outputs)
+            return TaskResult({"agreement": 1.0, "agreement_prefix": 1.0}, reference=outputs)
+        total = sum(len(r) for r in reference)
+        same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
+        prefix = 0
+        for out, ref in zip(outputs, reference):
+            diverged = [i for i, (a, b) in enumerate(zip(out, ref)) if a != b]
+            prefix += diverged[0] if diverged else len(ref)
+        return TaskResult({"agreement": same / total, "agreement_prefix": prefix / total}, reference=outputs)
 
 
 TASKS: dict[str, type[Task]] = {"ppl": PerplexityTask, "needle": NeedleTask, "agreement": AgreementTask}

@@ -1,0 +1,180 @@
+"""``kvpolicy`` command line: ``kvpolicy compare`` runs policies over quality tasks on a model.
+
+Why errors look the way they do: the usual mistakes (a wrong path, a typo in a policy name,
+a ratio of 54 instead of 0.54) deserve one line saying what to do, not a traceback, and a
+distinct exit status (2) that scripts can test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+DEFAULT_POLICIES = "full,pyramidinfer,h2o,streamingllm,snapkv,random"
+DEFAULT_TASKS = "ppl,needle,agreement"
+SWEEP_RATIOS = "0.2,0.4,0.6,0.8"
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(p) for p in _csv(text)]
+    except ValueError:
+        raise UsageError(f"ratios must be numbers in [0, 1) separated by commas, got {text!r}; e.g. --ratios 0.2,0.4") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvpolicy", description="KV-cache compression policies for Hugging Face transformers.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for name, help_text in (
+        ("compare", "compare policies on quality tasks, KV memory and speed"),
+        ("sweep", "compare at several compression ratios (default 0.2,0.4,0.6,0.8), saving JSON and a plot"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--model", help="model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+        p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated policies (default: {DEFAULT_POLICIES}); 'full' always runs first as the reference")
+        p.add_argument("--config", help="preset name or YAML/JSON file with a 'policy' key: the settings of that policy")
+        p.add_argument("--ratio", type=float, default=0.54, help="compression ratio of the budget policies, in [0, 1) (default: 0.54)")
+        p.add_argument("--ratios", help="comma-separated ratios: run every budget policy at each (sweep mode)" + (f"; default {SWEEP_RATIOS}" if name == "sweep" else ""))
+        p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks (default: {DEFAULT_TASKS})")
+        p.add_argument("--sizes", default="sweep" if name == "sweep" else "small", help="size preset: tiny, small, sweep, large (default: %(default)s)")
+        p.add_argument("--context", type=int, help="tokens of the ppl prefix and agreement prompts (overrides --sizes)")
+        p.add_argument("--max-new-tokens", type=int, help="tokens generated per agreement prompt (overrides --sizes)")
+        p.add_argument("--batch-size", type=int, help="sequences per forward (default: 1)")
+        p.add_argument("--seed", type=int, help="seed of the inputs (default: 0)")
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
+        p.add_argument("--json", dest="json_path", help="write the result rows (docs/cli.md) to this file")
+        p.add_argument("--plot", help="write a PNG: kept tokens per layer, and quality vs KV reduction")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_output(path: str | None, flag: str, suffix: str | None = None) -> None:
+    if path is None:
+        return
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag}: folder {str(parent)!r} does not exist; create it or pick another path")
+    if suffix and Path(path).suffix.lower() != suffix:
+        raise UsageError(f"{flag}: {path!r} should end in {suffix}")
+
+
+def _prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything that needs no model; returns the pieces of the run."""
+    from .evaluation import texts
+    from .evaluation.runner import build_specs
+    from .evaluation.tasks import PRESETS, TASKS
+
+    task_names = _csv(args.tasks)
+    unknown = [t for t in task_names if t not in TASKS]
+    if unknown or not task_names:
+        raise UsageError(f"unknown task {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)} (e.g. --tasks ppl,needle)")
+    if args.sizes not in PRESETS:
+        raise UsageError(f"unknown size preset {args.sizes!r}; choose from {', '.join(PRESETS)}")
+    for flag, value in (("--context", args.context), ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive integer, got {value}")
+    ratios_text = args.ratios or (SWEEP_RATIOS if args.command == "sweep" else None)
+    ratios = _ratios(ratios_text) if ratios_text else [args.ratio]
+    bad = [r for r in ratios if not 0.0 <= r < 1.0]
+    if bad:
+        flag = "--ratios" if ratios_text else "--ratio"
+        raise UsageError(f"{flag} {bad[0]:g} is outside [0, 1): it is the share of tokens evicted, e.g. {flag} 0.54")
+    policies = _csv(args.policies)
+    if not policies:
+        raise UsageError("--policies is empty; e.g. --policies full,pyramidinfer,h2o")
+    specs = build_specs(policies, ratios, args.config)
+    if args.model is not None:
+        path = Path(args.model)
+        if not path.exists():
+            raise UsageError(f"--model {args.model!r} does not exist; pass a model folder or a .gguf file, or omit --model for the default")
+        if path.is_file() and path.suffix != ".gguf":
+            raise UsageError(f"--model {args.model!r} is a file but not a .gguf; pass a model folder or a .gguf file")
+    _check_output(args.json_path, "--json")
+    _check_output(args.plot, "--plot", ".png")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    texts.novels()  # the texts must be there before we spend time loading a model
+    sizes = PRESETS[args.sizes].replace(
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        ppl_prefix=args.context,
+        agreement_prompt_tokens=args.context,
+    )
+    return {"tasks": task_names, "specs": specs, "sizes": sizes}
+
+
+def compare(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluation import report
+    from .evaluation.runner import run_compare
+    from .models import load_model
+
+    plan = _prepare(args)
+    err = Console(stderr=True)
+    if not args.quiet:
+        err.print(f"[dim]loading {args.model or 'default model (SmolLM2-135M-Instruct GGUF)'}...[/dim]")
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    steps = len(plan["specs"]) * len(plan["tasks"])
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, disable=args.quiet, transient=False,
+    ) as bar:
+        job = bar.add_task("compare", total=steps)
+        rows = run_compare(
+            model, tokenizer, plan["specs"], plan["tasks"], plan["sizes"],
+            progress=lambda d: bar.update(job, description=d),
+            on_step=lambda: bar.advance(job),
+        )
+    report.print_table(rows, plan["tasks"], Console())
+    if args.json_path:
+        report.save_json(rows, args.json_path)
+    if args.plot:
+        report.plot(rows, plan["tasks"], args.plot)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kvpolicy`` console script and ``python -m kvpolicy``."""
+    from .core.errors import KVPolicyError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        return compare(args)
+    except (UsageError, KVPolicyError) as err:
+        print(f"kvpolicy: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kvpolicy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
