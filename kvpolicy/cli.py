@@ -139,6 +139,15 @@ def compare(args: argparse.Namespace) -> int:
         err.print(f"[dim]loading {args.model or 'default model (SmolLM2-135M-Instruct GGUF)'}...[/dim]")
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     steps = len(plan["specs"]) * len(plan["tasks"])
+    if not args.quiet and not err.is_terminal:  # a log file: one line per step instead of a bar
+        done = [0]
+
+        def log_step(description: str) -> None:
+            done[0] += 1
+            err.print(f"[{done[0]}/{steps}] {description}", highlight=False)
+
+        rows = run_compare(model, tokenizer, plan["specs"], plan["tasks"], plan["sizes"], progress=log_step)
+        return _finish(args, plan, rows)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, disable=args.quiet, transient=False,
@@ -149,7 +158,16 @@ def compare(args: argparse.Namespace) -> int:
             progress=lambda d: bar.update(job, description=d),
             on_step=lambda: bar.advance(job),
         )
-    report.print_table(rows, plan["tasks"], Console())
+    return _finish(args, plan, rows)
+
+
+def _finish(args: argparse.Namespace, plan: dict[str, Any], rows: list[dict[str, Any]]) -> int:
+    from rich.console import Console
+
+    from .evaluation import report
+
+    out = Console() if sys.stdout.isatty() else Console(width=200)
+    report.print_table(rows, plan["tasks"], out)
     if args.json_path:
         report.save_json(rows, args.json_path)
     if args.plot:

@@ -18,7 +18,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from .errors import UnsupportedModelError
+
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _MARK = "__kvpolicy_wrapped__"
 
@@ -47,8 +51,14 @@ def _wrap(fn: Callable, impl: str) -> Callable:
             mask, rest = args[0], args[1:]
         else:
             mask, rest = kwargs.pop("attention_mask", None), ()
-        mask = cache._before_attention(note.layer_idx, module, query, mask, impl)
-        out = fn(module, query, key, value, mask, *rest, **kwargs)
+        new_mask = cache._before_attention(note.layer_idx, module, query, mask, impl)
+        if new_mask is not mask and query.is_cuda and impl == "sdpa":
+            # cuDNN's SDPA builds an execution plan per new shape (~40 ms of CPU on an H100);
+            # a compressed layer's length changes every step, so keep to the other kernels.
+            with sdpa_kernel(_NO_CUDNN):
+                out = fn(module, query, key, value, new_mask, *rest, **kwargs)
+        else:
+            out = fn(module, query, key, value, new_mask, *rest, **kwargs)
         cache._after_attention(note.layer_idx, module, query)
         return out
 

@@ -131,3 +131,23 @@ def plot(rows: list[dict[str, Any]], task_names: list[str], path: str | Path) ->
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_table(rows: list[dict[str, Any]], task_names: list[str]) -> str:
+    """The rows as a Markdown table (used for docs/benchmarks/quality.md)."""
+    keys = [k for name in task_names for k in TASKS[name].metric_keys]
+    head = ["policy", "ratio", "KV MiB (end)", "KV reduction", "KV red. (prefill)", "peak MiB", "prefill s", "decode tok/s"] + keys
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["policy"],
+            "-" if r["ratio"] is None else f"{r['ratio']:g}",
+            _mib(r["kv_bytes"]),
+            f"{r['kv_reduction']:.1%}",
+            f"{r['kv_reduction_prefill']:.1%}",
+            _mib(r["peak_memory_bytes"]),
+            f"{r['prefill_s']:.2f}",
+            f"{r['decode_tokens_per_s']:.1f}",
+        ] + [f"{r[k]:.3f}" if k.startswith("ppl") else f"{r[k]:.0%}" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

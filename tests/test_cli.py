@@ -1,0 +1,196 @@
+"""``kvpolicy compare``: bad input fails in one line with exit 2; a real run writes valid JSON.
+
+The end-to-end runs use a tiny random Llama saved with a word-level tokenizer built here
+(no download), and a few paragraphs standing in for the novels, so the file stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpolicy.cli import main
+from kvpolicy.evaluation import report, texts
+from kvpolicy.evaluation.rdata import read_lazyload_db
+
+PARAGRAPHS = [
+    "It is a truth universally acknowledged that a single man in possession of a good fortune must be in want of a wife.",
+    "However little known the feelings or views of such a man may be on his first entering a neighbourhood this truth is so "
+    "well fixed in the minds of the surrounding families that he is considered the rightful property of some one or other "
+    "of their daughters.",
+    "My dear Mr. Bennet said his lady to him one day have you heard that Netherfield Park is let at last?",
+    "Mr. Bennet replied that he had not. But it is returned she for Mrs. Long has just been here and she told me all about it.",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def fake_novels(monkeypatch):
+    """Six short 'novels' so no test depends on the Debian package."""
+    fake = {name: [f"{p} ({name} {i})" for i, p in enumerate(PARAGRAPHS * 3)] for name in texts.NOVELS}
+    monkeypatch.setattr(texts, "novels", lambda: fake)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    words = " ".join(PARAGRAPHS + ["secret passkey number only text above extract novel hidden below answer"])
+    words += " " + " ".join(str(d) for d in range(10)) + " " + " ".join(texts.NOVELS)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.train_from_iterator([words], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def _fails(capsys, argv: list[str], needle: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kvpolicy: error:") and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["compare", "--tasks", "ppl,bleu"], "unknown task bleu"),
+        (["compare", "--policies", "full,pyramidd"], "unknown policy 'pyramidd'"),
+        (["compare", "--ratio", "1.5"], "--ratio 1.5 is outside [0, 1)"),
+        (["compare", "--ratio", "-0.1"], "outside [0, 1)"),
+        (["compare", "--ratios", "0.2,0.9,1"], "--ratios 1 is outside"),
+        (["compare", "--ratios", "0.2,half"], "ratios must be numbers"),
+        (["compare", "--ratio", "abc"], "invalid float value"),
+        (["compare", "--model", "/no/such/model"], "does not exist"),
+        (["compare", "--config", "no_such_preset"], "no preset or file named"),
+        (["compare", "--sizes", "huge"], "unknown size preset"),
+        (["compare", "--json", "/no/such/dir/out.json"], "does not exist"),
+        (["compare", "--plot", "out.svg"], "should end in .png"),
+        (["compare", "--max-new-tokens", "0"], "positive integer"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
+    _fails(capsys, argv, needle)
+
+
+def test_not_a_gguf_file(tmp_path, capsys):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"x")
+    _fails(capsys, ["compare", "--model", str(path)], "not a .gguf")
+
+
+def test_corrupt_gguf(tmp_path, capsys):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\0garbage" * 8)
+    _fails(capsys, ["compare", "--model", str(path), "--quiet"], "cannot load model")
+
+
+def test_missing_texts_names_install_command(monkeypatch, capsys):
+    monkeypatch.undo()  # the real texts.novels, with no R library to find
+    monkeypatch.setattr(texts, "_R_LIBRARIES", ())
+    monkeypatch.setenv("R_LIBS", "/nonexistent")
+    texts.novels.cache_clear()
+    try:
+        _fails(capsys, ["compare", "--tasks", "ppl"], texts.INSTALL_HINT)
+    finally:
+        texts.novels.cache_clear()
+
+
+def test_module_entry_point_exit_code():
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvpolicy", "compare", "--tasks", "nope"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("kvpolicy: error: unknown task nope")
+    assert "Traceback" not in proc.stderr
+
+
+def test_compare_json_schema(tiny_model_dir, tmp_path, capsys):
+    out, png = tmp_path / "rows.json", tmp_path / "plot.png"
+    argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "pyramidinfer,h2o,snapkv,random",
+            "--ratio", "0.5", "--json", str(out), "--plot", str(png), "--quiet"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "kvpolicy compare" in table and "h2o@0.5" in table
+    rows = json.loads(out.read_text())
+    report.validate_rows(rows, ["ppl", "needle", "agreement"])
+    by = {r["label"]: r for r in rows}
+    assert list(by) == ["full", "pyramidinfer", "h2o@0.5", "snapkv@0.5", "random@0.5"]
+    full = by["full"]
+    assert full["kv_reduction"] == 0.0 and full["ppl_ratio"] == 1.0 and full["agreement"] == 1.0
+    for label in ("h2o@0.5", "snapkv@0.5", "random@0.5"):
+        assert 0.3 < by[label]["kv_reduction_prefill"] < 0.6, by[label]
+        assert by[label]["kv_bytes"] < full["kv_bytes"]
+    assert len(full["layer_tokens_prefill"]) == 4
+    assert png.stat().st_size > 10_000
+
+
+def test_sweep_rows_per_ratio(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    argv = ["sweep", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "full,streamingllm",
+            "--ratios", "0.25,0.75", "--tasks", "ppl", "--json", str(out), "--quiet"]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    report.validate_rows(rows, ["ppl"])
+    assert [r["label"] for r in rows] == ["full", "streamingllm@0.25", "streamingllm@0.75"]
+    assert rows[1]["kv_reduction"] < rows[2]["kv_reduction"]
+
+
+def test_schema_validation_rejects_missing_metric():
+    row = {k: (0.0 if t is float else 0 if t is int else [] if t is list else "x") for k, t in report.REQUIRED_KEYS.items()}
+    report.validate_rows([dict(row, ppl=1.0, ppl_ratio=1.0)], ["ppl"])
+    with pytest.raises(ValueError, match="lacks 'needle_accuracy'"):
+        report.validate_rows([row], ["needle"])
+
+
+def _novels_stem() -> Path | None:
+    try:
+        return texts._data_stem()
+    except texts.TextsUnavailableError:
+        return None
+
+
+NOVELS_INSTALLED = _novels_stem() is not None
+
+
+@pytest.mark.skipif(not NOVELS_INSTALLED, reason=texts.INSTALL_HINT)
+def test_real_novels_decode():
+    data = read_lazyload_db(_novels_stem())
+    assert set(texts.NOVELS) <= set(data)
+    assert data["prideprejudice"][0] == "PRIDE AND PREJUDICE"
+    assert sum(len(line or "") for line in data["emma"]) > 500_000
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not NOVELS_INSTALLED, reason=texts.INSTALL_HINT)
+def test_real_model_compare(tmp_path, monkeypatch, capsys):
+    monkeypatch.undo()  # real novels
+    out = tmp_path / "rows.json"
+    assert main(["compare", "--sizes", "tiny", "--policies", "h2o", "--tasks", "ppl,agreement", "--json", str(out), "--quiet"]) == 0
+    rows = json.loads(out.read_text())
+    report.validate_rows(rows, ["ppl", "agreement"])
+    assert 1.0 < rows[0]["ppl"] < 1000.0 and len(rows[0]["layer_tokens_prefill"]) == 30
