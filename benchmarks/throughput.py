@@ -46,6 +46,7 @@ POLICIES: dict[str, Any] = {
     "hf-static": None,  # generate(cache_implementation="static"): transformers compiles the step
     "full": lambda: kvpolicy.make_cache("full"),
     "pyramidinfer": lambda: kvpolicy.make_cache("pyramidinfer_llama2_7b"),
+    "pyramidinfer-54": lambda: kvpolicy.make_cache("pyramidinfer_54"),
     "h2o": lambda: kvpolicy.make_cache("h2o", compression_ratio=0.54, evict_every=16),
     "streamingllm": lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16),
 }
@@ -144,7 +145,8 @@ def try_run(model, policy, batch, prompt, new, device):
 
 
 def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit: int) -> dict | None:
-    """Fit peak = a + b * batch on the probes, predict the largest batch, confirm it by running."""
+    """Fit peak = a + b * batch on the probes, predict the largest batch, then confirm by running:
+    step down 10% on out-of-memory, or up 10% (at most 3 times) while it still fits."""
     pts = [(r["batch"], r["peak_memory_bytes"]) for r in probes if r and r["peak_memory_bytes"]]
     if len(pts) < 2:
         return None
@@ -152,13 +154,23 @@ def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit:
     per_seq = (m2 - m1) / (b2 - b1)
     capacity = torch.cuda.get_device_properties(0).total_memory * 0.97
     guess = min(limit, int((capacity - (m1 - per_seq * b1)) / per_seq))
-    while guess > b2:
+    best = None
+    tries_up = 0
+    while b2 < guess <= limit:
         result = try_run(model, policy, guess, prompt, new, device)
-        if result is not None:
-            result["search"] = "largest fitting (predicted from memory fit, confirmed)"
-            return result
-        guess = int(guess * 0.9)
-    return None
+        if result is None:
+            if best is not None:
+                break
+            guess = int(guess * 0.9)
+            continue
+        best = result
+        if tries_up == 3:
+            break
+        tries_up += 1
+        guess = int(guess * 1.1) + 1
+    if best is not None:
+        best["search"] = "largest fitting found (memory-fit prediction, confirmed by running)"
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:

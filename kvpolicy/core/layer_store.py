@@ -199,8 +199,9 @@ class PolicyLayer(CacheLayerMixin):
         new_cap = k + self.owner.headroom(self.layer_idx)
         b, h, _, d = self.keys.shape
         idx4 = index.unsqueeze(-1).expand(b, h, k, d)
-        if new_cap < self.capacity // 2 or new_cap > self.capacity:
-            # shrink (the prefill case): a right-sized buffer, and the old one is freed
+        slack = self.capacity - k
+        if slack < 0 or slack > 2 * self.owner.headroom(self.layer_idx):
+            # a right-sized buffer (the prefill case, or a budget that grew), and the old one is freed
             keys = self.keys.new_empty(b, h, new_cap, d)
             values = self.values.new_empty(b, h, new_cap, d)
             pos = self.pos.new_full((b, h, new_cap), -1)
