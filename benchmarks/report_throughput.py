@@ -1,0 +1,67 @@
+"""Turn the throughput JSON files written by benchmarks/throughput.py into a table and a plot.
+
+    python benchmarks/report_throughput.py docs/benchmarks/raw/throughput_run_b1.json \
+        docs/benchmarks/raw/throughput_run_b2.json --out docs/benchmarks/throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
+    rows, metas = [], []
+    for p in paths:
+        data = json.loads(p.read_text())
+        metas.append(data["meta"])
+        rows.extend(r for r in data["rows"] if not r.get("oom"))
+    return rows, metas
+
+
+def table(rows: list[dict]) -> str:
+    head = "| policy | batch | KV MB/seq | peak GB | prefill s | decode step ms | generated tok/s |\n|---|---|---|---|---|---|---|\n"
+    lines = []
+    for r in rows:
+        kv = "-" if r["kv_bytes_per_seq"] is None else f"{r['kv_bytes_per_seq'] / 2**20:.0f}"
+        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
+        batch = f"**{r['batch']}** (max)" if r.get("search") else str(r["batch"])
+        lines.append(
+            f"| {r['policy']} | {batch} | {kv} | {peak} | {r['prefill_s']:.2f} | {r['decode_step_ms']:.1f} | {r['generated_tokens_per_s']:.0f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((r["batch"], r["generated_tokens_per_s"]) for r in rows if r["policy"] == policy)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+    ax.set_xlabel("batch size (last point: largest that fits in 80 GB)")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title("Llama-2-7B shape, bf16, H100: prompt 512 + 256 generated")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("inputs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, required=True, help="path stem: writes .json, .png and _table.md")
+    args = ap.parse_args()
+    rows, metas = load(args.inputs)
+    args.out.with_suffix(".json").write_text(json.dumps({"runs": metas, "rows": rows}, indent=1))
+    Path(str(args.out) + "_table.md").write_text(table(rows))
+    plot(rows, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
