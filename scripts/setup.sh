@@ -6,6 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+# The evaluation texts (Jane Austen's novels, public domain) come from Debian's
+# r-cran-janeaustenr; kvpolicy reads its data files directly and never runs R.
+if ! ls /usr/lib/R/site-library/janeaustenr/data/Rdata.rdx >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q --no-install-recommends r-cran-janeaustenr >/dev/null \
+            || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends r-cran-janeaustenr >/dev/null; }
+    else
+        echo "note: run 'sudo apt-get install --no-install-recommends r-cran-janeaustenr' for the quality tasks" >&2
+    fi
+fi
 VENV="${VENV:-.venv}"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip

@@ -106,3 +106,19 @@ def test_third_party_adapter(tmp_path, monkeypatch):
         assert cache.valid_tokens_per_layer()[0] == [5]
     finally:
         pm.unregister(plugin)
+
+
+def test_broken_plugin_warns_and_the_rest_still_works(tmp_path):
+    dist = tmp_path / "kvpolicy_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kvpolicy-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[kvpolicy.policies]\nbroken = no_such_module_anywhere\n")
+    sys.path.insert(0, str(tmp_path))
+    kvpolicy.reload_plugins()
+    try:
+        with pytest.warns(RuntimeWarning, match="broken.*failed to load"):
+            names = kvpolicy.available_policies()
+        assert "pyramidinfer" in names
+    finally:
+        sys.path.remove(str(tmp_path))
+        kvpolicy.reload_plugins()

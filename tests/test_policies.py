@@ -5,6 +5,7 @@ import torch
 
 from kvpolicy import PyramidCache, available_policies, make_cache, make_policy
 from kvpolicy.core.schedule import decay_ratio, linear_budgets, pyramid_context_lengths
+from kvpolicy.policies.attention_scored import spread_surplus
 from kvpolicy.policies.pyramidinfer import DEPTH_PRESETS, PyramidInferConfig, preset_for_depth
 from models import batch, greedy, tiny_model
 
@@ -136,7 +137,9 @@ def test_pyramidkv_budgets_are_pyramidal_with_the_snapkv_mean():
         model(**batch([n]), past_key_values=cache)
     counts = [row[0] for row in cache.valid_tokens_per_layer()]
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
-    assert counts == [min(b, n) for b in linear_budgets(100 * layers, layers, 20.0, 36)]
+    assert sum(counts) == 100 * layers  # the mean budget is SnapKV's, even where a layer is clipped
+    assert all(c <= n for c in counts)
+    assert counts == spread_surplus(linear_budgets(100 * layers, layers, 20.0, 36), n)
 
 
 def test_h2o_keeps_the_heaviest_hitters():

@@ -13,6 +13,8 @@ through kvpolicy's own entry points, so there is one path for everyone.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +56,7 @@ def plugin_manager() -> pluggy.PluginManager:
         pm = pluggy.PluginManager(PROJECT)
         pm.add_hookspecs(KVPolicySpec)
         for group in (POLICY_GROUP, ADAPTER_GROUP):
-            pm.load_setuptools_entrypoints(group)
+            _load_entry_points(pm, group)
         # Running from a source tree without `pip install -e .`: no entry points exist yet,
         # so register the built-in plugin modules the same way the entry points would.
         for module_name in _BUILTIN_PLUGINS:
@@ -63,6 +65,24 @@ def plugin_manager() -> pluggy.PluginManager:
                 pm.register(module, name=module_name)
         _manager = pm
     return _manager
+
+
+def _load_entry_points(pm: pluggy.PluginManager, group: str) -> None:
+    """Register each entry point of ``group``; one broken plugin warns instead of breaking all."""
+    for ep in importlib.metadata.entry_points(group=group):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as err:  # noqa: BLE001 - any import failure of a third-party plugin
+            warnings.warn(
+                f"kvpolicy plugin {ep.name!r} ({ep.value}) in {group!r} failed to load and is skipped: "
+                f"{type(err).__name__}: {err}. Reinstall or uninstall the package that provides it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        pm.register(plugin, name=ep.name)
 
 
 def reload_plugins() -> None:

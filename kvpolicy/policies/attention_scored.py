@@ -78,4 +78,23 @@ class PyramidKVPolicy(SnapKVPolicy):
         avg = super().target(view, seen)
         floor = min(seen, self.config.window_size + self.config.sink_size)
         budgets = linear_budgets(avg * view.num_layers, view.num_layers, self.config.beta, floor)
-        return min(budgets[view.layer_idx], seen)
+        return spread_surplus(budgets, seen)[view.layer_idx]
+
+
+def spread_surplus(budgets: list[int], cap: int) -> list[int]:
+    """Clip budgets at ``cap`` (a layer cannot keep more than it saw) and give what the clipped
+    layers could not use to the others, so the total — the ratio the user asked for — holds."""
+    out = [min(b, cap) for b in budgets]
+    surplus = sum(budgets) - sum(out)
+    while surplus > 0:
+        open_layers = [i for i, b in enumerate(out) if b < cap]
+        if not open_layers:
+            break
+        share = max(surplus // len(open_layers), 1)
+        for i in open_layers:
+            add = min(share, cap - out[i], surplus)
+            out[i] += add
+            surplus -= add
+            if surplus == 0:
+                break
+    return out
