@@ -51,12 +51,7 @@ class SnapKVPolicy(BudgetPolicy):
 
     def scores(self, view: LayerView) -> torch.Tensor:
         votes = view.window_attention(num_queries=self.config.window_size)
-        k = self.config.kernel_size
-        if k > 1:
-            b, h, length = votes.shape
-            votes = F.max_pool1d(votes.reshape(b * h, 1, length), k, stride=1, padding=k // 2)[..., :length]
-            votes = votes.reshape(b, h, length)
-        return votes
+        return max_pool(votes, self.config.kernel_size)
 
 
 class PyramidKVConfig(SnapKVConfig):
@@ -98,3 +93,13 @@ def spread_surplus(budgets: list[int], cap: int) -> list[int]:
             if surplus == 0:
                 break
     return out
+
+
+def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool ``[B, H, L]`` scores along L so a token's neighbours share its importance:
+    a multi-token fact (a number split into digits) survives whole rather than in fragments."""
+    if kernel <= 1:
+        return scores
+    b, h, length = scores.shape
+    pooled = F.max_pool1d(scores.reshape(b * h, 1, length), kernel, stride=1, padding=kernel // 2)
+    return pooled[..., :length].reshape(b, h, length)

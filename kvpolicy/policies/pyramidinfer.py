@@ -14,6 +14,7 @@ from pydantic import Field
 from ..core.config import PolicyConfig
 from ..core.policy import CachePolicy, LayerView, Plan, Signals
 from ..core.schedule import DecayStrategy, decay_ratio, pyramid_context_lengths
+from .attention_scored import max_pool
 
 
 class PyramidInferConfig(PolicyConfig):
@@ -34,7 +35,10 @@ class PyramidInferConfig(PolicyConfig):
     exceed_length_to_compress: int = Field(16, ge=1, description="tokens leaving the window per re-compression")
     gen_compress_ratio: float = Field(0.9, gt=0.0, le=1.0)
     gen_query_window: int = Field(32, ge=1, description="recent queries that score decode-time groups")
-    # ours
+    # ours (defaults keep the reference behaviour)
+    pool_kernel: int = Field(
+        1, ge=1, description="max-pool the votes over neighbouring tokens (SnapKV-style); 1: off, as the reference"
+    )
     head_aggregation: Literal["layer", "kv_head"] = Field(
         "layer", description="'layer': one token set per layer (reference); 'kv_head': per KV head"
     )
@@ -120,7 +124,8 @@ class PyramidInferPolicy(CachePolicy):
         weights = torch.zeros(len(windows), w_max)  # per row: its own window, newest weighted most
         for row, w in enumerate(windows):
             weights[row, w_max - w :] = torch.linspace(1.0, c.distance_weight, w)
-        scores = self._aggregate(view.window_attention(weights=weights, num_queries=w_max))
+        votes = view.window_attention(weights=weights, num_queries=w_max)
+        scores = self._aggregate(max_pool(votes, c.pool_kernel))
         return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=windows)
 
     def _plan_decode(self, view: LayerView) -> Plan | None:
@@ -135,7 +140,7 @@ class PyramidInferPolicy(CachePolicy):
         valid = (local[:, 0] >= 0).sum(-1).tolist()
         start = torch.tensor(frontier, device=local.device).view(-1, 1, 1)
         in_group = (local >= start) & (local < start + group) & torch.tensor(due, device=local.device).view(-1, 1, 1)
-        attn = self._aggregate(view.window_attention()).expand_as(local)
+        attn = self._aggregate(max_pool(view.window_attention(), c.pool_kernel)).expand_as(local)
         scores = torch.where(in_group, attn, torch.full_like(attn, float("inf")))
         evict = group - self.group_keep(view.layer_idx)
         keep = [v - evict if d else v for v, d in zip(valid, due)]

