@@ -46,5 +46,5 @@ def run(model, tokenizer, inputs, answers, lengths, policy: str, **overrides):
     decoded = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     found = [code in text for code, text in zip(answers, decoded)]
     kept = sum(sum(row) for row in cache.valid_tokens_per_layer())
-    seen = len(cache.layers) * sum(n + new - 1 for n in lengths)
+    seen = len(cache.layers) * sum(cache.seen_tokens())  # generation may stop early at EOS
     return found, decoded, 1 - kept / seen

@@ -27,6 +27,7 @@ def test_full_cache_reports_true_length_and_positions():
     # 20 prompt columns + 4 fed-back tokens (the 5th is never fed): transformers counts pads too
     assert cache.get_seq_length() == 24
     assert cache.valid_tokens_per_layer() == [[24, 15]] * 4
+    assert cache.seen_tokens() == [24, 15]
     pos = cache.kept_positions(0)
     assert pos[0, 0].tolist() == list(range(24))
     assert pos[1, 0].tolist() == [-1] * 9 + list(range(15))

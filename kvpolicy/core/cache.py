@@ -157,6 +157,10 @@ class PolicyCache(Cache):
             out.append(layer.valid_mask()[:, 0].sum(-1).tolist())
         return out
 
+    def seen_tokens(self) -> list[int]:
+        """Real (non-pad) tokens each row has given the cache, evicted ones included."""
+        return self._seen_real(self.layers[0]) if self.layers else []
+
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """Row-local positions ``[B, H_kv, L]`` kept in ``layer_idx`` (-1 for masked slots)."""
         return self.layers[layer_idx].local_positions()
