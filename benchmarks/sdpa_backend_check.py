@@ -1,3 +1,5 @@
+"""Decode step with cuDNN SDPA on and off (GPU): the check behind change 1 in
+docs/benchmarks/throughput.md. Run: ``python benchmarks/sdpa_backend_check.py`` on a CUDA machine."""
 import sys, torch
 sys.path.insert(0, "benchmarks")
 import throughput as tp
