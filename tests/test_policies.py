@@ -12,6 +12,15 @@ from models import batch, greedy, tiny_model
 ALL = ["full", "pyramidinfer", "h2o", "streamingllm", "snapkv", "pyramidkv", "random"]
 
 
+def prefill(policy: str, layers: int, n: int, **overrides):
+    """A cache after one prompt of ``n`` tokens through a tiny ``layers``-layer Llama."""
+    model = tiny_model("llama", "sdpa", layers=layers)
+    cache = make_cache(policy, **overrides)
+    with torch.no_grad():
+        model(**batch([n]), past_key_values=cache)
+    return cache
+
+
 def test_builtin_policies_registered():
     assert set(ALL) <= set(available_policies())
 
@@ -54,10 +63,7 @@ def test_padded_row_matches_row_alone(policy):
 
 def test_pyramidinfer_prefill_counts_follow_the_schedule():
     layers, n = 8, 300
-    model = tiny_model("llama", "sdpa", layers=layers)
-    cache = make_cache("pyramidinfer", min_context_length=16)
-    with torch.no_grad():
-        model(**batch([n]), past_key_values=cache)
+    cache = prefill("pyramidinfer", layers, n, min_context_length=16)
     window = 1 + int(n * 0.2)
     expected = [c + window for c in pyramid_context_lengths(n - window, layers, 0.9, "cosine", 16, 1)]
     assert [row[0] for row in cache.valid_tokens_per_layer()] == expected
@@ -87,10 +93,7 @@ def test_pyramidinfer_decode_compresses_in_groups():
 
 
 def test_pyramidinfer_kv_head_aggregation_selects_per_head():
-    model = tiny_model("llama", "sdpa", layers=4)
-    cache = make_cache("pyramidinfer", min_context_length=8, head_aggregation="kv_head")
-    with torch.no_grad():
-        model(**batch([200]), past_key_values=cache)
+    cache = prefill("pyramidinfer", 4, 200, min_context_length=8, head_aggregation="kv_head")
     pos = cache.kept_positions(3)[0]
     assert not torch.equal(pos[0], pos[1])
 
@@ -131,10 +134,7 @@ def test_reference_presets(preset, decay, interval):
 
 def test_pyramidkv_budgets_are_pyramidal_with_the_snapkv_mean():
     layers, n = 6, 200
-    model = tiny_model("llama", "sdpa", layers=layers)
-    cache = make_cache("pyramidkv", compression_ratio=0.5)
-    with torch.no_grad():
-        model(**batch([n]), past_key_values=cache)
+    cache = prefill("pyramidkv", layers, n, compression_ratio=0.5)
     counts = [row[0] for row in cache.valid_tokens_per_layer()]
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
     assert sum(counts) == 100 * layers  # the mean budget is SnapKV's, even where a layer is clipped

@@ -63,11 +63,6 @@ class PolicyCache(Cache):
         if not self.layers:
             attention_hook.install()
         layer = self._layer(layer_idx)
-        if self.pad is not None and key_states.shape[0] != self.pad.shape[0]:
-            raise CacheMisuseError(
-                f"this cache was filled with a batch of {self.pad.shape[0]} rows and is now given "
-                f"{key_states.shape[0]}; make a new cache for each generate call (or call cache.reset())"
-            )
         keys, values = layer.append(key_states, value_states)
         attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
         return keys, values
@@ -263,14 +258,14 @@ class PolicyCache(Cache):
         signals = policy.signals
         prefill = self.prompt_len is None
         new = query.shape[2]
+        seen = self._seen_real(layer)  # one device sync per layer; reused below and by _apply
         if prefill:
-            window = signals.prefill_query_window(max(self._seen_real(layer)))
+            window = signals.prefill_query_window(max(seen))
             layer.record_queries(query, max(window, signals.decode_query_window))
         elif signals.decode_query_window:
             layer.record_queries(query, signals.decode_query_window)
         if signals.accumulated_attention:
             layer.accumulate_attention(query)
-        seen = self._seen_real(layer)
         view = LayerView(
             layer_idx=layer_idx,
             num_layers=self._num_layers,
@@ -283,7 +278,7 @@ class PolicyCache(Cache):
         )
         plan = policy.plan(view)
         if plan is not None:
-            self._apply(layer, plan)
+            self._apply(layer, plan, seen)
         if prefill and layer_idx == self._last_compressible():
             self.prompt_len = seen
         if prefill and layer.qwin is not None:  # keep only what decoding will use
@@ -305,11 +300,11 @@ class PolicyCache(Cache):
         values = [value] * rows if isinstance(value, int) else list(value)
         return torch.tensor(values, device=device).view(-1, 1, 1)
 
-    def _apply(self, layer: PolicyLayer, plan: Plan) -> None:
+    def _apply(self, layer: PolicyLayer, plan: Plan, seen_per_row: list[int]) -> None:
         """Turn a plan into kept slots: protect sinks/recent, drop invalid, top-k, sort by position."""
         local = layer.local_positions()  # [B, H, L]
         b, h, L = local.shape
-        seen = torch.tensor(self._seen_real(layer), device=local.device).view(-1, 1, 1)
+        seen = self._per_row(seen_per_row, b, local.device)
         valid = local >= 0
         n_valid = valid[:, 0].sum(-1).tolist()
         keep = [max(0, min(int(k), n)) for k, n in zip(plan.keep, n_valid)]
