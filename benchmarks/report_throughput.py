@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 
 
-def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
-    rows, metas = [], []
+def load(paths: list[Path]) -> list[tuple[dict, list[dict]]]:
+    """One (meta, rows) pair per run file: each table names the run that produced it."""
+    runs = []
     for p in paths:
         data = json.loads(p.read_text())
-        metas.append(data["meta"])
-        rows.extend(r for r in data["rows"] if not r.get("oom"))
-    return rows, metas
+        runs.append((data["meta"], [r for r in data["rows"] if not r.get("oom")]))
+    return runs
 
 
 def table(rows: list[dict]) -> str:
@@ -45,11 +45,18 @@ def plot(rows: list[dict], out: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
     ax.set_xlabel("batch size (last point: largest that fits in 80 GB)")
     ax.set_ylabel("generated tokens/s")
-    ax.set_title("Llama-2-7B shape, bf16, H100: prompt 512 + 256 generated")
+    ax.set_title(f"Llama-2-7B shape, bf16, H100: prompt 512 + 256 generated ({len({r['run'] for r in rows})} runs)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def run_header(name: str, meta: dict) -> str:
+    return (
+        f"Run `{name}` on {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"{meta['shape']} {meta['dtype']}:\n\n```bash\n{meta['command']}\n```\n\n"
+    )
 
 
 def main() -> None:
@@ -57,9 +64,12 @@ def main() -> None:
     ap.add_argument("inputs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True, help="path stem: writes .json, .png and _table.md")
     args = ap.parse_args()
-    rows, metas = load(args.inputs)
+    runs = load(args.inputs)
+    rows = [dict(r, run=p.name) for p, (_, run_rows) in zip(args.inputs, runs) for r in run_rows]
+    metas = [dict(meta, run=p.name) for p, (meta, _) in zip(args.inputs, runs)]
     args.out.with_suffix(".json").write_text(json.dumps({"runs": metas, "rows": rows}, indent=1))
-    Path(str(args.out) + "_table.md").write_text(table(rows))
+    text = "".join(run_header(p.name, meta) + table(run_rows) + "\n" for p, (meta, run_rows) in zip(args.inputs, runs))
+    Path(str(args.out) + "_table.md").write_text(text)
     plot(rows, args.out.with_suffix(".png"))
 
 
