@@ -1,9 +1,10 @@
 """Needle set of tests/test_real_model.py (6 prompts, 1.6k-1.8k tokens) under chosen policy settings.
 
-    python benchmarks/needle_probe.py 'full' 'snapkv:{"compression_ratio":0.54}' \
-        'pyramidinfer:{"prefill_recent_ratio":0.1,"prefill_decay_ratio":0.3}'
+    python benchmarks/needle_probe.py --json docs/benchmarks/needle.json 'full' \
+        'snapkv:{"compression_ratio":0.54}' 'pyramidinfer:{"prefill_recent_ratio":0.1,"prefill_decay_ratio":0.3}'
 
-Prints, per variant, codes found out of 6 and the KV reduction (kept / seen over all layers).
+Prints, per variant, codes found out of 6 and the KV reduction (1 - kept / seen over all layers);
+``--json`` also writes them with the command, machine and versions of the run.
 """
 
 from __future__ import annotations
@@ -20,15 +21,36 @@ from kvpolicy.models import load_model  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    import platform
+
+    import torch
+    import transformers
+
+    out_path = None
+    if argv[:1] == ["--json"]:
+        out_path, argv = Path(argv[1]), argv[2:]
     model, tokenizer = load_model()
     inputs, answers, lengths = needles.build(tokenizer)
     print("prompt lengths", lengths)
+    rows = []
     for spec in argv:
         name, _, settings = spec.partition(":")
         overrides = json.loads(settings) if settings else {}
         found, decoded, reduction = needles.run(model, tokenizer, inputs, answers, lengths, name, **overrides)
-        print(json.dumps({"policy": name, "settings": overrides, "found": sum(found), "of": len(found),
-                          "kv_reduction": round(reduction, 3), "first_answers": decoded[:2]}), flush=True)
+        row = {"policy": name, "settings": overrides, "found": sum(found), "of": len(found),
+               "kv_reduction": round(reduction, 4), "first_answers": list(decoded[:2])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if out_path is not None:
+        meta = {
+            "command": "python benchmarks/needle_probe.py " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "prompt_lengths": lengths,
+        }
+        out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 
 
