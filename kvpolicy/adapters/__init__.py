@@ -17,6 +17,7 @@ GEMMA = ModelAdapter(
     ("gemma", "gemma2", "gemma3_text"),
     attention_implementations=("sdpa", "eager"),
     notes="alternating sliding/global layers; softcapping is ignored when scoring",
+    prune_hidden=False,  # Gemma 2/3 layers take a mask and RoPE table per layer type; not verified for it
 )
 
 BUILTIN_ADAPTERS = [LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA]

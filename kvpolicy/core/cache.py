@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from . import attention_hook
-from .errors import CacheMisuseError
+from . import attention_hook, hidden_pruning
+from .errors import CacheMisuseError, UnsupportedModelError
 from .layer_store import PolicyLayer
 from .policy import CachePolicy, LayerView, Plan
 
@@ -51,6 +51,7 @@ class PolicyCache(Cache):
         self._model_ref: weakref.ref | None = None
         self._policy_state: dict[int, dict] = {}
         self._setup_done = False
+        self._hidden: hidden_pruning.Layout | None = None  # set during a prune-hidden prefill
 
     # ----------------------------------------------------------------- Cache API
     def _layer(self, layer_idx: int) -> PolicyLayer:
@@ -63,6 +64,17 @@ class PolicyCache(Cache):
         if not self.layers:
             attention_hook.install()
         layer = self._layer(layer_idx)
+        hidden = self._hidden
+        if hidden is not None and layer_idx > 0:  # prune-hidden prefill: the tokens this layer was given
+            if hidden.layer != layer_idx:
+                raise UnsupportedModelError(
+                    f"decoder layer {layer_idx} ran without kvpolicy cutting its inputs (its forward bypasses the "
+                    "adapter's decoder-layer class); use prefill_mode='cache_only'"
+                )
+            if hidden.pos is not None:
+                keys, values = layer.append(key_states, value_states, positions=hidden.pos, width=hidden.width)
+                attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
+                return keys, values
         keys, values = layer.append(key_states, value_states)
         attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
         return keys, values
@@ -98,6 +110,7 @@ class PolicyCache(Cache):
 
     def reset(self) -> None:
         """Empty the cache so it can serve a new prompt (or another model)."""
+        hidden_pruning.stop(self)
         for layer in self.layers:
             layer.reset()
         self.layers = []
@@ -182,6 +195,10 @@ class PolicyCache(Cache):
         num_layers = config.num_hidden_layers
         compressible = self._adapter.compressible_layers(config)
         self._windows = self._adapter.sliding_windows(config)
+        if self.policy.prunes_hidden_states:
+            self._adapter.check_prune_hidden(config)
+            hidden_pruning.install(self._adapter.decoder_layer_class(module))
+            self._config = config
         self.policy.setup(num_layers, compressible)
         self._num_layers = num_layers
         self._compressible = compressible
@@ -222,6 +239,8 @@ class PolicyCache(Cache):
         self._check_model(layer, module)
         if self.pad is None:
             self._find_pad(mask, query.shape[0], query.device)
+        if layer_idx == 0 and self.prompt_len is None and self.policy.prunes_hidden_states:
+            hidden_pruning.start(self, layer.total_seen)
         if layer.contiguous:
             return mask
         if impl not in ("sdpa", "eager"):
@@ -234,13 +253,17 @@ class PolicyCache(Cache):
     def _compressed_mask(self, layer: PolicyLayer, query: torch.Tensor, mask: Any, impl: str) -> torch.Tensor:
         pos = layer.pos_view()  # [B, H, L]
         q = query.shape[2]
-        qpos = torch.arange(layer.total_seen - q, layer.total_seen, device=pos.device)
+        if self._hidden is not None and self._hidden.pos is not None:  # prune-hidden prefill: per row
+            pos = pos[:, :1]  # every head holds the same tokens: one mask row set serves all heads
+            qpos = self._hidden.columns.view(pos.shape[0], 1, q, 1)  # empty slots query as the last token
+        else:
+            qpos = layer.query_positions(q, pos.device).view(1, 1, q, 1)
         valid = pos >= self.pad.view(-1, 1, 1)
-        allowed = valid.unsqueeze(2) & (pos.unsqueeze(2) <= qpos.view(1, 1, -1, 1))  # [B, H, Q, L]
+        allowed = valid.unsqueeze(2) & (pos.unsqueeze(2) <= qpos)  # [B, H, Q, L]
         window = self._windows[layer.layer_idx]
         if window is not None:  # sliding layer: what transformers' sliding mask would allow
-            allowed &= pos.unsqueeze(2) > qpos.view(1, 1, -1, 1) - window
-        groups = query.shape[1] // pos.shape[1]
+            allowed &= pos.unsqueeze(2) > qpos - window
+        groups = query.shape[1] // pos.shape[1] if pos.shape[1] > 1 else 1  # one head row broadcasts
         if groups > 1:
             allowed = allowed.repeat_interleave(groups, dim=1)
         want_bool = mask.dtype == torch.bool if isinstance(mask, torch.Tensor) else impl == "sdpa"
@@ -259,13 +282,14 @@ class PolicyCache(Cache):
         prefill = self.prompt_len is None
         new = query.shape[2]
         seen = self._seen_real(layer)  # one device sync per layer; reused below and by _apply
+        qpos = None if self._hidden is None else self._hidden.pos  # per row in a prune-hidden prefill
         if prefill:
             window = signals.prefill_query_window(max(seen))
-            layer.record_queries(query, max(window, signals.decode_query_window))
+            layer.record_queries(query, max(window, signals.decode_query_window), qpos)
         elif signals.decode_query_window:
-            layer.record_queries(query, signals.decode_query_window)
+            layer.record_queries(query, signals.decode_query_window, qpos)
         if signals.accumulated_attention:
-            layer.accumulate_attention(query)
+            layer.accumulate_attention(query, qpos)
         view = LayerView(
             layer_idx=layer_idx,
             num_layers=self._num_layers,
@@ -286,7 +310,35 @@ class PolicyCache(Cache):
                 layer.qwin = layer.qwin_pos = None
             elif layer.qwin.shape[2] > signals.decode_query_window:
                 layer.qwin = layer.qwin[:, :, -signals.decode_query_window :].clone()
-                layer.qwin_pos = layer.qwin_pos[-signals.decode_query_window :].clone()
+                layer.qwin_pos = layer.qwin_pos[..., -signals.decode_query_window :].clone()
+
+    def _enter_decoder_layer(self, decoder_layer: Any, inputs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Prune-hidden prefill: cut decoder layer ``l``'s inputs to the tokens layer ``l - 1`` kept.
+
+        Called by the decoder-layer wrapper (``hidden_pruning.install``) with the layer's inputs by
+        parameter name; returns them cut, and whether this is the model's last decoder layer.
+        """
+        idx, config = self._adapter.layer_index(decoder_layer)
+        hidden = self._hidden
+        if idx is None or config is not self._config or idx == 0:
+            return inputs, False
+        hidden.layer = idx
+        prev = self.layers[idx - 1]
+        index = None
+        if not prev.contiguous:  # layer idx-1 was given or kept a subset: the next layer gets its kept tokens
+            pos = prev.pos_view()
+            if not bool((pos == pos[:, :1]).all()):
+                raise CacheMisuseError(
+                    "prefill_mode='prune_hidden' needs every KV head of a layer to keep the same tokens "
+                    f"(policy {self.policy.name!r} kept different ones per head); use head_aggregation='layer'"
+                )
+            kept = hidden_pruning.kept_layout(pos[:, 0], hidden.width)
+            if hidden.pos is None or not torch.equal(kept, hidden.pos):
+                index = hidden_pruning.hidden_index(hidden.pos, kept, hidden.width)
+                hidden.pos, hidden.memo = kept, {}
+        if hidden.pos is not None:
+            inputs = self._adapter.slice_layer_inputs(inputs, index, hidden)
+        return inputs, idx == self._num_layers - 1
 
     def _last_compressible(self) -> int:
         idx = [i for i, c in enumerate(self._compressible) if c]

@@ -38,7 +38,7 @@ class PolicyLayer(CacheLayerMixin):
         self.pos: torch.Tensor | None = None
         self.acc: torch.Tensor | None = None  # accumulated attention [B, H, capacity] (float32)
         self.qwin: torch.Tensor | None = None  # recent queries [B, Hq, W, D]
-        self.qwin_pos: torch.Tensor | None = None  # their absolute positions [W]
+        self.qwin_pos: torch.Tensor | None = None  # their absolute positions [W] (or [B, W], -1: none)
         self.scaling: float | None = None
         self.num_groups = 1
 
@@ -93,9 +93,9 @@ class PolicyLayer(CacheLayerMixin):
         self.pos = self.pos[:, :, : self.length]
 
     def _rows(self, fn) -> None:
-        for name in ("keys", "values", "pos", "acc", "qwin"):
+        for name in ("keys", "values", "pos", "acc", "qwin", "qwin_pos"):
             t = getattr(self, name)
-            if t is not None:
+            if t is not None and (name != "qwin_pos" or t.dim() == 2):
                 setattr(self, name, fn(t))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -145,16 +145,30 @@ class PolicyLayer(CacheLayerMixin):
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
 
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        width: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``q`` new slots. By default they hold the next ``q`` absolute positions; a
+        prune-hidden prefill gives their absolute ``positions`` ``[B, q]`` (-1: an empty slot) out of a
+        forward ``width`` tokens wide (what ``total_seen`` advances by)."""
         q = key_states.shape[2]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start_abs = self.total_seen
+        b, h = key_states.shape[:2]
+        if positions is None:
+            new_pos = torch.arange(start_abs, start_abs + q, device=key_states.device).expand(b, h, q)
+        else:
+            new_pos = positions.unsqueeze(1).expand(b, h, q)
+            self.contiguous = False
         if self.keys is None or self.length == 0 and self.capacity < q:
             # first fill: adopt the tensors as the buffer (no copy); growth happens on decode
             self.keys, self.values = key_states.contiguous(), value_states.contiguous()
-            b, h = key_states.shape[:2]
-            self.pos = torch.arange(start_abs, start_abs + q, device=key_states.device).expand(b, h, q).contiguous()
+            self.pos = new_pos.contiguous()
             if self.owner.policy.signals.accumulated_attention:
                 self.acc = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
             self.length = q
@@ -165,11 +179,11 @@ class PolicyLayer(CacheLayerMixin):
             end = self.length + q
             self.keys[:, :, self.length : end] = key_states
             self.values[:, :, self.length : end] = value_states
-            self.pos[:, :, self.length : end] = torch.arange(start_abs, start_abs + q, device=self.pos.device)
+            self.pos[:, :, self.length : end] = new_pos
             if self.acc is not None:
                 self.acc[:, :, self.length : end] = 0.0
             self.length = end
-        self.total_seen += q
+        self.total_seen += q if width is None else width
         self.since_compress += q
         return self.keys_view(), self.values_view()
 
@@ -226,18 +240,27 @@ class PolicyLayer(CacheLayerMixin):
         self.contiguous = False
 
     # ----------------------------------------------------------------- signals
-    def record_queries(self, query: torch.Tensor, window: int) -> None:
-        """Keep the newest ``window`` queries ``[B, Hq, W, D]`` with their absolute positions."""
+    def query_positions(self, q: int, device: torch.device) -> torch.Tensor:
+        """Absolute positions ``[q]`` of the newest ``q`` tokens (contiguous forwards)."""
+        return torch.arange(self.total_seen - q, self.total_seen, device=device)
+
+    def record_queries(self, query: torch.Tensor, window: int, qpos: torch.Tensor | None = None) -> None:
+        """Keep the newest ``window`` queries ``[B, Hq, W, D]`` with their absolute positions
+        (``qpos``: ``[B, q]`` for a prune-hidden prefill, -1 for empty slots)."""
         if window <= 0:
             return
         q = query.shape[2]
-        qpos = torch.arange(self.total_seen - q, self.total_seen, device=query.device)
+        if qpos is None:
+            qpos = self.query_positions(q, query.device)
         if self.qwin is None or q >= window:
             self.qwin = query[:, :, -window:].detach().clone()
-            self.qwin_pos = qpos[-window:].clone()
+            self.qwin_pos = qpos[..., -window:].clone()
         else:
             self.qwin = torch.cat([self.qwin, query.detach()], dim=2)[:, :, -window:]
-            self.qwin_pos = torch.cat([self.qwin_pos, qpos])[-window:]
+            old, b = self.qwin_pos, query.shape[0]
+            if old.dim() == 2 or qpos.dim() == 2:  # one of them per row: both per row
+                old, qpos = old.expand(b, old.shape[-1]), qpos.expand(b, q)
+            self.qwin_pos = torch.cat([old, qpos], dim=-1)[..., -window:]
 
     def _attention_probs(self, queries: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
         """Softmax attention ``[B, H_kv, Q, L]`` (float32, GQA groups averaged) of ``queries``."""
@@ -249,7 +272,8 @@ class PolicyLayer(CacheLayerMixin):
         logits = torch.einsum("bhgqd,bhld->bhgql", qq, keys.float()) * self.scaling
         pos = self.pos_view()
         valid = (pos >= self.owner.pad.view(-1, 1, 1)).unsqueeze(2).unsqueeze(2)  # [B,H,1,1,L]
-        causal = pos.unsqueeze(2).unsqueeze(2) <= qpos.view(1, 1, 1, -1, 1)
+        qpos = qpos.view(-1 if qpos.dim() == 2 else 1, 1, 1, qpos.shape[-1], 1)  # [Q] or per row [B, Q]
+        causal = pos.unsqueeze(2).unsqueeze(2) <= qpos
         logits = logits.masked_fill(~(valid & causal), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         probs = torch.nan_to_num(probs, nan=0.0)  # a pad query attends to nothing
@@ -260,7 +284,7 @@ class PolicyLayer(CacheLayerMixin):
             raise RuntimeError("no queries recorded: the policy must declare a query window in its signals")
         queries, qpos = self.qwin, self.qwin_pos
         if num_queries is not None:
-            queries, qpos = queries[:, :, -num_queries:], qpos[-num_queries:]
+            queries, qpos = queries[:, :, -num_queries:], qpos[..., -num_queries:]
         w = queries.shape[2]
         if weights is None:
             weights = torch.ones(w, device=queries.device)
@@ -269,17 +293,18 @@ class PolicyLayer(CacheLayerMixin):
             weights = weights.expand(queries.shape[0], w)
         out = None
         for s in range(0, w, _QUERY_CHUNK):
-            probs = self._attention_probs(queries[:, :, s : s + _QUERY_CHUNK], qpos[s : s + _QUERY_CHUNK])
+            probs = self._attention_probs(queries[:, :, s : s + _QUERY_CHUNK], qpos[..., s : s + _QUERY_CHUNK])
             part = torch.einsum("bhql,bq->bhl", probs, weights[:, s : s + _QUERY_CHUNK])
             out = part if out is None else out + part
         return out
 
-    def accumulate_attention(self, query: torch.Tensor) -> None:
+    def accumulate_attention(self, query: torch.Tensor, qpos: torch.Tensor | None = None) -> None:
         """Add the attention of this forward's queries to every kept key (H2O's running score)."""
         q = query.shape[2]
-        qpos = torch.arange(self.total_seen - q, self.total_seen, device=query.device)
+        if qpos is None:
+            qpos = self.query_positions(q, query.device)
         for s in range(0, q, _QUERY_CHUNK):
-            probs = self._attention_probs(query[:, :, s : s + _QUERY_CHUNK], qpos[s : s + _QUERY_CHUNK])
+            probs = self._attention_probs(query[:, :, s : s + _QUERY_CHUNK], qpos[..., s : s + _QUERY_CHUNK])
             self.acc[:, :, : self.length] += probs.sum(dim=2)
 
     def accumulated_attention(self) -> torch.Tensor:

@@ -132,6 +132,13 @@ class CachePolicy(ABC):
     def signals(self) -> Signals:
         return NO_SIGNALS
 
+    @property
+    def prunes_hidden_states(self) -> bool:
+        """True: at prefill, the tokens a layer keeps are the only ones the layers above it
+        compute (the cache gathers the hidden states entering the next decoder layer; see
+        ``core/hidden_pruning.py``). Needs one token set per layer (every KV head the same)."""
+        return False
+
     def setup(self, num_layers: int, compressible: list[bool]) -> None:
         """Called once when the cache meets the model (before the first plan)."""
         self.num_layers = num_layers

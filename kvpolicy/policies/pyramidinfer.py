@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..core.config import PolicyConfig
 from ..core.policy import CachePolicy, LayerView, Plan, Signals
@@ -42,6 +42,21 @@ class PyramidInferConfig(PolicyConfig):
     head_aggregation: Literal["layer", "kv_head"] = Field(
         "layer", description="'layer': one token set per layer (reference); 'kv_head': per KV head"
     )
+    prefill_mode: Literal["cache_only", "prune_hidden"] = Field(
+        "cache_only",
+        description="'cache_only': every layer sees the whole prompt, only the cache is pruned (exact prompt "
+        "forward); 'prune_hidden': tokens a layer drops at prefill are not computed by deeper layers (reference)",
+    )
+
+    @model_validator(mode="after")
+    def _one_token_set_per_layer(self):
+        if self.prefill_mode == "prune_hidden" and self.head_aggregation != "layer":
+            raise ValueError(
+                "prefill_mode='prune_hidden' needs head_aggregation='layer' (the hidden states entering the "
+                "next layer are per token, so all KV heads of a layer must keep the same tokens); set "
+                "head_aggregation='layer' or prefill_mode='cache_only'"
+            )
+        return self
 
 
 #: Reference presets by model depth, for ``PyramidCache()`` with no arguments (the same values
@@ -74,6 +89,10 @@ class PyramidInferPolicy(CachePolicy):
         super().setup(num_layers, compressible)
         if self.auto:
             self.preset_name, self.config = preset_for_depth(num_layers)
+
+    @property
+    def prunes_hidden_states(self) -> bool:
+        return self.config.prefill_mode == "prune_hidden"
 
     def recent_window(self, prompt_len: int, ratio: float) -> int:
         return min(prompt_len, 1 + int(prompt_len * ratio))

@@ -1,0 +1,137 @@
+"""Prune-hidden prefill: tokens a layer drops at prefill are not computed by the layers above it.
+
+A policy that sets ``prunes_hidden_states`` (PyramidInfer with ``prefill_mode="prune_hidden"``)
+gets this at the prompt's forward: after layer ``l``'s attention the cache keeps layer ``l``'s
+tokens as usual; the hidden states entering decoder layer ``l + 1`` are then gathered to
+exactly those tokens, with everything positional the layer receives (RoPE cos/sin,
+``position_ids``, ``cache_position``, the 4-D mask). Layer ``l + 1`` computes queries, keys and
+values only for them; its cache records their true positions.
+
+The decoder layer is the one place where hidden states and positional inputs meet, and the
+cache never sees the model object. So, like ``attention_hook`` does for attention functions,
+the family's decoder-layer class (named by its adapter) gets its ``forward`` wrapped once, the
+first time a prune-hidden cache meets that family. The wrapper reads a context variable: with
+no prune-hidden prefill running in this context it calls straight through.
+
+Layout: rows keep different numbers of tokens (left padding, per-row budgets), so the gathered
+tensors are rectangular and **right-aligned**, like left padding: each row's kept tokens are
+its last slots, in position order, and surplus slots come first (position -1, never attended;
+their hidden states copy the row's last token so nothing becomes NaN). The last slot of every
+row is the prompt's last token (always in the recent window), which is what ``generate`` reads.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+_MARK = "__kvpolicy_prune_wrapped__"
+
+#: the cache running a prune-hidden prefill in this context (a weak reference), if any
+ACTIVE: contextvars.ContextVar[weakref.ref | None] = contextvars.ContextVar("kvpolicy_prune", default=None)
+_running = 0  # prefills in progress in the process; a plain int so an idle wrapper costs one check
+
+
+@dataclass
+class Layout:
+    """Which prompt tokens the current hidden states hold.
+
+    ``pos``: ``[B, T']`` absolute columns (the index transformers gives a token, pads included),
+    ascending, surplus slots first as -1; ``None`` while nothing has been dropped (identity).
+    ``width``: the prompt's full width ``T``. ``layer``: the decoder layer these inputs feed.
+    """
+
+    width: int
+    pos: torch.Tensor | None = None
+    layer: int = 0
+    memo: dict[int, tuple[torch.Tensor, Any]] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """``pos`` with surplus slots pointing at the last column (a real token in every row)."""
+        return torch.where(self.pos >= 0, self.pos, torch.full_like(self.pos, self.width - 1))
+
+    def sliced(self, source: Any, fn: Callable[[Any], Any]) -> Any:
+        """``fn(source)``, computed once per layout (every layer gets the same full-width inputs)."""
+        hit = self.memo.get(id(source))
+        if hit is None or hit[0] is not source:
+            hit = self.memo[id(source)] = (source, fn(source))
+        return hit[1]
+
+
+def kept_layout(kept: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-align kept positions ``[B, K]`` (-1 for surplus anywhere): -1s first, then ascending."""
+    ordered = kept.sort(dim=-1).values
+    most = int((ordered >= 0).sum(-1).max())
+    return ordered[:, ordered.shape[1] - most :]
+
+
+def hidden_index(current: torch.Tensor | None, new: torch.Tensor, width: int) -> torch.Tensor:
+    """Slot of each position of ``new`` in the current layout (surplus: the row's last slot)."""
+    if current is None:
+        current = torch.arange(width, device=new.device).expand(new.shape[0], width)
+    index = torch.searchsorted(current.contiguous(), new.clamp(min=0).contiguous())
+    last = torch.full_like(index, current.shape[1] - 1)
+    return torch.where(new >= 0, index, last)
+
+
+def gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[b]]`` along dim 1 for ``t`` of shape ``[B or 1, T, ...]``."""
+    t = t.expand(index.shape[0], *t.shape[1:])
+    idx = index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
+    return t.gather(1, idx)
+
+
+def start(cache: Any, width: int) -> None:
+    global _running
+    if cache._hidden is None:
+        _running += 1
+    cache._hidden = Layout(width=width)
+    ACTIVE.set(weakref.ref(cache))
+
+
+def stop(cache: Any) -> None:
+    global _running
+    if cache._hidden is not None:
+        _running = max(0, _running - 1)
+        cache._hidden = None
+    ref = ACTIVE.get()
+    if ref is not None and ref() in (cache, None):
+        ACTIVE.set(None)
+
+
+def install(layer_cls: type) -> None:
+    """Wrap ``layer_cls.forward`` (idempotent; stays for the life of the process)."""
+    fn = layer_cls.__dict__.get("forward") or layer_cls.forward
+    if getattr(fn, _MARK, False):
+        return
+    names = [
+        p.name
+        for p in list(inspect.signature(fn).parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+    @functools.wraps(fn)
+    def forward(self, *args, **kwargs):
+        if not _running:
+            return fn(self, *args, **kwargs)
+        ref = ACTIVE.get()
+        cache = ref() if ref is not None else None
+        if cache is None or cache._hidden is None:
+            return fn(self, *args, **kwargs)
+        inputs = dict(zip(names, args), **kwargs)
+        inputs, last = cache._enter_decoder_layer(self, inputs)
+        try:
+            return fn(self, **inputs)
+        finally:
+            if last:
+                stop(cache)
+
+    setattr(forward, _MARK, True)
+    setattr(layer_cls, "forward", forward)
