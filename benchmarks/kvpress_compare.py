@@ -1,41 +1,102 @@
-"""Run NVIDIA kvpress presses on the same model, inputs and tasks as ``kvpolicy compare``.
+"""kvpolicy and NVIDIA kvpress side by side: same model, inputs, tasks and ratios, one table.
 
-Why: kvpolicy's policies should be judged against an independent implementation of the same
-ideas. kvpress compresses the prompt inside each attention layer's forward hook and never
-compresses generated tokens; we feed every task's forwards through a plain ``DynamicCache``
-inside ``with press(model):``, so prefill is compressed by the press and the scored / generated
-tokens see what it kept, exactly as our ``ppl``/``needle``/``agreement`` tasks do for our caches.
+Why: kvpolicy's policies should be judged against the independent implementation users would
+pick instead. One process runs both libraries through ``kvpolicy.evaluation.runner.run_compare``
+(the engine of ``kvpolicy sweep``): kvpolicy's policies as usual, and each kvpress press as a
+spec whose cache is a plain ``DynamicCache`` carrying the press. So every row shares the same
+prepared inputs, the same ``full`` reference (``ppl_ratio``, ``agreement``, ``kv_reduction``)
+and the same measurement code.
 
-kvpress needs transformers<5.3, so this runs in its own environment, e.g.::
+How kvpress is driven (as its own ``press(model)`` context does): each attention layer gets
+``rotary_emb`` and a forward hook; the hook calls ``press.forward_hook`` when the forward's cache
+carries a press, so the press compresses the prompt after the prefill's attention and never
+touches later tokens (kvpress's design). Two things kvpress leaves to its own pipeline are done
+here: after compression ``DynamicCache.get_seq_length()`` counts kept tokens, so forwards that
+pass no positions (the ``ppl`` task's scored chunks) get ``position_ids`` of the true token
+count, as ``KVPressTextGenerationPipeline.generate_answer`` does (``generate``, for needle and
+agreement, counts positions from its own ``cache_position``); and multi-token forwards on a
+compressed cache get each layer's own causal mask, since transformers builds one mask from
+layer 0's length and PyramidKVPress's layers keep different counts.
+
+kvpress needs transformers<5.3 and kvpolicy supports >=5.2, so both run in one environment.
+The recorded run (docs/benchmarks/kvpress_compare.md)::
 
     python3 -m venv --system-site-packages /tmp/kvp
     /tmp/kvp/bin/pip install "transformers>=5.2,<5.3" kvpress
-    /tmp/kvp/bin/python benchmarks/kvpress_compare.py --ratios 0.2,0.4,0.6,0.8 \
-        --out docs/benchmarks/kvpress_compare.md --json docs/benchmarks/kvpress_compare.json
+    /tmp/kvp/bin/pip install --no-deps -e .
+    OMP_NUM_THREADS=1 /tmp/kvp/bin/python benchmarks/kvpress_compare.py --threads 1 \\
+        --ratios 0.2,0.4,0.6,0.8 --sizes sweep \\
+        --json docs/benchmarks/kvpress_compare.json --out docs/benchmarks/raw/kvpress_compare_tables.md
+
+and its SnapKV settings swap (each library with the other's window and kernel size)::
+
+    OMP_NUM_THREADS=1 /tmp/kvp/bin/python benchmarks/kvpress_compare.py --threads 1 \\
+        --ratios 0.4,0.8 --sizes sweep --tasks needle --kvpolicy full,snapkv --presses snapkv \\
+        --policy-settings snapkv:window_size=64,kernel_size=5 --press-settings snapkv:window_size=32,kernel_size=7 \\
+        --json docs/benchmarks/raw/kvpress_snapkv_swapped_settings.json \\
+        --out docs/benchmarks/raw/kvpress_snapkv_swapped_settings.md
+
+kvpolicy's ``attention_hook.install()`` is called before kvpress is imported: kvpress patches the
+attention functions on import into a mapping that shadows the one kvpolicy wraps.
+
+A press that fails a short check run (before any timed work) is skipped and listed under
+``skipped`` in the JSON with its error.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import platform
+import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvpolicy.core import attention_hook  # noqa: E402
 from kvpolicy.evaluation import tasks as task_mod  # noqa: E402
-from kvpolicy.evaluation.measure import Meter  # noqa: E402
 from kvpolicy.evaluation.report import environment  # noqa: E402
-from kvpolicy.evaluation.runner import _add_reductions, _row, _warm_up, PolicySpec  # noqa: E402
-from kvpolicy.models import load_model  # noqa: E402
+from kvpolicy.evaluation.runner import PolicySpec, build_specs, run_compare  # noqa: E402
+
+#: press name on the command line -> kvpress class name
+PRESSES = {
+    "snapkv": "SnapKVPress",
+    "pyramidkv": "PyramidKVPress",
+    "streamingllm": "StreamingLLMPress",
+    "tova": "TOVAPress",
+    "expected_attention": "ExpectedAttentionPress",
+    "knorm": "KnormPress",
+    "observed_attention": "ObservedAttentionPress",
+}
+#: kvpolicy policy <-> kvpress press compared cell by cell in the pivot
+PAIRS = {"snapkv": "SnapKVPress", "pyramidkv": "PyramidKVPress", "streamingllm": "StreamingLLMPress"}
+#: kvpolicy variants accepted in --kvpolicy: name -> (policy, extra settings)
+VARIANTS = {"streamingllm_prefill": ("streamingllm", {"compress": "prefill"})}
 
 
-class MeasuredDynamicCache(DynamicCache):
-    """DynamicCache with the reporting methods the Meter reads from our PolicyCache."""
+# --------------------------------------------------------------------------- kvpress side
+class PressCache(DynamicCache):
+    """A ``DynamicCache`` that carries the press compressing it, counts the tokens it has seen
+    (kept or not) and reports what the Meter reads from kvpolicy's ``PolicyCache``."""
+
+    def __init__(self, press: Any = None) -> None:
+        super().__init__()
+        self.press = press
+        self.seen = 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:
+            self.seen += int(key_states.shape[-2])
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def kv_tokens_per_layer(self) -> list[int]:
         return [int(layer.keys.shape[-2]) if getattr(layer, "keys", None) is not None else 0 for layer in self.layers]
@@ -49,84 +110,335 @@ class MeasuredDynamicCache(DynamicCache):
         return total
 
 
-def presses(names: list[str], ratio: float):
+def _press_hook(module, args, kwargs, output):
+    press = getattr(kwargs.get("past_key_values"), "press", None)
+    return output if press is None else press.forward_hook(module, args, kwargs, output)
+
+
+def _position_hook(module, args, kwargs):
+    """Forwards without positions on a compressed ``PressCache`` get the true positions."""
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, PressCache) and kwargs.get("position_ids") is None and kwargs.get("cache_position") is None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        if ids is not None and cache.seen != cache.get_seq_length():
+            kwargs["position_ids"] = torch.arange(cache.seen, cache.seen + ids.shape[1], device=ids.device).unsqueeze(0)
+    return args, kwargs
+
+
+def _mask_hook(module, args, kwargs):
+    """A multi-token forward on a compressed ``PressCache`` (the ``ppl`` task's scored chunks) gets
+    this layer's own mask: every kept token plus causal among the new ones. transformers builds
+    one mask from layer 0's length, which breaks presses whose layers keep different counts
+    (PyramidKVPress) and equals this one for the others (batch size 1, no padding)."""
+    cache = kwargs.get("past_key_values")
+    hidden = kwargs.get("hidden_states")
+    if not isinstance(cache, PressCache) or hidden is None or hidden.shape[1] == 1:
+        return args, kwargs
+    kept = cache.get_seq_length(module.layer_idx)
+    if kept == 0:
+        return args, kwargs
+    q = hidden.shape[1]
+    mask = torch.ones(q, kept + q, dtype=torch.bool, device=hidden.device)
+    mask[:, kept:] = torch.ones(q, q, dtype=torch.bool, device=hidden.device).tril()
+    kwargs["attention_mask"] = mask.expand(hidden.shape[0], 1, q, kept + q)
+    return args, kwargs
+
+
+def attach_presses(model: Any) -> list[Any]:
+    """Install the dispatching hooks once (what ``press(model)`` does per press); returns handles."""
+    lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    handles = [model.register_forward_pre_hook(_position_hook, with_kwargs=True)]
+    for layer in lm.layers:
+        layer.self_attn.rotary_emb = lm.rotary_emb
+        handles.append(layer.self_attn.register_forward_hook(_press_hook, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_pre_hook(_mask_hook, with_kwargs=True))
+    return handles
+
+
+def make_press(name: str, ratio: float, settings: dict[str, Any] | None = None) -> Any:
     import kvpress
 
-    table = {
-        "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio),
-        "pyramidkv": lambda: kvpress.PyramidKVPress(compression_ratio=ratio),
-        "streamingllm": lambda: kvpress.StreamingLLMPress(compression_ratio=ratio),
-        "tova": lambda: kvpress.TOVAPress(compression_ratio=ratio),
-        "expected_attention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=ratio),
-        "knorm": lambda: kvpress.KnormPress(compression_ratio=ratio),
-        "observed_attention": lambda: kvpress.ObservedAttentionPress(compression_ratio=ratio),
-    }
-    return [(n, table[n]()) for n in names]
+    return getattr(kvpress, PRESSES[name])(compression_ratio=ratio, **(settings or {}))
 
 
-def main() -> int:
+def parse_settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["snapkv:window_size=32,kernel_size=5"]`` -> ``{"snapkv": {"window_size": 32, "kernel_size": 5}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, _, body = item.partition(":")
+        if not body:
+            raise ValueError(f"expected NAME:key=value[,key=value], got {item!r}")
+        for pair in body.split(","):
+            key, _, raw = pair.partition("=")
+            try:
+                value: Any = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            out.setdefault(name, {})[key.strip()] = value
+    return out
+
+
+@dataclass
+class PressSpec(PolicySpec):
+    """A kvpress press at one ratio, run by ``run_compare`` like a kvpolicy policy."""
+
+    press: Any = None
+    model: Any = None
+
+    def new_cache(self) -> PressCache:
+        if self.press is not None:
+            self.press.post_init_from_model(self.model)
+        return PressCache(self.press)
+
+
+def press_settings(press: Any) -> dict[str, Any]:
+    return {f.name: getattr(press, f.name) for f in dataclasses.fields(press) if isinstance(getattr(press, f.name), (int, float, str, bool))}
+
+
+@torch.no_grad()
+def check_press(model: Any, tok: Any, name: str, ratio: float, settings: dict[str, Any] | None = None) -> str | None:
+    """Run one compressed prefill and a few decode steps; the error text, or None if it works."""
+    ids = tok("It is a truth universally acknowledged. " * 40, return_tensors="pt")["input_ids"][:, :200].to(model.device)
+    try:
+        spec = PressSpec(PRESSES[name], {}, ratio, press=make_press(name, ratio, settings), model=model)
+        cache = spec.new_cache()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=3,
+                       do_sample=False, pad_token_id=tok.pad_token_id or 0)
+        model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True)
+        if cache.get_seq_length() >= cache.seen:
+            return "the press removed nothing"
+    except Exception as err:  # noqa: BLE001 - any failure means: skip this press, say why
+        return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    return None
+
+
+# --------------------------------------------------------------------------- specs
+def kvpolicy_specs(names: list[str], ratios: list[float], settings: dict[str, dict[str, Any]] | None = None) -> list[PolicySpec]:
+    """``full`` first, then each policy at each ratio (validated by ``build_specs``); ``settings``
+    (per policy name) are added to the matching specs and checked by building one policy each."""
+    from kvpolicy.core.registry import make_policy
+
+    settings = settings or {}
+    plain = [n for n in names if n not in VARIANTS]
+    specs = build_specs(plain, ratios)
+    for n in names:
+        if n in VARIANTS:
+            policy, extra = VARIANTS[n]
+            specs += [_Variant(policy, {**extra, "compression_ratio": r}, r, variant=n) for r in ratios]
+    for spec in specs:
+        extra = settings.get(method_of(spec))
+        if extra and spec.policy != "full":
+            spec.settings = {**spec.settings, **extra}
+            make_policy({"policy": spec.policy, **spec.settings})
+    return specs
+
+
+@dataclass
+class _Variant(PolicySpec):
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant}@{self.ratio:g}"
+
+
+def library_of(spec: PolicySpec) -> str:
+    return "kvpress" if isinstance(spec, PressSpec) else "kvpolicy"
+
+
+def method_of(spec: PolicySpec) -> str:
+    if isinstance(spec, PressSpec):
+        return spec.policy
+    return spec.variant if isinstance(spec, _Variant) else spec.policy
+
+
+# --------------------------------------------------------------------------- report
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if key.startswith("ppl"):
+        return f"{value:.3f}"
+    if key.startswith("kv_reduction"):
+        return f"{value:.1%}"
+    return _pct(value)
+
+
+def results_table(rows: list[dict[str, Any]], task_names: list[str]) -> str:
+    keys = [k for n in task_names for k in task_mod.TASKS[n].metric_keys]
+    head = ["library", "method", "ratio", "KV reduction", "KV red. (prefill)", "prefill s"] + keys
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["library"], r["method"], "-" if r["ratio"] is None else f"{r['ratio']:g}",
+                 _fmt("kv_reduction", r["kv_reduction"]), _fmt("kv_reduction", r["kv_reduction_prefill"]),
+                 f"{r['prefill_s']:.2f}"] + [_fmt(k, r.get(k)) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pivot_tables(rows: list[dict[str, Any]], task_names: list[str]) -> str:
+    """Per metric: method x ratio, cells ``kvpolicy / kvpress`` for the matched pairs."""
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
+    by = {(r["library"], r["method"], r["ratio"]): r for r in rows}
+    keys = ["kv_reduction"] + [task_mod.TASKS[n].headline for n in task_names]
+    notes = {"kv_reduction": "measured KV reduction at the end of each sequence",
+             "ppl_ratio": "ppl_ratio, lower is better", "needle_accuracy": "needle_accuracy, higher is better",
+             "agreement": "agreement with full's greedy tokens, higher is better"}
+    out = []
+    for key in keys:
+        lines = [f"**{notes.get(key, key)}** (kvpolicy / kvpress)", "",
+                 "| method | " + " | ".join(f"{x:g}" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for ours, theirs in PAIRS.items():
+            cells = []
+            for x in ratios:
+                a, b = by.get(("kvpolicy", ours, x)), by.get(("kvpress", theirs, x))
+                if a is None or b is None:
+                    cells.append("-")
+                else:
+                    cells.append(f"{_fmt(key, a.get(key))} / {_fmt(key, b.get(key))}")
+            lines.append(f"| {ours} / {theirs} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def markdown_report(data: dict[str, Any]) -> str:
+    env, task_names = data["environment"], data["tasks"]
+    parts = [
+        "# kvpolicy vs kvpress (generated by benchmarks/kvpress_compare.py)",
+        f"Command: `{env['command']}`",
+        f"kvpolicy {env['kvpolicy']}, kvpress {env['kvpress']}, transformers {env['transformers']}, torch {env['torch']}, "
+        f"Python {env['python']}; {env['cpu']} ({env['cpus']} CPUs, torch threads {env['torch_threads']}); "
+        f"sizes `{data['sizes']}`; wall time {data['wall_s']:.0f} s.",
+        "## Pivot: matched pairs", pivot_tables(data["rows"], task_names),
+        "## All rows", results_table(data["rows"], task_names),
+    ]
+    if data.get("skipped"):
+        parts.append("Skipped presses: " + "; ".join(f"`{k}`: {v}" for k, v in data["skipped"].items()))
+    return "\n\n".join(parts) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--presses", default="snapkv,pyramidkv,streamingllm,tova,expected_attention,knorm")
+    ap.add_argument("--model", default=None, help="model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--kvpolicy", default="full,h2o,streamingllm,streamingllm_prefill,snapkv,pyramidkv",
+                    help="kvpolicy policies (full always runs first); streamingllm_prefill = streamingllm with compress=prefill")
+    ap.add_argument("--presses", default="snapkv,pyramidkv,streamingllm,tova,expected_attention,knorm",
+                    help=f"kvpress presses: {','.join(PRESSES)}")
     ap.add_argument("--ratios", default="0.2,0.4,0.6,0.8")
     ap.add_argument("--tasks", default="ppl,needle,agreement")
-    ap.add_argument("--sizes", default="sweep")
-    ap.add_argument("--json")
-    ap.add_argument("--out", help="markdown table to write")
-    args = ap.parse_args()
-    task_names = args.tasks.split(",")
-    ratios = [float(r) for r in args.ratios.split(",")]
-    names = args.presses.split(",")
-    sizes = task_mod.PRESETS[args.sizes]
-    attn = "eager" if "observed_attention" in names else "sdpa"  # ObservedAttention needs attention weights
-    model, tok = load_model(args.model, attn_implementation=attn)
-    _warm_up(model, tok)
-    prepared = []
-    for name in task_names:
-        t = task_mod.TASKS[name]()
-        t.prepare(tok, sizes)
-        prepared.append(t)
-    runs = [("full", None, None)] + [(n, r, p) for r in ratios for n, p in presses(names, r)]
-    refs: dict = {}
-    rows = []
-    start = time.time()
-    for i, (name, ratio, press) in enumerate(runs):
-        meter, metrics = Meter(), {}
-        for t in prepared:
-            print(f"[{i + 1}/{len(runs)}] {name}@{ratio}: {t.name} ({time.time() - start:.0f}s)", file=sys.stderr, flush=True)
-            if press is None:
-                res = t.run(model, MeasuredDynamicCache, meter, refs.get(t.name))
-                refs[t.name] = res.reference
-            else:
-                with press(model):
-                    res = t.run(model, MeasuredDynamicCache, meter, refs.get(t.name))
-            metrics.update(res.metrics)
-        spec = PolicySpec(name, {"compression_ratio": ratio} if ratio is not None else {}, ratio)
-        row = _row(spec, meter, metrics, None)
-        row["implementation"] = "kvpress"
-        rows.append(row)
-    _add_reductions(rows)
-    env = environment()
-    import kvpress  # noqa: F401
+    ap.add_argument("--sizes", default="sweep", choices=sorted(task_mod.PRESETS))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--policy-settings", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
+                    help="non-default kvpolicy settings, e.g. snapkv:window_size=64,kernel_size=5 (repeatable)")
+    ap.add_argument("--press-settings", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
+                    help="non-default press settings, e.g. snapkv:window_size=32 (repeatable)")
+    ap.add_argument("--json", help="write environment, sizes and rows here")
+    ap.add_argument("--out", help="write the markdown tables here")
+    args = ap.parse_args(argv)
+    args.ratio_list = [float(r) for r in args.ratios.split(",") if r]
+    args.task_list = [t for t in args.tasks.split(",") if t]
+    args.policy_list = [p for p in args.kvpolicy.split(",") if p]
+    args.press_list = [p for p in args.presses.split(",") if p]
+    for t in args.task_list:
+        if t not in task_mod.TASKS:
+            ap.error(f"unknown task {t!r}; choose from {','.join(task_mod.TASKS)}")
+    for p in args.press_list:
+        if p not in PRESSES:
+            ap.error(f"unknown press {p!r}; choose from {','.join(PRESSES)}")
+    try:
+        args.policy_settings_map = parse_settings(args.policy_settings)
+        args.press_settings_map = parse_settings(args.press_settings)
+    except ValueError as err:
+        ap.error(str(err))
+    if "observed_attention" in args.press_list:
+        ap.error("observed_attention needs attention weights (eager attention for the whole model), "
+                 "which would change the reference of every row; not supported here")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from importlib.metadata import version
 
-    env["kvpress"] = version("kvpress")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from kvpolicy.models import load_model
+
+    start = time.time()
+    log = lambda msg: print(f"[{time.time() - start:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if task_mod.PRESETS[args.sizes].batch_size != 1:
+        raise SystemExit("kvpress_compare: the sizes preset must have batch_size 1 (the press masks assume no padding)")
+    specs = kvpolicy_specs(args.policy_list, args.ratio_list, args.policy_settings_map)
+    model, tok = load_model(args.model)
+    # kvpress patches every attention function on import, into ALL_ATTENTION_FUNCTIONS' local
+    # mapping, which shadows the global one kvpolicy wraps; wrapping first keeps kvpolicy's
+    # wrapper inside kvpress's patch (see docs/benchmarks/kvpress_compare.md)
+    attention_hook.install()
+    attach_presses(model)
+    skipped: dict[str, str] = {}
+    for name in args.press_list:
+        err = check_press(model, tok, name, max(args.ratio_list), args.press_settings_map.get(name))
+        if err:
+            skipped[name] = err
+            log(f"skipping press {name}: {err}")
+    specs.append(PressSpec("DynamicCache", {}, None, press=None, model=model))  # kvpress's cache with no press
+    for ratio in args.ratio_list:
+        for name in args.press_list:
+            if name not in skipped:
+                press = make_press(name, ratio, args.press_settings_map.get(name))
+                specs.append(PressSpec(PRESSES[name], press_settings(press), ratio, press=press, model=model))
+    total = len(specs) * len(args.task_list)
+    step = [0]
+
+    def progress(desc: str) -> None:
+        step[0] += 1
+        log(f"[{step[0]}/{total}] {desc}")
+
+    rows = run_compare(model, tok, specs, args.task_list, task_mod.PRESETS[args.sizes], progress=progress)
+    for spec, row in zip(specs, rows):
+        row["library"] = library_of(spec)
+        row["method"] = method_of(spec)
+        row["label"] = f"{row['library']}:{spec.label}"
+    wall = time.time() - start
+    log(f"done in {wall:.0f}s")
+    env = environment()
+    env.update({
+        "kvpress": version("kvpress"),
+        "cpu": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "command": ((f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else "")
+                    + shlex.join(["python", *sys.argv])),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    })
+    data = {"environment": env, "sizes": args.sizes, "size_values": dataclasses.asdict(task_mod.PRESETS[args.sizes]),
+            "tasks": args.task_list, "ratios": args.ratio_list, "wall_s": wall, "skipped": skipped, "rows": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "sizes": args.sizes, "rows": rows}, indent=1) + "\n")
-    keys = [k for n in task_names for k in task_mod.TASKS[n].metric_keys]
-    lines = ["| press | ratio | KV reduction | decode tok/s | " + " | ".join(keys) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in keys) + " |"]
-    for r in rows:
-        vals = [f"{r[k]:.3f}" if k.startswith("ppl") else f"{r[k]:.0%}" for k in keys]
-        lines.append(f"| {r['policy']} | {r['ratio'] if r['ratio'] is not None else '-'} | {r['kv_reduction']:.1%} | "
-                     f"{r['decode_tokens_per_s']:.1f} | " + " | ".join(vals) + " |")
-    table = "\n".join(lines)
-    print(table)
+        Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+    report = markdown_report(data)
+    print(report)
     if args.out:
-        header = (f"# kvpress on the same tasks\n\nkvpress {env['kvpress']}, transformers {env['transformers']}, "
-                  f"torch {env['torch']}, sizes preset `{args.sizes}`, default model (SmolLM2-135M-Instruct Q4_1 GGUF, "
-                  f"dequantized to float32), CPU. Command:\n\n```\n{' '.join(sys.argv)}\n```\n\n")
-        Path(args.out).write_text(header + table + "\n")
+        Path(args.out).write_text(report)
     return 0
 
 
