@@ -47,9 +47,20 @@ POLICIES: dict[str, Any] = {
     "full": lambda: kvpolicy.make_cache("full"),
     "pyramidinfer": lambda: kvpolicy.make_cache("pyramidinfer_llama2_7b"),
     "pyramidinfer-54": lambda: kvpolicy.make_cache("pyramidinfer_54"),
+    "pyramidinfer-54-prune": lambda: kvpolicy.make_cache("pyramidinfer_54_prune"),
     "h2o": lambda: kvpolicy.make_cache("h2o", compression_ratio=0.54, evict_every=16),
     "streamingllm": lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16),
 }
+
+#: policy label -> preset decoded through kvpolicy.generation.generate_static (compiled static step)
+STATIC_POLICIES: dict[str, Any] = {
+    "full-static": lambda: kvpolicy.make_cache("full"),
+    "pyramidinfer-static": lambda: kvpolicy.make_cache("pyramidinfer_llama2_7b"),
+    "pyramidinfer-54-static": lambda: kvpolicy.make_cache("pyramidinfer_54"),
+    "pyramidinfer-54-prune-static": lambda: kvpolicy.make_cache("pyramidinfer_54_prune"),
+    "streamingllm-static": lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16),
+}
+POLICIES.update({name: "static" for name in STATIC_POLICIES})
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -76,19 +87,32 @@ def kv_bytes(cache: Any) -> int:
     return total
 
 
-def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str) -> dict[str, Any]:
+def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str, options: dict | None = None) -> dict[str, Any]:
     """One greedy generation; prefill measured by a separate 1-token generate of the same batch.
 
     ``decode_step_ms`` is (total - prefill) / (new - 1); tokens/s counts every generated token
-    over the whole generate call, prefill included, as a serving user sees it."""
+    over the whole generate call, prefill included, as a serving user sees it. Static policies
+    (``*-static``) decode through ``generate_static`` (prefill in chunks of ``prefill_chunk``
+    rows, compiled step); like ``hf-static`` they are compiled and warmed up first."""
+    from kvpolicy.generation import generate_static
+
+    options = options or {}
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt), device=device, generator=None)
     mask = torch.ones_like(ids)
     common = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+    compile_options = options.get("compile", True)
 
-    def generate(tokens: int):
+    def generate(tokens: int, profile: dict | None = None):
         kwargs = dict(common, max_new_tokens=tokens, min_new_tokens=tokens)
         cache = None
+        if POLICIES[policy] == "static":
+            sync(device)
+            start = time.perf_counter()
+            res = generate_static(model, ids, mask, policy=STATIC_POLICIES[policy], max_new_tokens=tokens,
+                                  prefill_batch_size=options.get("prefill_chunk"), compile=compile_options, profile=profile)
+            sync(device)
+            return time.perf_counter() - start, res.cache, res.sequences
         if POLICIES[policy] is None:
             kwargs["cache_implementation"] = "static"
         else:
@@ -101,7 +125,7 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str)
         sync(device)
         return time.perf_counter() - start, cache, out
 
-    if POLICIES[policy] is None:  # compile both graphs first: compile time is not throughput
+    if POLICIES[policy] in (None, "static"):  # compile first: compile time is not throughput
         generate(1)
         generate(new)
     if device.startswith("cuda"):
@@ -113,6 +137,13 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str)
     decode_s = max(total_s - prefill_s, 1e-9)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     held = kv_bytes(cache) if cache is not None else None
+    extra: dict[str, Any] = {}
+    if POLICIES[policy] == "static" and options.get("profile"):
+        # a third, synchronised run: compiled step vs eager re-compression, per decode step
+        profile: dict = {}
+        generate(new, profile)
+        steps = max(profile.get("steps", 0), 1)
+        extra = {"profile_step_ms": 1000 * profile["step_s"] / steps, "profile_maintain_ms": 1000 * profile["maintain_s"] / steps}
     return {
         "policy": policy,
         "batch": batch,
@@ -124,6 +155,8 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str)
         "generated_tokens_per_s": batch * new / total_s,
         "peak_memory_bytes": peak,
         "kv_bytes_per_seq": None if held is None else held / batch,
+        **({"prefill_chunk": options.get("prefill_chunk")} if POLICIES[policy] == "static" else {}),
+        **extra,
     }
 
 
@@ -131,9 +164,9 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def try_run(model, policy, batch, prompt, new, device):
+def try_run(model, policy, batch, prompt, new, device, options=None):
     try:
-        return run_once(model, policy, batch, prompt, new, device)
+        return run_once(model, policy, batch, prompt, new, device, options)
     except Exception as err:  # noqa: BLE001
         if not is_oom(err):
             raise
@@ -144,12 +177,19 @@ def try_run(model, policy, batch, prompt, new, device):
             torch.cuda.empty_cache()
 
 
-def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit: int) -> dict | None:
+BASE_MEMORY = [0]  # bytes allocated once the model is built
+SEARCH_UP = [3]  # at most this many 10% steps up after a fitting guess
+
+
+def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit: int, options=None,
+                  on_fit=None) -> dict | None:
     """Fit peak = a + b * batch on the probes, predict the largest batch, then confirm by running:
-    step down 10% on out-of-memory, or up 10% (at most 3 times) while it still fits."""
+    step down 10% on out-of-memory, or up 10% (``--search-up`` times) while it still fits."""
     pts = [(r["batch"], r["peak_memory_bytes"]) for r in probes if r and r["peak_memory_bytes"]]
-    if len(pts) < 2:
+    if not pts:
         return None
+    if len(pts) == 1:  # one probe: the line goes through the memory held before any run (the weights)
+        pts.insert(0, (0, BASE_MEMORY[0]))
     (b1, m1), (b2, m2) = pts[-2], pts[-1]
     per_seq = (m2 - m1) / (b2 - b1)
     capacity = torch.cuda.get_device_properties(0).total_memory * 0.97
@@ -157,14 +197,16 @@ def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit:
     best = None
     tries_up = 0
     while b2 < guess <= limit:
-        result = try_run(model, policy, guess, prompt, new, device)
+        result = try_run(model, policy, guess, prompt, new, device, options)
         if result is None:
             if best is not None:
                 break
             guess = int(guess * 0.9)
             continue
         best = result
-        if tries_up == 3:
+        if on_fit is not None:
+            on_fit(dict(result, search="fits (search step)"))
+        if tries_up == SEARCH_UP[0]:
             break
         tries_up += 1
         guess = int(guess * 1.1) + 1
@@ -183,9 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--max-batch", action="store_true", help="also search the largest fitting batch (CUDA)")
+    ap.add_argument("--max-batch-policies", default=None, help="search the largest batch only for these (default: all)")
     ap.add_argument("--batch-limit", type=int, default=512)
+    ap.add_argument("--prefill-chunk", type=int, default=32, help="rows per prefill forward (static policies)")
+    ap.add_argument("--profile-batch", type=int, default=32,
+                    help="at this fixed batch, static policies also time the compiled step vs the eager re-compression")
+    ap.add_argument("--no-compile", action="store_true", help="static policies: run the static step eagerly")
+    ap.add_argument("--search-up", type=int, default=3, help="max 10%% steps up in the largest-batch search")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    SEARCH_UP[0] = args.search_up
     dtype = getattr(torch, args.dtype)
     policies = args.policies.split(",")
     unknown = [p for p in policies if p not in POLICIES]
@@ -193,24 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}", file=sys.stderr)
         return 2
     model = build_model(args.shape, args.device, dtype)
+    if args.device.startswith("cuda"):
+        BASE_MEMORY[0] = torch.cuda.memory_allocated()
     rows: list[dict[str, Any]] = []
-    for prompt in [int(p) for p in args.prompt_lens.split(",")]:
-        for policy in policies:
-            probes = []
-            for batch in [int(b) for b in args.batch_sizes.split(",")]:
-                result = try_run(model, policy, batch, prompt, args.new_tokens, args.device)
-                if result is None:
-                    rows.append({"policy": policy, "batch": batch, "prompt": prompt, "oom": True})
-                    print(f"{policy} prompt={prompt} batch={batch}: out of memory", flush=True)
-                    break
-                probes.append(result)
-                rows.append(result)
-                print(json.dumps(result), flush=True)
-            if args.max_batch and args.device.startswith("cuda"):
-                best = largest_batch(model, policy, prompt, args.new_tokens, args.device, probes, args.batch_limit)
-                if best is not None:
-                    rows.append(best)
-                    print(json.dumps(best), flush=True)
     meta = {
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
@@ -219,9 +253,41 @@ def main(argv: list[str] | None = None) -> int:
         "shape": args.shape,
         "dtype": args.dtype,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    def save() -> None:  # after every row: a run cut short by a time limit keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    for prompt in [int(p) for p in args.prompt_lens.split(",")]:
+        for policy in policies:
+            probes = []
+            options = {"prefill_chunk": args.prefill_chunk, "compile": not args.no_compile}
+            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+                result = try_run(model, policy, batch, prompt, args.new_tokens, args.device,
+                                 dict(options, profile=batch == args.profile_batch))
+                if result is None:
+                    rows.append({"policy": policy, "batch": batch, "prompt": prompt, "oom": True})
+                    print(f"{policy} prompt={prompt} batch={batch}: out of memory", flush=True)
+                    break
+                probes.append(result)
+                rows.append(result)
+                save()
+                print(json.dumps(result), flush=True)
+            search = args.max_batch_policies is None or policy in args.max_batch_policies.split(",")
+            if args.max_batch and search and args.device.startswith("cuda"):
+                def on_fit(row: dict) -> None:  # every fitting step is kept, even if the run is cut short
+                    rows.append(row)
+                    save()
+                    print(json.dumps(row), flush=True)
+
+                best = largest_batch(model, policy, prompt, args.new_tokens, args.device, probes, args.batch_limit,
+                                     options, on_fit)
+                if best is not None:
+                    rows.append(best)
+                    save()
+                    print(json.dumps(best), flush=True)
+    save()
     return 0
 
 

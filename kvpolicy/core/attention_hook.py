@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import UnsupportedModelError
@@ -35,6 +36,10 @@ class Pending:
 
 PENDING: contextvars.ContextVar[Pending | None] = contextvars.ContextVar("kvpolicy_pending", default=None)
 
+#: The static decode cache being stepped (``core/static_decode.py``), or None. A plain global,
+#: not the context variable: the compiled decode step must be traceable end to end.
+STATIC_CACHE: Any = None
+
 
 def _wrap(fn: Callable, impl: str) -> Callable:
     if getattr(fn, _MARK, False):
@@ -42,6 +47,13 @@ def _wrap(fn: Callable, impl: str) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(module, query, key, value, *args, **kwargs):
+        static = STATIC_CACHE
+        if static is not None:
+            return static.attend(fn, impl, module, query, key, value, args, kwargs)
+        if torch.compiler.is_compiling():
+            # someone compiles a model with another (compileable) cache: be invisible, since reading
+            # the context variable would break their graph at every layer
+            return fn(module, query, key, value, *args, **kwargs)
         note = PENDING.get()
         if note is None or note.layer_idx != getattr(module, "layer_idx", None):
             return fn(module, query, key, value, *args, **kwargs)
@@ -75,12 +87,14 @@ def install() -> None:
     Idempotent and cheap; called on each cache's first update so modeling files imported
     after kvpolicy are covered too.
     """
-    from transformers.modeling_utils import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-    mapping = AttentionInterface._global_mapping
-    for name, fn in list(mapping.items()):
-        if not getattr(fn, _MARK, False):
-            mapping[name] = _wrap(fn, name)
+    # the class-wide registry, and the shared instance's local overrides (where another library's
+    # ``ALL_ATTENTION_FUNCTIONS[name] = fn`` lands, e.g. kvpress's; they take precedence)
+    for mapping in (AttentionInterface._global_mapping, ALL_ATTENTION_FUNCTIONS._local_mapping):
+        for name, fn in list(mapping.items()):
+            if not getattr(fn, _MARK, False):
+                mapping[name] = _wrap(fn, name)
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or mod_name in _installed_modules or not mod_name.startswith("transformers.models."):
             continue

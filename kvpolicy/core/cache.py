@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 from . import attention_hook, hidden_pruning
 from .errors import CacheMisuseError, UnsupportedModelError
 from .layer_store import PolicyLayer
-from .policy import CachePolicy, LayerView, Plan
+from .policy import CachePolicy, LayerView, Plan, per_row
 
 
 class PolicyCache(Cache):
@@ -347,40 +347,37 @@ class PolicyCache(Cache):
     def _seen_real(self, layer: PolicyLayer) -> list[int]:
         return (layer.total_seen - self.pad).tolist()
 
-    @staticmethod
-    def _per_row(value: int | list[int], rows: int, device: torch.device) -> torch.Tensor:
-        values = [value] * rows if isinstance(value, int) else list(value)
-        return torch.tensor(values, device=device).view(-1, 1, 1)
-
     def _apply(self, layer: PolicyLayer, plan: Plan, seen_per_row: list[int]) -> None:
-        """Turn a plan into kept slots: protect sinks/recent, drop invalid, top-k, sort by position."""
-        local = layer.local_positions()  # [B, H, L]
-        b, h, L = local.shape
-        seen = self._per_row(seen_per_row, b, local.device)
-        valid = local >= 0
-        n_valid = valid[:, 0].sum(-1).tolist()
+        """Turn a plan into kept slots: protect sinks/recent, drop invalid, top-k, sort by position.
+
+        Per-row numbers stay on the host (``per_row``): each blocking copy to the GPU would stall
+        the queue, and in the static decode path this runs between compiled steps."""
+        n_valid = layer.valid_counts()
         keep = [max(0, min(int(k), n)) for k, n in zip(plan.keep, n_valid)]
         if all(k >= n for k, n in zip(keep, n_valid)):
             return  # nothing to evict (masked pads stay masked by transformers' own mask)
+        local = layer.local_positions()  # [B, H, L]
+        b, h, L = local.shape
+        valid = local >= 0
         if plan.scores is None:
             scores = local.float()  # recency
         else:
             scores = plan.scores.float().expand(b, h, L).clone()
         # protections never exceed a row's budget: the newest tokens first, then the sinks
-        keep_t = torch.tensor(keep, device=local.device).view(-1, 1, 1)
-        recent = torch.minimum(keep_t, self._per_row(plan.recent, b, local.device))
-        sinks = torch.minimum(keep_t - recent, self._per_row(plan.sinks, b, local.device))
-        protected = (local < sinks) | (local >= seen - recent)
+        rows = range(b)
+        recent = [min(k, r) for k, r in zip(keep, plan.recent if isinstance(plan.recent, list) else [plan.recent] * b)]
+        sinks = [min(k - r, s) for k, r, s in zip(keep, recent, plan.sinks if isinstance(plan.sinks, list) else [plan.sinks] * b)]
+        threshold = [seen_per_row[i] - recent[i] for i in rows]
+        protected = (local < per_row(sinks, local.device)) | (local >= per_row(threshold, local.device))
         scores = scores.masked_fill(protected, float("inf"))
         scores = scores.masked_fill(~valid, float("-inf"))
         k_max = max(keep) if keep else 0
         top = scores.topk(k_max, dim=-1, sorted=True).indices  # best first
-        # rows keeping fewer than k_max: their surplus picks become invalid after the sort below
-        rank = torch.arange(k_max, device=local.device).view(1, 1, -1)
-        row_keep = torch.tensor(keep, device=local.device).view(-1, 1, 1)
         chosen_pos = layer.pos_view().gather(2, top)
-        big = torch.iinfo(chosen_pos.dtype).max
-        order_key = torch.where(rank < row_keep, chosen_pos, torch.full_like(chosen_pos, big))
-        order = order_key.argsort(dim=-1)
+        if min(keep) < k_max:  # rows keeping fewer than k_max: their surplus picks sort last, invalid
+            rank = torch.arange(k_max, device=local.device).view(1, 1, -1)
+            big = torch.iinfo(chosen_pos.dtype).max
+            chosen_pos = torch.where(rank < per_row(keep, local.device), chosen_pos, torch.full_like(chosen_pos, big))
+        order = chosen_pos.argsort(dim=-1)
         index = top.gather(2, order)
         layer.compact(index, keep)

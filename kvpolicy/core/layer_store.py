@@ -41,6 +41,10 @@ class PolicyLayer(CacheLayerMixin):
         self.qwin_pos: torch.Tensor | None = None  # their absolute positions [W] (or [B, W], -1: none)
         self.scaling: float | None = None
         self.num_groups = 1
+        self.static = False  # fixed capacity and addresses (see core/static_decode.py)
+        self.qring: torch.Tensor | None = None  # static decode: query ring, slot = position % window
+        self.ring_start = 0  # first position the ring holds
+        self.valid_host: list[int] | None = None  # static decode: valid tokens per row, host-side
 
     # ----------------------------------------------------------------- transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -129,6 +133,12 @@ class PolicyLayer(CacheLayerMixin):
         pos = self.pos_view()
         return torch.where(pos >= pad, pos - pad, torch.full_like(pos, -1))
 
+    def valid_counts(self) -> list[int]:
+        """Valid tokens per row; a static layer tracks them on the host (no device sync)."""
+        if self.valid_host is not None:
+            return list(self.valid_host)
+        return self.valid_mask()[:, 0].sum(-1).tolist()
+
     def valid_mask(self) -> torch.Tensor:
         return self.pos_view() >= self.owner.pad.view(-1, 1, 1)
 
@@ -214,7 +224,11 @@ class PolicyLayer(CacheLayerMixin):
         b, h, _, d = self.keys.shape
         idx4 = index.unsqueeze(-1).expand(b, h, k, d)
         slack = self.capacity - k
-        if slack < 0 or slack > 2 * self.owner.headroom(self.layer_idx):
+        if self.static:
+            if slack < 0:
+                raise AssertionError("static layer asked to hold more than its capacity")  # pragma: no cover
+            keys, values, pos, acc = self.keys, self.values, self.pos, self.acc
+        elif slack < 0 or slack > 2 * self.owner.headroom(self.layer_idx):
             # a right-sized buffer (the prefill case, or a budget that grew), and the old one is freed
             keys = self.keys.new_empty(b, h, new_cap, d)
             values = self.values.new_empty(b, h, new_cap, d)
@@ -222,18 +236,26 @@ class PolicyLayer(CacheLayerMixin):
             acc = None if self.acc is None else self.acc.new_zeros(b, h, new_cap)
         else:  # in-place compaction: the usual decode case
             keys, values, pos, acc = self.keys, self.values, self.pos, self.acc
+        start = 0
+        if keys is self.keys:  # in place: slots before the first one that moves stay as they are
+            moved = (index != torch.arange(k, device=index.device)).flatten(0, 1).any(0).nonzero()
+            start = int(moved[0]) if len(moved) else k
+            index, idx4 = index[:, :, start:], idx4[:, :, start:]
         gathered_k = self.keys.gather(2, idx4)
         gathered_v = self.values.gather(2, idx4)
         gathered_p = self.pos.gather(2, index)
         gathered_a = None if self.acc is None else self.acc.gather(2, index)
-        keys[:, :, :k] = gathered_k
-        values[:, :, :k] = gathered_v
-        pos[:, :, :k] = gathered_p
+        keys[:, :, start:k] = gathered_k
+        values[:, :, start:k] = gathered_v
+        pos[:, :, start:k] = gathered_p
         if acc is not None:
-            acc[:, :, :k] = gathered_a
+            acc[:, :, start:k] = gathered_a
         for row, count in enumerate(keep_counts):
             if count < k:
                 pos[row, :, count:k] = -1
+        if self.static:  # attention reads every slot of a static layer: stale ones must be invalid
+            pos[:, :, k:] = -1
+            self.valid_host = [min(count, k) for count in keep_counts]
         self.keys, self.values, self.pos, self.acc = keys, values, pos, acc
         self.length = k
         self.since_compress = 0
@@ -268,8 +290,10 @@ class PolicyLayer(CacheLayerMixin):
         b, hkv, L, d = keys.shape
         hq = queries.shape[1]
         g = hq // hkv
-        qq = queries.reshape(b, hkv, g, queries.shape[2], d).float()
-        logits = torch.einsum("bhgqd,bhld->bhgql", qq, keys.float()) * self.scaling
+        # logits in the cache's dtype (float32 accumulation inside the matmul), then float32: a
+        # float32 copy of every key would cost more memory traffic than the scoring itself
+        qq = queries.reshape(b, hkv, g, queries.shape[2], d).to(keys.dtype)
+        logits = torch.einsum("bhgqd,bhld->bhgql", qq, keys).float() * self.scaling
         pos = self.pos_view()
         valid = (pos >= self.owner.pad.view(-1, 1, 1)).unsqueeze(2).unsqueeze(2)  # [B,H,1,1,L]
         qpos = qpos.view(-1 if qpos.dim() == 2 else 1, 1, 1, qpos.shape[-1], 1)  # [Q] or per row [B, Q]
@@ -280,6 +304,8 @@ class PolicyLayer(CacheLayerMixin):
         return probs.mean(dim=2)
 
     def window_attention(self, weights: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
+        if self.static and self.qring is not None:  # the static decode path's ring of queries
+            self.qwin, self.qwin_pos = self.qring, self.owner._ring_positions(self)
         if self.qwin is None:
             raise RuntimeError("no queries recorded: the policy must declare a query window in its signals")
         queries, qpos = self.qwin, self.qwin_pos

@@ -23,6 +23,22 @@ if TYPE_CHECKING:  # pragma: no cover
 Phase = Literal["prefill", "decode"]
 
 
+def per_row(values: int | list[int], device: torch.device) -> int | torch.Tensor:
+    """Per-row integers broadcastable against ``[B, H, L]``: a plain int when every row agrees.
+
+    A ``torch.tensor(list, device=cuda)`` is a blocking copy that drains the GPU queue; in the
+    common case (equal rows) none is needed, and otherwise the copy goes through pinned memory.
+    """
+    if isinstance(values, int):
+        return values
+    if len(set(values)) == 1:
+        return values[0]
+    host = torch.tensor(values, dtype=torch.long).view(-1, 1, 1)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 @dataclass(frozen=True)
 class Signals:
     """What a policy needs the framework to compute; anything not asked for costs nothing.
@@ -90,6 +106,11 @@ class LayerView:
         return self.layer.keys_view()
 
     @property
+    def valid_counts(self) -> list[int]:
+        """Valid kept tokens per row (host-side; a device sync unless the layer tracks them)."""
+        return self.layer.valid_counts()
+
+    @property
     def positions(self) -> torch.Tensor:
         """Row-local positions ``[B, H_kv, L]`` of the kept tokens; -1 marks invalid slots."""
         return self.layer.local_positions()
@@ -151,6 +172,19 @@ class CachePolicy(ABC):
     def headroom(self, layer_idx: int) -> int:
         """Free slots to allocate after a compression, so decoding appends in place."""
         return 64
+
+    #: True when every KV head of a layer keeps the same token set (one mask serves all heads
+    #: in the static decode path); per-head policies leave it False.
+    shared_positions: ClassVar[bool] = False
+
+    def decode_growth(self, layer_idx: int, prompt_lens: list[int], new_tokens: int) -> int:
+        """Most slots a layer can gain over its post-prefill count while decoding ``new_tokens``.
+
+        The static decode path sizes each layer's buffer with this once, so it must be an upper
+        bound; the default (every generated token stays) always is. A policy that evicts while
+        decoding overrides it with its own schedule to make static buffers as small as its cache.
+        """
+        return new_tokens
 
     def describe(self) -> str:
         return f"{self.name}({self.config.model_dump_json()})"

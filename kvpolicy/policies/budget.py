@@ -41,10 +41,31 @@ class BudgetPolicy(CachePolicy):
 
     def target(self, view: LayerView, seen: int) -> int:
         """Tokens to keep in ``view``'s layer for a row that has seen ``seen`` real tokens."""
+        return self._budget(seen)
+
+    def _budget(self, seen: int) -> int:
         c = self.config
         if c.budget is not None:
             return c.budget
         return seen - int(seen * c.compression_ratio)
+
+    def decode_growth(self, layer_idx: int, prompt_lens: list[int], new_tokens: int) -> int:
+        """Replays the decode cadence: the cache grows one slot a step and drops back to the
+        budget every ``evict_every`` steps (an upper bound: the cache may evict sooner)."""
+        c = self.config
+        if c.compress != "both":
+            return new_tokens
+        worst = 0
+        for n in set(prompt_lens):
+            count = start = min(n, self._budget(n))
+            peak = count
+            for step in range(1, new_tokens + 1):
+                count += 1
+                peak = max(peak, count)
+                if step % c.evict_every == 0:
+                    count = min(count, self._budget(n + step))
+            worst = max(worst, peak - start)
+        return worst
 
     def due(self, view: LayerView) -> bool:
         """Compress now? Always after the prompt; while decoding per ``compress``/``evict_every``."""

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..core.config import PolicyConfig
-from ..core.policy import CachePolicy, LayerView, Plan, Signals
+from ..core.policy import CachePolicy, LayerView, Plan, Signals, per_row
 from ..core.schedule import DecayStrategy, decay_ratio, pyramid_context_lengths
 from .attention_scored import max_pool
 
@@ -122,6 +122,30 @@ class PyramidInferPolicy(CachePolicy):
         ratio = decay_ratio(layer_idx, self.num_layers, c.gen_decay_ratio, c.gen_decay_strategy)
         return max(int(c.exceed_length_to_compress * c.gen_compress_ratio * ratio), 1)
 
+    @property
+    def shared_positions(self) -> bool:  # type: ignore[override]
+        return self.config.head_aggregation == "layer"
+
+    def decode_growth(self, layer_idx: int, prompt_lens: list[int], new_tokens: int) -> int:
+        """Replays the decode schedule of :meth:`_plan_decode`: one slot per step, and each due
+        group of ``exceed_length_to_compress`` shrinks to ``group_keep(layer_idx)``."""
+        c = self.config
+        group = c.exceed_length_to_compress
+        evict = group - self.group_keep(layer_idx)
+        worst = 0
+        for n in set(prompt_lens):
+            window = self.recent_window(n, c.gen_recent_ratio)
+            frontier = n - self.recent_window(n, c.prefill_recent_ratio)
+            count = peak = 0
+            for step in range(1, new_tokens + 1):
+                count += 1
+                peak = max(peak, count)
+                if n + step - window - frontier >= group:
+                    frontier += group
+                    count -= evict
+            worst = max(worst, peak)
+        return worst
+
     def _aggregate(self, scores: torch.Tensor) -> torch.Tensor:
         if self.config.head_aggregation == "layer":
             return scores.mean(dim=1, keepdim=True)
@@ -156,9 +180,11 @@ class PyramidInferPolicy(CachePolicy):
         if not any(due):
             return None
         local = view.positions  # [B, H, L], -1 invalid
-        valid = (local[:, 0] >= 0).sum(-1).tolist()
-        start = torch.tensor(frontier, device=local.device).view(-1, 1, 1)
-        in_group = (local >= start) & (local < start + group) & torch.tensor(due, device=local.device).view(-1, 1, 1)
+        valid = view.valid_counts
+        # a row not due gets an empty group (start past every position)
+        start = [f if d else 1 << 40 for f, d in zip(frontier, due)]
+        start_t = per_row(start, local.device)
+        in_group = (local >= start_t) & (local < start_t + group)
         attn = self._aggregate(max_pool(view.window_attention(), c.pool_kernel)).expand_as(local)
         scores = torch.where(in_group, attn, torch.full_like(attn, float("inf")))
         evict = group - self.group_keep(view.layer_idx)

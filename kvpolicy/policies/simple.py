@@ -13,6 +13,7 @@ class FullPolicy(CachePolicy):
     """Keeps every token: the reference every other policy is compared with."""
 
     name = "full"
+    shared_positions = True
 
     def plan(self, view: LayerView) -> Plan | None:
         return None
@@ -27,6 +28,7 @@ class StreamingLLMPolicy(BudgetPolicy):
 
     name = "streamingllm"
     config_class = StreamingLLMConfig
+    shared_positions = True  # recency is the same for every head
 
     def scores(self, view: LayerView):
         return None  # recency: the newest tokens win, sinks are protected by the plan

@@ -1,0 +1,132 @@
+"""The static (compile-friendly) decode path gives exactly the tokens of the eager path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import batch, tiny_model
+from torch._dynamo.utils import counters
+from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig
+
+import kvpolicy
+from kvpolicy.core.errors import CacheMisuseError, UnsupportedModelError
+from kvpolicy.generation import generate_static
+from kvpolicy.policies.simple import FullPolicy
+
+NEW = 24
+LENGTHS = [40, 33, 37]
+PYRAMID = dict(prefill_recent_ratio=0.2, prefill_decay_ratio=0.5, min_context_length=4, gen_recent_ratio=0.1,
+               exceed_length_to_compress=4, gen_query_window=8)
+
+
+def eager(model, inputs, cache, new=NEW, **kwargs):
+    """Greedy ``generate`` without an EOS (so no min_new_tokens logit masking either)."""
+    return model.generate(**inputs, past_key_values=cache, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_static_equals_dynamic_cache(family, attn):
+    model = tiny_model(family, attn)
+    inputs = batch(LENGTHS, seed=1)
+    expected = eager(model, inputs, DynamicCache())
+    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, prefill_batch_size=2, compile=False)
+    assert torch.equal(out.sequences, expected)
+
+
+def test_sliding_window_layers_are_masked_like_transformers():
+    config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=12, pad_token_id=0,
+                           eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    inputs = batch(LENGTHS, seed=2)
+    expected = eager(model, inputs, DynamicCache(config=config))
+    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, compile=False)
+    assert torch.equal(out.sequences, expected)
+
+
+@pytest.mark.parametrize(
+    "policy,overrides",
+    [
+        ("pyramidinfer", PYRAMID),
+        ("pyramidinfer", dict(PYRAMID, head_aggregation="kv_head", pool_kernel=3)),
+        ("streamingllm", dict(compression_ratio=0.5, evict_every=4, window_size=8)),
+        ("snapkv", dict(compression_ratio=0.5, window_size=8)),
+        ("pyramidinfer", dict(PYRAMID, prefill_mode="prune_hidden")),
+    ],
+)
+def test_compressing_policies_keep_the_same_tokens_as_the_eager_path(policy, overrides):
+    model = tiny_model("llama", "sdpa")
+    inputs = batch(LENGTHS, seed=3)
+    cache = kvpolicy.make_cache(policy, **overrides)
+    expected = eager(model, inputs, cache)
+    out = generate_static(model, **inputs, policy=policy, max_new_tokens=NEW, prefill_batch_size=2, compile=False,
+                          **overrides)
+    assert torch.equal(out.sequences, expected)
+    assert out.cache.valid_tokens_per_layer() == cache.valid_tokens_per_layer()
+    for layer in range(len(cache.layers)):
+        kept, static = cache.kept_positions(layer), out.cache.kept_positions(layer)
+        assert torch.equal(static[..., : kept.shape[-1]], kept)
+        assert (static[..., kept.shape[-1] :] == -1).all()
+    if policy == "pyramidinfer":  # decoding really evicted, and the buffers were sized tightly
+        seen = len(cache.layers) * sum(cache.seen_tokens())
+        assert sum(map(sum, cache.valid_tokens_per_layer())) < seen
+        assert all(layer.capacity <= layer.length + 1 for layer in out.cache.layers[1:])
+
+
+def test_compiled_step_is_one_graph_across_steps_and_calls():
+    model = tiny_model("llama", "sdpa")
+    counters.clear()
+    for seed in (4, 5):
+        inputs = batch(LENGTHS, seed=seed)
+        expected = eager(model, inputs, kvpolicy.make_cache("pyramidinfer", **PYRAMID))
+        out = generate_static(model, **inputs, policy="pyramidinfer", max_new_tokens=NEW,
+                              compile={"backend": "eager", "fullgraph": True}, **PYRAMID)
+        assert torch.equal(out.sequences, expected)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_stops_at_eos_like_generate():
+    model = tiny_model("llama", "sdpa")
+    inputs = batch(LENGTHS, seed=6)
+    free = eager(model, inputs, DynamicCache())
+    eos = int(free[0, inputs["input_ids"].shape[1] + 5])  # a token row 0 emits at step 6
+    expected = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=NEW, do_sample=False,
+                              pad_token_id=0, eos_token_id=eos)
+    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, eos_token_id=eos, compile=False)
+    assert torch.equal(out.sequences, expected)
+
+
+class TightFull(FullPolicy):
+    name = "tight-full-test"
+
+    def decode_growth(self, layer_idx, prompt_lens, new_tokens):
+        return 3
+
+
+def test_an_underestimated_growth_bound_is_an_error_not_a_write_out_of_bounds():
+    model = tiny_model("llama", "sdpa")
+    with pytest.raises(CacheMisuseError, match="decode_growth"):
+        generate_static(model, **batch([20]), policy=lambda: kvpolicy.PolicyCache(TightFull()), max_new_tokens=10,
+                        compile=False)
+
+
+def test_accumulated_attention_policies_are_refused_with_the_fix():
+    model = tiny_model("llama", "sdpa")
+    with pytest.raises(UnsupportedModelError, match="model.generate"):
+        generate_static(model, **batch([20]), policy="h2o", max_new_tokens=4, compile=False)
+
+
+def test_installed_wrapper_does_not_break_other_compiled_models():
+    """Once kvpolicy has wrapped the attention functions, compiling a model that uses no PolicyCache
+    (e.g. transformers' own static cache) must still give one graph."""
+    model = tiny_model("llama", "sdpa")
+    inputs = batch([12])
+    eager(model, inputs, kvpolicy.make_cache("full"), new=2)  # installs the wrapper
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(input_ids=inputs["input_ids"], use_cache=False)
+    assert torch.allclose(out.logits, model(input_ids=inputs["input_ids"], use_cache=False).logits)
