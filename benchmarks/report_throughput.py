@@ -1,7 +1,7 @@
 """Turn the throughput JSON files written by benchmarks/throughput.py into a table and a plot.
 
-    python benchmarks/report_throughput.py docs/benchmarks/raw/throughput_run_b1.json \
-        docs/benchmarks/raw/throughput_run_b2.json --out docs/benchmarks/throughput
+    python benchmarks/report_throughput.py docs/benchmarks/raw/run_c2.json docs/benchmarks/raw/run_c3.json \
+        docs/benchmarks/raw/run_c4.json --out docs/benchmarks/throughput
 """
 
 from __future__ import annotations
@@ -21,14 +21,25 @@ def load(paths: list[Path]) -> list[tuple[dict, list[dict]]]:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| policy | batch | KV MB/seq | peak GB | prefill s | decode step ms | generated tok/s |\n|---|---|---|---|---|---|---|\n"
+    """One line per row; ``profile`` columns (compiled step / eager re-compression, synchronised)
+    only where the static path was profiled."""
+    profiled = any("profile_step_ms" in r for r in rows)
+    extra = " | profiled: step ms + re-compression ms" if profiled else ""
+    head = (f"| policy | batch | KV MiB/seq | peak GiB | prefill s | decode step ms | generated tok/s{extra} |\n"
+            f"|---|---|---|---|---|---|---{'|---' if profiled else ''}|\n")
     lines = []
     for r in rows:
         kv = "-" if r["kv_bytes_per_seq"] is None else f"{r['kv_bytes_per_seq'] / 2**20:.0f}"
         peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
-        batch = f"**{r['batch']}** (max)" if r.get("search") else str(r["batch"])
+        search = r.get("search", "")
+        batch = f"**{r['batch']}** (max)" if search.startswith("largest") else (
+            f"{r['batch']} (fits, search)" if search else str(r["batch"]))
+        prof = ""
+        if profiled:
+            prof = f" | {r['profile_step_ms']:.1f} + {r['profile_maintain_ms']:.1f}" if "profile_step_ms" in r else " | "
         lines.append(
-            f"| {r['policy']} | {batch} | {kv} | {peak} | {r['prefill_s']:.2f} | {r['decode_step_ms']:.1f} | {r['generated_tokens_per_s']:.0f} |"
+            f"| {r['policy']} | {batch} | {kv} | {peak} | {r['prefill_s']:.2f} | {r['decode_step_ms']:.1f} | "
+            f"{r['generated_tokens_per_s']:.0f}{prof} |"
         )
     return head + "\n".join(lines) + "\n"
 

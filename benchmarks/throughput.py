@@ -196,10 +196,12 @@ def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit:
     guess = min(limit, int((capacity - (m1 - per_seq * b1)) / per_seq))
     best = None
     tries_up = 0
+    failed_above = False
     while b2 < guess <= limit:
         result = try_run(model, policy, guess, prompt, new, device, options)
         if result is None:
             if best is not None:
+                failed_above = True
                 break
             guess = int(guess * 0.9)
             continue
@@ -211,7 +213,8 @@ def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit:
         tries_up += 1
         guess = int(guess * 1.1) + 1
     if best is not None:
-        best["search"] = "largest fitting found (memory-fit prediction, confirmed by running)"
+        best["search"] = "largest fitting found (memory-fit prediction, confirmed by running)" + (
+            "" if failed_above else "; no larger batch was tried (step-up budget or limit reached)")
     return best
 
 

@@ -22,3 +22,21 @@ def test_throughput_script_dry_run(tmp_path):
     for row in data["rows"]:
         assert row["generated_tokens_per_s"] > 0 and row["decode_step_ms"] > 0
     assert data["meta"]["transformers"]
+
+
+def test_throughput_script_dry_run_static_policies(tmp_path):
+    spec = importlib.util.spec_from_file_location("throughput_static", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "tp.json"
+    code = module.main(
+        ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", "40", "--new-tokens", "4",
+         "--batch-sizes", "3", "--profile-batch", "3", "--prefill-chunk", "2", "--no-compile",
+         "--policies", "full-static,pyramidinfer-54-static,pyramidinfer-54-prune-static", "--json", str(out)]
+    )
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["policy"] for r in rows] == ["full-static", "pyramidinfer-54-static", "pyramidinfer-54-prune-static"]
+    for row in rows:
+        assert row["generated_tokens_per_s"] > 0 and row["prefill_chunk"] == 2
+        assert row["profile_step_ms"] > 0 and row["profile_maintain_ms"] >= 0
