@@ -111,6 +111,8 @@ def generate_static(
     chunk = prefill_batch_size or batch
     if chunk < 1:
         raise ConfigError(f"prefill_batch_size must be at least 1, got {prefill_batch_size}")
+    if callable(policy) and policy_overrides:
+        raise TypeError("pass settings either to your cache factory or as keyword overrides of a policy name, not both")
     factory = policy if callable(policy) else (lambda: make_cache(policy, **policy_overrides))
     cache_arg = _cache_arg(model)
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters

@@ -130,3 +130,10 @@ def test_installed_wrapper_does_not_break_other_compiled_models():
     with torch.no_grad():
         out = compiled(input_ids=inputs["input_ids"], use_cache=False)
     assert torch.allclose(out.logits, model(input_ids=inputs["input_ids"], use_cache=False).logits)
+
+
+def test_a_static_cache_refuses_a_prefill():
+    model = tiny_model("llama", "sdpa")
+    out = generate_static(model, **batch([20]), policy="full", max_new_tokens=3, compile=False)
+    with pytest.raises(CacheMisuseError, match="generate_static"):
+        model(**batch([5]), past_key_values=out.cache)

@@ -85,6 +85,11 @@ class StaticPolicyCache(PolicyCache):
 
     # ----------------------------------------------------------------- the compiled step
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if key_states.shape[2] != 1:
+            raise CacheMisuseError(
+                "a StaticPolicyCache takes one token per row per forward (decoding); prefill with a "
+                "PolicyCache and freeze it, as kvpolicy.generation.generate_static does"
+            )
         layer = self.layers[layer_idx]
         b, h = key_states.shape[:2]
         slot = self.slots[layer_idx : layer_idx + 1]
@@ -95,6 +100,11 @@ class StaticPolicyCache(PolicyCache):
 
     def attend(self, fn: Callable, impl: str, module: Any, query, key, value, args: tuple, kwargs: dict):
         """Attention of one decode step over a whole static layer (called by the attention wrapper)."""
+        if impl not in ("sdpa", "eager"):
+            raise CacheMisuseError(
+                f"attention implementation {impl!r} takes no arbitrary mask, which the static decode path "
+                "needs; load the model with attn_implementation='sdpa' or 'eager'"
+            )
         idx = module.layer_idx
         layer = self.layers[idx]
         if args:
