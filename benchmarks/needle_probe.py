@@ -4,7 +4,8 @@
         'snapkv:{"compression_ratio":0.54}' 'pyramidinfer:{"prefill_recent_ratio":0.1,"prefill_decay_ratio":0.3}'
 
 Prints, per variant, codes found out of 6 and the KV reduction (1 - kept / seen over all layers);
-``--json`` also writes them with the command, machine and versions of the run.
+``--json`` also writes them with the command, machine and versions of the run; ``--seed`` builds
+another set of 6 prompts (other passages, codes and depths; the tests use seed 7).
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ def main(argv: list[str]) -> int:
     import torch
     import transformers
 
-    out_path = None
-    if argv[:1] == ["--json"]:
-        out_path, argv = Path(argv[1]), argv[2:]
+    out_path, seed = None, 7
+    while argv[:1] in (["--json"], ["--seed"]):
+        if argv[0] == "--json":
+            out_path = Path(argv[1])
+        else:
+            seed = int(argv[1])
+        argv = argv[2:]
     model, tokenizer = load_model()
-    inputs, answers, lengths = needles.build(tokenizer)
+    inputs, answers, lengths = needles.build(tokenizer, seed=seed)
     print("prompt lengths", lengths)
     rows = []
     for spec in argv:
@@ -49,6 +54,7 @@ def main(argv: list[str]) -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "prompt_lengths": lengths,
+            "needle_seed": seed,
         }
         out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0

@@ -165,3 +165,19 @@ def test_decay_schedule_endpoints():
     assert decay_ratio(16, 32, 0.5, "linear") == pytest.approx(0.75)
     assert decay_ratio(8, 32, 0.5, "linear") == pytest.approx(0.875)
     assert decay_ratio(31, 32, 0.7, "constant") == 0.7
+
+
+@pytest.mark.parametrize("prompt", [600, 1700, 4000])
+def test_min_context_ratio_floors_every_layer_and_keeps_the_reduction_length_independent(prompt):
+    policy = make_policy("pyramidinfer_54_floor")
+    policy.setup(30, [True] * 30)
+    window = policy.recent_window(prompt, policy.config.prefill_recent_ratio)
+    context = prompt - window
+    budgets = policy.context_budgets(context)
+    assert min(budgets) >= int(0.24 * context)
+    assert budgets == sorted(budgets, reverse=True)
+    reduction = 1 - sum(b + window for b in budgets) / (30 * prompt)
+    assert 0.52 <= reduction <= 0.56
+    reference_floor = make_policy("pyramidinfer_54_floor", min_context_ratio=0.0)
+    reference_floor.setup(30, [True] * 30)
+    assert reference_floor.context_budgets(context)[-1] < budgets[-1]

@@ -66,6 +66,14 @@ def test_pyramidinfer_at_54_percent_answers_as_full_does():
     assert found == result("full")[0]
 
 
+def test_pyramidinfer_with_a_floor_at_54_percent_answers_as_full_does():
+    """The ``pyramidinfer_54_floor`` preset: question-sized voting window, pooled votes, a pyramid
+    decaying to 24% of the context (held-out needle seeds in docs/benchmarks/needle.md)."""
+    found, _, reduction = result("pyramidinfer_54_floor")
+    assert 0.50 <= reduction <= 0.60
+    assert found == result("full")[0]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="issue #3 target missed: H2O at 54% found 0/6 codes (keeps fragments of the digits); "

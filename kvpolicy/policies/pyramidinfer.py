@@ -25,6 +25,10 @@ class PyramidInferConfig(PolicyConfig):
     prefill_decay_ratio: float = Field(0.9, gt=0.0, le=1.0, description="keep ratio reached at the last layer")
     prefill_decay_strategy: DecayStrategy = "cosine"
     min_context_length: int = Field(64, ge=0, description="a layer never prunes its context below this")
+    min_context_ratio: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="ours: the same floor as a share of the prompt's context (the larger floor wins); 0: off, as the reference",
+    )
     layerwise_downsample_interval: int = Field(1, ge=1, description="prune after every n-th layer")
     distance_weight: float = Field(1.2, ge=0.0, description="weight of the newest voting query (oldest: 1)")
     streamingllm_sink_len: int = Field(4, ge=0, description="leading tokens always kept")
@@ -112,7 +116,7 @@ class PyramidInferPolicy(CachePolicy):
             self.num_layers,
             c.prefill_decay_ratio,
             c.prefill_decay_strategy,
-            c.min_context_length,
+            max(c.min_context_length, int(c.min_context_ratio * context_length)),
             c.layerwise_downsample_interval,
         )
 
