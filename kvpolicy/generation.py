@@ -72,10 +72,11 @@ def _memory_mark(profile: dict | None, key: str, device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _cache_arg(model) -> str:
-    """transformers >= 5.24 names the cache argument ``cache``; earlier 5.x ``past_key_values``."""
+def _forward_arguments(model) -> tuple[str, bool]:
+    """The cache argument's name (``cache`` from transformers 5.24, ``past_key_values`` before) and
+    whether ``forward`` still takes ``cache_position`` (transformers < 5.17)."""
     params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return ("cache" if "cache" in params else "past_key_values"), "cache_position" in params
 
 
 def generate_static(
@@ -114,8 +115,7 @@ def generate_static(
     if callable(policy) and policy_overrides:
         raise TypeError("pass settings either to your cache factory or as keyword overrides of a policy name, not both")
     factory = policy if callable(policy) else (lambda: make_cache(policy, **policy_overrides))
-    cache_arg = _cache_arg(model)
-    takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+    cache_arg, takes_cache_position = _forward_arguments(model)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     caches, first = [], []
     with torch.no_grad():

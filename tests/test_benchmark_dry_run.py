@@ -7,10 +7,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_throughput_script_dry_run(tmp_path):
+def throughput_script():
     spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_script_dry_run(tmp_path):
+    module = throughput_script()
     out = tmp_path / "tp.json"
     code = module.main(
         ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", "40",
@@ -25,9 +30,7 @@ def test_throughput_script_dry_run(tmp_path):
 
 
 def test_throughput_script_dry_run_static_policies(tmp_path):
-    spec = importlib.util.spec_from_file_location("throughput_static", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = throughput_script()
     out = tmp_path / "tp.json"
     code = module.main(
         ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", "40", "--new-tokens", "4",

@@ -303,9 +303,17 @@ class PolicyLayer(CacheLayerMixin):
         probs = torch.nan_to_num(probs, nan=0.0)  # a pad query attends to nothing
         return probs.mean(dim=2)
 
+    def ring_positions(self) -> torch.Tensor:
+        """Absolute position of the query in each slot of the static ring (slot = position % window);
+        -1 for a slot no query has filled yet (a prompt shorter than the window)."""
+        w, last = self.qring.shape[2], self.total_seen - 1
+        slot = torch.arange(w, device=self.qring.device)
+        pos = last - ((last - slot) % w)
+        return torch.where(pos >= self.ring_start, pos, torch.full_like(pos, -1))
+
     def window_attention(self, weights: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
         if self.static and self.qring is not None:  # the static decode path's ring of queries
-            self.qwin, self.qwin_pos = self.qring, self.owner._ring_positions(self)
+            self.qwin, self.qwin_pos = self.qring, self.ring_positions()
         if self.qwin is None:
             raise RuntimeError("no queries recorded: the policy must declare a query window in its signals")
         queries, qpos = self.qwin, self.qwin_pos

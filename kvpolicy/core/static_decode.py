@@ -67,7 +67,6 @@ class StaticPolicyCache(PolicyCache):
         self._window = policy.signals.decode_query_window
         self._shared = bool(policy.shared_positions)
         device = first.pad.device
-        self.slots = torch.zeros(len(first.layers), dtype=torch.long, device=device)
         self.abs_pos = torch.full((1,), first.layers[0].total_seen, dtype=torch.long, device=device)
         self._last_layer = len(first.layers) - 1
         for idx in range(len(first.layers)):
@@ -78,7 +77,7 @@ class StaticPolicyCache(PolicyCache):
             if consume:
                 for part in parts:
                     part.keys = part.values = part.pos = part.qwin = part.acc = None
-            self.slots[idx] = layer.length
+        self.slots = torch.tensor([layer.length for layer in self.layers], dtype=torch.long, device=device)
         for t in [self.slots, self.abs_pos, self.pad]:
             torch._dynamo.mark_static_address(t)
         return self
@@ -177,13 +176,6 @@ class StaticPolicyCache(PolicyCache):
         self._apply(layer, plan, seen)
         self.slots[layer.layer_idx] = layer.length
 
-    def _ring_positions(self, layer: PolicyLayer) -> torch.Tensor:
-        """Absolute position of the query in each ring slot (slot = position % window); -1 for a
-        slot no query has filled yet (a prompt shorter than the window)."""
-        w, last = self._window, layer.total_seen - 1
-        slot = torch.arange(w, device=self.abs_pos.device)
-        pos = last - ((last - slot) % w)
-        return torch.where(pos >= layer.ring_start, pos, torch.full_like(pos, -1))
 
 
 def _stack_layer(owner: StaticPolicyCache, idx: int, parts: list[PolicyLayer], capacity: int, window: int) -> PolicyLayer:
