@@ -27,6 +27,10 @@ def main(argv: list[str]) -> int:
     import torch
     import transformers
 
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nusage: needle_probe.py [--json PATH] [--seed N] POLICY[:JSON] ... "
+              "(POLICY: a policy or preset name, or a YAML file)")
+        return 0 if argv else 2
     out_path, seed = None, 7
     while argv[:1] in (["--json"], ["--seed"]):
         if argv[0] == "--json":

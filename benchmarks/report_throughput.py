@@ -1,7 +1,7 @@
 """Turn the throughput JSON files written by benchmarks/throughput.py into a table and a plot.
 
-    python benchmarks/report_throughput.py docs/benchmarks/raw/run_c2.json docs/benchmarks/raw/run_c3.json \
-        docs/benchmarks/raw/run_c4.json --out docs/benchmarks/throughput
+    python benchmarks/report_throughput.py docs/benchmarks/raw/run_d1.json docs/benchmarks/raw/run_d2.json \
+        docs/benchmarks/raw/run_d3.json --out docs/benchmarks/throughput
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from pathlib import Path
 
 
 def load(paths: list[Path]) -> list[tuple[dict, list[dict]]]:
-    """One (meta, rows) pair per run file: each table names the run that produced it."""
+    """One (meta, rows) pair per run file: each table names the run that produced it. Rows of a
+    fixed batch that ran out of memory are kept (``oom``); the table shows them, the plot does not."""
     runs = []
     for p in paths:
         data = json.loads(p.read_text())
-        runs.append((data["meta"], [r for r in data["rows"] if not r.get("oom")]))
+        runs.append((data["meta"], data["rows"]))
     return runs
 
 
@@ -29,6 +30,9 @@ def table(rows: list[dict]) -> str:
             f"|---|---|---|---|---|---|---{'|---' if profiled else ''}|\n")
     lines = []
     for r in rows:
+        if r.get("oom"):
+            lines.append(f"| {r['policy']} | {r['batch']} | out of memory | | | | |{' |' if profiled else ''}")
+            continue
         kv = "-" if r["kv_bytes_per_seq"] is None else f"{r['kv_bytes_per_seq'] / 2**20:.0f}"
         peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
         search = r.get("search", "")
@@ -45,22 +49,35 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], out: Path) -> None:
+    """One panel per prompt length; colour = policy, marker = run (lines join one run's points:
+    ratios are only read within a run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted((r["batch"], r["generated_tokens_per_s"]) for r in rows if r["policy"] == policy)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
-    ax.set_xlabel("batch size (last point: largest that fits in 80 GB)")
-    ax.set_ylabel("generated tokens/s")
-    ax.set_title(f"Llama-2-7B shape, bf16, H100: prompt 512 + 256 generated ({len({r['run'] for r in rows})} runs)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    rows = [r for r in rows if not r.get("oom")]
+    prompts = sorted({r["prompt"] for r in rows})
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    colours = {p: f"C{i % 10}" for i, p in enumerate(policies)}
+    markers = {run: "osD^vP*X"[i % 8] for i, run in enumerate(runs)}
+    fig, axes = plt.subplots(1, len(prompts), figsize=(7 * len(prompts), 5), squeeze=False)
+    for ax, prompt in zip(axes[0], prompts):
+        for run in runs:
+            for policy in policies:
+                pts = sorted({(r["batch"], r["generated_tokens_per_s"]) for r in rows
+                              if r["policy"] == policy and r["run"] == run and r["prompt"] == prompt})
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[run], color=colours[policy],
+                            label=f"{policy} ({Path(run).stem})")
+        ax.set_xlabel("batch size (each run's last point: largest batch it found to fit)")
+        ax.set_ylabel("generated tokens/s")
+        ax.set_title(f"Llama-2-7B shape, bf16, H100: prompt {prompt} + 256 generated")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
 
 
 def run_header(name: str, meta: dict) -> str:

@@ -44,10 +44,12 @@ def main() -> int:
             "seconds": round(seconds, 2),
             "kv_gib": round(kv / gib, 2),
             "allocated_after_gib": round(torch.cuda.memory_allocated() / gib, 2) if device == "cuda" else None,
+            "reserved_after_gib": round(torch.cuda.memory_reserved() / gib, 2) if device == "cuda" else None,
             "unique_graphs": counters["stats"]["unique_graphs"],
             "step_ms": round(1000 * profile["step_s"] / profile["steps"], 2),
             "maintain_ms": round(1000 * profile["maintain_s"] / profile["steps"], 2),
-            **{k: round(v / gib, 2) for k, v in profile.items() if k.startswith("peak_")},
+            **{k.replace("_bytes", "_gib"): round(v / gib, 2) for k, v in profile.items() if k.startswith(("peak_", "held_"))},
+            "cudagraph_counters": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k},
         }
         print(json.dumps(row), flush=True)
     return 0

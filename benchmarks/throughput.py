@@ -58,6 +58,8 @@ STATIC_POLICIES: dict[str, Any] = {
     "pyramidinfer-static": lambda: kvpolicy.make_cache("pyramidinfer_llama2_7b"),
     "pyramidinfer-54-static": lambda: kvpolicy.make_cache("pyramidinfer_54"),
     "pyramidinfer-54-prune-static": lambda: kvpolicy.make_cache("pyramidinfer_54_prune"),
+    "pyramidinfer-floor-static": lambda: kvpolicy.make_cache("pyramidinfer_54_floor"),
+    "pyramidinfer-floor-prune-static": lambda: kvpolicy.make_cache("pyramidinfer_54_floor", prefill_mode="prune_hidden"),
     "streamingllm-static": lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16),
 }
 POLICIES.update({name: "static" for name in STATIC_POLICIES})
@@ -87,13 +89,30 @@ def kv_bytes(cache: Any) -> int:
     return total
 
 
-def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str, options: dict | None = None) -> dict[str, Any]:
-    """One greedy generation; prefill measured by a separate 1-token generate of the same batch.
+class _FirstLogitsClock:
+    """A logits processor that notes when ``generate`` has the prompt's logits (prefill done):
+    prefill and decode are then timed in one call, with one synchronisation."""
 
-    ``decode_step_ms`` is (total - prefill) / (new - 1); tokens/s counts every generated token
-    over the whole generate call, prefill included, as a serving user sees it. Static policies
-    (``*-static``) decode through ``generate_static`` (prefill in chunks of ``prefill_chunk``
-    rows, compiled step); like ``hf-static`` they are compiled and warmed up first."""
+    def __init__(self, device: str):
+        self.device, self.at = device, None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            sync(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
+def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str, options: dict | None = None) -> dict[str, Any]:
+    """One timed greedy generation (compiled policies: after one untimed warm-up call).
+
+    ``prefill_s`` is the time from the call to the prompt's logits (static path: to the frozen
+    cache), measured inside the timed call; ``decode_step_ms`` is (total - prefill) / (new - 1);
+    tokens/s counts every generated token over the whole call, prefill included, as a serving
+    user sees it. Static policies (``*-static``) decode through ``generate_static`` (prefill in
+    chunks of ``prefill_chunk`` rows, compiled step)."""
+    from transformers import LogitsProcessorList
+
     from kvpolicy.generation import generate_static
 
     options = options or {}
@@ -104,6 +123,7 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str,
     compile_options = options.get("compile", True)
 
     def generate(tokens: int, profile: dict | None = None):
+        """-> (total seconds, prefill seconds, cache or None, sequences)"""
         kwargs = dict(common, max_new_tokens=tokens, min_new_tokens=tokens)
         cache = None
         if POLICIES[policy] == "static":
@@ -112,34 +132,34 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str,
             res = generate_static(model, ids, mask, policy=STATIC_POLICIES[policy], max_new_tokens=tokens,
                                   prefill_batch_size=options.get("prefill_chunk"), compile=compile_options, profile=profile)
             sync(device)
-            return time.perf_counter() - start, res.cache, res.sequences
+            return time.perf_counter() - start, res.prefill_seconds, res.cache, res.sequences
         if POLICIES[policy] is None:
             kwargs["cache_implementation"] = "static"
         else:
             cache = POLICIES[policy]()
             kwargs["past_key_values"] = cache
+        clock = _FirstLogitsClock(device)
         sync(device)
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**kwargs)
+            out = model.generate(**kwargs, logits_processor=LogitsProcessorList([clock]))
         sync(device)
-        return time.perf_counter() - start, cache, out
+        return time.perf_counter() - start, clock.at - start, cache, out
 
-    if POLICIES[policy] in (None, "static"):  # compile first: compile time is not throughput
-        generate(1)
+    if POLICIES[policy] in (None, "static"):  # compile and record first: compile time is not throughput
         generate(new)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    prefill_s, _, _ = generate(1)
-    total_s, cache, out = generate(new)
+    total_s, prefill_s, cache, out = generate(new)
     assert out.shape[1] == prompt + new
     decode_s = max(total_s - prefill_s, 1e-9)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     held = kv_bytes(cache) if cache is not None else None
+    del cache, out
     extra: dict[str, Any] = {}
     if POLICIES[policy] == "static" and options.get("profile"):
-        # a third, synchronised run: compiled step vs eager re-compression, per decode step
+        # a second, synchronised run: compiled step vs eager re-compression, per decode step
         profile: dict = {}
         generate(new, profile)
         steps = max(profile.get("steps", 0), 1)
@@ -182,7 +202,7 @@ SEARCH_UP = [3]  # at most this many 10% steps up after a fitting guess
 
 
 def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit: int, options=None,
-                  on_fit=None) -> dict | None:
+                  on_step=None) -> dict | None:
     """Fit peak = a + b * batch on the probes, predict the largest batch, then confirm by running:
     step down 10% on out-of-memory, or up 10% (``--search-up`` times) while it still fits."""
     pts = [(r["batch"], r["peak_memory_bytes"]) for r in probes if r and r["peak_memory_bytes"]]
@@ -200,14 +220,16 @@ def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit:
     while b2 < guess <= limit:
         result = try_run(model, policy, guess, prompt, new, device, options)
         if result is None:
+            if on_step is not None:  # recorded too: a reader can see where the search was bracketed
+                on_step({"policy": policy, "batch": guess, "prompt": prompt, "oom": True, "search": "out of memory (search step)"})
             if best is not None:
                 failed_above = True
                 break
             guess = int(guess * 0.9)
             continue
         best = result
-        if on_fit is not None:
-            on_fit(dict(result, search="fits (search step)"))
+        if on_step is not None:
+            on_step(dict(result, search="fits (search step)"))
         if tries_up == SEARCH_UP[0]:
             break
         tries_up += 1
@@ -279,13 +301,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result), flush=True)
             search = args.max_batch_policies is None or policy in args.max_batch_policies.split(",")
             if args.max_batch and search and args.device.startswith("cuda"):
-                def on_fit(row: dict) -> None:  # every fitting step is kept, even if the run is cut short
+                def on_step(row: dict) -> None:  # every search step is kept (fits or out of memory), even if the run is cut short
                     rows.append(row)
                     save()
                     print(json.dumps(row), flush=True)
 
                 best = largest_batch(model, policy, prompt, args.new_tokens, args.device, probes, args.batch_limit,
-                                     options, on_fit)
+                                     options, on_step)
                 if best is not None:
                     rows.append(best)
                     save()

@@ -37,6 +37,7 @@ class StaticGeneration:
 
     sequences: torch.Tensor
     cache: StaticPolicyCache
+    prefill_seconds: float = 0.0  #: wall time until the frozen cache was ready (device synchronised)
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -66,9 +67,10 @@ def _clock(profile: dict | None, device: torch.device) -> float:
 
 
 def _memory_mark(profile: dict | None, key: str, device: torch.device) -> None:
-    """Peak memory of the phase that just ended (CUDA, with ``profile`` only)."""
+    """Peak memory of the phase that just ended, and what it left allocated (CUDA, with ``profile`` only)."""
     if profile is not None and device.type == "cuda":
         profile[key] = torch.cuda.max_memory_allocated(device)
+        profile[key.replace("peak_", "held_after_")] = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -117,6 +119,8 @@ def generate_static(
     factory = policy if callable(policy) else (lambda: make_cache(policy, **policy_overrides))
     cache_arg, takes_cache_position = _forward_arguments(model)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    _memory_mark(profile, "peak_before_bytes", input_ids.device)
+    started = time.perf_counter()
     caches, first = [], []
     with torch.no_grad():
         for start in range(0, batch, chunk):
@@ -131,6 +135,9 @@ def generate_static(
         static = StaticPolicyCache.freeze(caches, max_new_tokens - 1, consume=True)
         del caches, cache  # the chunks' buffers are copied: free them before decoding
         _memory_mark(profile, "peak_freeze_bytes", input_ids.device)
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize(input_ids.device)
+        prefill_seconds = time.perf_counter() - started
         tokens = [torch.cat(first)]
         if compile is True:  # CUDA graphs where they exist; on CPU reduce-overhead only slows inductor down
             compile = {"fullgraph": True, **({"mode": "reduce-overhead"} if input_ids.device.type == "cuda" else {})}
@@ -169,4 +176,4 @@ def generate_static(
         hit = generated == eos_token_id
         if bool(hit.any(1).all()):
             generated = generated[:, : int(hit.float().argmax(1).max()) + 1]
-    return StaticGeneration(torch.cat([input_ids, generated], dim=1), static)
+    return StaticGeneration(torch.cat([input_ids, generated], dim=1), static, prefill_seconds)

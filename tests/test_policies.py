@@ -92,6 +92,26 @@ def test_pyramidinfer_decode_compresses_in_groups():
     assert keeps == sorted(keeps, reverse=True) and keeps[0] > keeps[-1]
 
 
+@pytest.mark.parametrize("policy, overrides", [
+    ("pyramidinfer", dict(min_context_length=8, exceed_length_to_compress=4, gen_query_window=8)),
+    ("streamingllm", dict(budget=40, evict_every=3)),
+])
+def test_selection_once_per_row_equals_selection_per_head(policy, overrides, monkeypatch):
+    """Policies whose heads share positions select on [B, 1, L]; the kept tokens and the greedy
+    tokens must be those of the per-head selection, prefill and decode (padded rows included)."""
+    model = tiny_model("llama", "sdpa", layers=3)
+    inputs = batch([70, 52])
+    shared = make_cache(policy, **overrides)
+    assert shared.policy.shared_positions
+    tokens_shared = greedy(model, inputs, shared, new_tokens=14)
+    per_head = make_cache(policy, **overrides)
+    monkeypatch.setattr(type(per_head.policy), "shared_positions", False)
+    tokens_per_head = greedy(model, inputs, per_head, new_tokens=14)
+    assert torch.equal(tokens_shared, tokens_per_head)
+    for layer in range(3):
+        assert torch.equal(shared.kept_positions(layer), per_head.kept_positions(layer))
+
+
 def test_pyramidinfer_kv_head_aggregation_selects_per_head():
     cache = prefill("pyramidinfer", 4, 200, min_context_length=8, head_aggregation="kv_head")
     pos = cache.kept_positions(3)[0]

@@ -137,3 +137,14 @@ def test_a_static_cache_refuses_a_prefill():
     out = generate_static(model, **batch([20]), policy="full", max_new_tokens=3, compile=False)
     with pytest.raises(CacheMisuseError, match="generate_static"):
         model(**batch([5]), past_key_values=out.cache)
+
+
+def test_first_moved_slot():
+    from kvpolicy.core.layer_store import first_moved_slot
+
+    still = torch.arange(5).view(1, 1, 5).expand(2, 3, 5)
+    assert int(first_moved_slot(still)) == 5
+    moved = still.clone()
+    moved[1, 2, 3:] = torch.tensor([4, 6])
+    assert int(first_moved_slot(moved)) == 3
+    assert int(first_moved_slot(torch.zeros(2, 3, 0, dtype=torch.long))) == 0

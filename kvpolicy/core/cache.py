@@ -348,15 +348,25 @@ class PolicyCache(Cache):
         return (layer.total_seen - self.pad).tolist()
 
     def _apply(self, layer: PolicyLayer, plan: Plan, seen_per_row: list[int]) -> None:
-        """Turn a plan into kept slots: protect sinks/recent, drop invalid, top-k, sort by position.
+        selection = self._select(layer, plan, seen_per_row)
+        if selection is not None:
+            layer.compact(*selection)
+
+    def _select(self, layer: PolicyLayer, plan: Plan, seen_per_row: list[int]) -> tuple[torch.Tensor, list[int]] | None:
+        """Turn a plan into the slots to keep (``index`` ``[B, H or 1, K]``, sorted by position, and
+        each row's count): protect sinks/recent, drop invalid, top-k. None: nothing to evict.
 
         Per-row numbers stay on the host (``per_row``): each blocking copy to the GPU would stall
-        the queue, and in the static decode path this runs between compiled steps."""
+        the queue, and in the static decode path this runs between compiled steps. When every head
+        keeps the same positions (``shared_positions``) and the scores are per layer, the selection
+        runs once per row rather than once per head."""
         n_valid = layer.valid_counts()
         keep = [max(0, min(int(k), n)) for k, n in zip(plan.keep, n_valid)]
         if all(k >= n for k, n in zip(keep, n_valid)):
-            return  # nothing to evict (masked pads stay masked by transformers' own mask)
+            return None  # nothing to evict (masked pads stay masked by transformers' own mask)
         local = layer.local_positions()  # [B, H, L]
+        if self.policy.shared_positions and (plan.scores is None or plan.scores.shape[1] == 1):
+            local = local[:, :1]
         b, h, L = local.shape
         valid = local >= 0
         if plan.scores is None:
@@ -373,11 +383,10 @@ class PolicyCache(Cache):
         scores = scores.masked_fill(~valid, float("-inf"))
         k_max = max(keep) if keep else 0
         top = scores.topk(k_max, dim=-1, sorted=True).indices  # best first
-        chosen_pos = layer.pos_view().gather(2, top)
+        chosen_pos = layer.pos_view()[:, :h].gather(2, top)
         if min(keep) < k_max:  # rows keeping fewer than k_max: their surplus picks sort last, invalid
             rank = torch.arange(k_max, device=local.device).view(1, 1, -1)
             big = torch.iinfo(chosen_pos.dtype).max
             chosen_pos = torch.where(rank < per_row(keep, local.device), chosen_pos, torch.full_like(chosen_pos, big))
         order = chosen_pos.argsort(dim=-1)
-        index = top.gather(2, order)
-        layer.compact(index, keep)
+        return top.gather(2, order), keep

@@ -213,15 +213,18 @@ class PolicyLayer(CacheLayerMixin):
                 "use a new cache per model (or call cache.reset())"
             )
 
-    def compact(self, index: torch.Tensor, keep_counts: list[int]) -> None:
-        """Keep the slots ``index`` ``[B, H, K]`` (sorted by position); row ``b`` keeps ``keep_counts[b]``.
+    def compact(self, index: torch.Tensor, keep_counts: list[int], start: int | None = None) -> None:
+        """Keep the slots ``index`` ``[B, H or 1, K]`` (sorted by position); row ``b`` keeps ``keep_counts[b]``.
 
         Rows keeping fewer than ``K`` get their surplus slots marked invalid (pos = -1), so the
-        tensor stays rectangular but attention ignores them.
+        tensor stays rectangular but attention ignores them. ``start``: the first slot that moves,
+        when the caller has read it already (:func:`first_moved_slot`; reading it here waits for the
+        device).
         """
         k = index.shape[2]
         new_cap = k + self.owner.headroom(self.layer_idx)
         b, h, _, d = self.keys.shape
+        index = index.expand(b, h, k)
         idx4 = index.unsqueeze(-1).expand(b, h, k, d)
         slack = self.capacity - k
         if self.static:
@@ -236,10 +239,10 @@ class PolicyLayer(CacheLayerMixin):
             acc = None if self.acc is None else self.acc.new_zeros(b, h, new_cap)
         else:  # in-place compaction: the usual decode case
             keys, values, pos, acc = self.keys, self.values, self.pos, self.acc
-        start = 0
-        if keys is self.keys:  # in place: slots before the first one that moves stay as they are
-            moved = (index != torch.arange(k, device=index.device)).flatten(0, 1).any(0).nonzero()
-            start = int(moved[0]) if len(moved) else k
+        if keys is not self.keys:
+            start = 0
+        else:  # in place: slots before the first one that moves stay as they are
+            start = int(first_moved_slot(index)) if start is None else start
             index, idx4 = index[:, :, start:], idx4[:, :, start:]
         gathered_k = self.keys.gather(2, idx4)
         gathered_v = self.values.gather(2, idx4)
@@ -360,3 +363,12 @@ class PolicyLayer(CacheLayerMixin):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
+
+
+def first_moved_slot(index: torch.Tensor) -> torch.Tensor:
+    """The first slot ``j`` (a 0-d device tensor) where some row or head keeps another slot than ``j``;
+    ``K`` when nothing moves. In-place compaction copies only from there on."""
+    k = index.shape[2]
+    ramp = torch.arange(k, device=index.device)
+    moved = (index != ramp).flatten(0, 1).any(0)
+    return torch.where(moved, ramp, torch.full_like(ramp, k)).min() if k else ramp.new_zeros(())

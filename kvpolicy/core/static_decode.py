@@ -24,7 +24,7 @@ import torch
 from . import attention_hook
 from .cache import PolicyCache
 from .errors import CacheMisuseError, UnsupportedModelError
-from .layer_store import PolicyLayer
+from .layer_store import PolicyLayer, first_moved_slot
 from .policy import LayerView
 
 
@@ -148,17 +148,23 @@ class StaticPolicyCache(PolicyCache):
             layer.total_seen += 1
             layer.since_compress += 1
             layer.valid_host = [n + 1 for n in layer.valid_host]
-        for layer in self.layers:
-            if layer.compressible:
-                self._maintain(layer)
-            if another_step and layer.length >= layer.capacity:
-                raise CacheMisuseError(
-                    f"layer {layer.layer_idx} filled its static buffer ({layer.capacity} slots): "
-                    f"{type(self.policy).__name__}.decode_growth() under-estimates decode growth, or more "
-                    "tokens were generated than freeze() was sized for"
-                )
+        due = [(layer, sel) for layer in self.layers if layer.compressible and (sel := self._plan_layer(layer))]
+        if due:  # one read of the device for all layers (each read drains the queue)
+            starts = torch.stack([first_moved_slot(index) for _, (index, _) in due]).tolist()
+            for (layer, (index, keep)), start in zip(due, starts):
+                layer.compact(index, keep, start)
+                self.slots[layer.layer_idx] = layer.length
+        if another_step:
+            for layer in self.layers:
+                if layer.length >= layer.capacity:
+                    raise CacheMisuseError(
+                        f"layer {layer.layer_idx} filled its static buffer ({layer.capacity} slots): "
+                        f"{type(self.policy).__name__}.decode_growth() under-estimates decode growth, or more "
+                        "tokens were generated than freeze() was sized for"
+                    )
 
-    def _maintain(self, layer: PolicyLayer) -> None:
+    def _plan_layer(self, layer: PolicyLayer) -> tuple[torch.Tensor, list[int]] | None:
+        """The policy's plan for ``layer`` turned into slots to keep; None when it keeps all."""
         seen = self._seen_real(layer)
         view = LayerView(
             layer_idx=layer.layer_idx,
@@ -171,11 +177,7 @@ class StaticPolicyCache(PolicyCache):
             state=self._policy_state.setdefault(layer.layer_idx, {}),
         )
         plan = self.policy.plan(view)
-        if plan is None:
-            return
-        self._apply(layer, plan, seen)
-        self.slots[layer.layer_idx] = layer.length
-
+        return None if plan is None else self._select(layer, plan, seen)
 
 
 def _stack_layer(owner: StaticPolicyCache, idx: int, parts: list[PolicyLayer], capacity: int, window: int) -> PolicyLayer:

@@ -184,6 +184,8 @@ class PyramidInferPolicy(CachePolicy):
         if not any(due):
             return None
         local = view.positions  # [B, H, L], -1 invalid
+        if self.shared_positions:  # every head holds the same positions: select once per row
+            local = local[:, :1]
         valid = view.valid_counts
         # a row not due gets an empty group (start past every position)
         start = [f if d else 1 << 40 for f, d in zip(frontier, due)]
