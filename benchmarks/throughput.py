@@ -137,7 +137,7 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str,
             kwargs["cache_implementation"] = "static"
         else:
             cache = POLICIES[policy]()
-            kwargs["past_key_values"] = cache
+            kwargs[kvpolicy.cache_argument(model)] = cache
         clock = _FirstLogitsClock(device)
         sync(device)
         start = time.perf_counter()

@@ -4,6 +4,9 @@ Pass a cache to ``generate`` and the model keeps only what the policy chooses::
 
     from kvpolicy import PyramidCache
     model.generate(**inputs, past_key_values=PyramidCache(), max_new_tokens=64)
+
+(transformers >= 5.24 calls the argument ``cache``; ``cache_argument(model)`` gives the name the
+installed version expects.)
 """
 
 from .core import (
@@ -27,6 +30,7 @@ from .core import (
     reload_plugins,
     supported_model_types,
 )
+from .core.compat import cache_argument
 from .policies.conveniences import FullCache, H2OCache, PyramidCache, SnapKVCache, StreamingLLMCache
 
 __version__ = "0.1.0"
@@ -44,6 +48,7 @@ __all__ = [
     "Plan",
     "Signals",
     "available_policies",
+    "cache_argument",
     "make_cache",
     "make_policy",
     "reload_plugins",

@@ -16,7 +16,6 @@ The tokens are those of greedy ``generate`` with the same policy (tested).
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +24,7 @@ import torch
 
 from .core import attention_hook
 from .core.cache import PolicyCache
+from .core.compat import cache_argument, takes_cache_position
 from .core.errors import ConfigError
 from .core.registry import make_cache
 from .core.static_decode import StaticPolicyCache
@@ -74,13 +74,6 @@ def _memory_mark(profile: dict | None, key: str, device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _forward_arguments(model) -> tuple[str, bool]:
-    """The cache argument's name (``cache`` from transformers 5.24, ``past_key_values`` before) and
-    whether ``forward`` still takes ``cache_position`` (transformers < 5.17)."""
-    params = inspect.signature(model.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "cache_position" in params
-
-
 def generate_static(
     model,
     input_ids: torch.Tensor,
@@ -117,7 +110,7 @@ def generate_static(
     if callable(policy) and policy_overrides:
         raise TypeError("pass settings either to your cache factory or as keyword overrides of a policy name, not both")
     factory = policy if callable(policy) else (lambda: make_cache(policy, **policy_overrides))
-    cache_arg, takes_cache_position = _forward_arguments(model)
+    cache_arg, takes_position = cache_argument(model), takes_cache_position(model)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     _memory_mark(profile, "peak_before_bytes", input_ids.device)
     started = time.perf_counter()
@@ -152,7 +145,7 @@ def generate_static(
             for i in range(max_new_tokens - 1):
                 if unfinished is not None and i % 8 == 0 and not bool(unfinished.any()):
                     break
-                extra = {"cache_position": base_abs + i} if takes_cache_position else {}
+                extra = {"cache_position": base_abs + i} if takes_position else {}
                 if options is not None and options.get("mode") == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 t0 = _clock(profile, input_ids.device)

@@ -112,3 +112,19 @@ def test_crop_of_compressed_layer_is_refused():
 def test_errors_share_a_base_class():
     for cls in (UnknownPolicyError, ConfigError, UnsupportedModelError, CacheMisuseError):
         assert issubclass(cls, kvpolicy.KVPolicyError)
+
+
+def test_cache_argument_names_what_the_installed_transformers_takes():
+    """Passing the cache under kvpolicy.cache_argument(model) works and draws no deprecation warning
+    (transformers >= 5.24 renamed past_key_values to cache)."""
+    import inspect
+    import warnings
+
+    model = tiny_model("llama", "sdpa")
+    name = kvpolicy.cache_argument(model)
+    assert name in inspect.signature(model.forward).parameters
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(**batch([12]), **{name: kvpolicy.make_cache("full")}, max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

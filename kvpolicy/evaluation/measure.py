@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..core.compat import cache_argument
+
 
 @dataclass
 class SequenceStats:
@@ -90,7 +92,7 @@ class Meter:
         start = time.perf_counter()
         out = model.generate(
             **inputs,
-            past_key_values=cache,
+            **{cache_argument(model): cache},
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
@@ -116,7 +118,7 @@ class Meter:
         """
         stats = SequenceStats(prefill_tokens=ids.shape[0] * prefix)
         start = time.perf_counter()
-        model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :prefix], use_cache=True, **{cache_argument(model): cache})
         stats.prefill_s = time.perf_counter() - start
         self._after_prefill(stats, cache)
         nll, count = 0.0, 0
@@ -125,7 +127,7 @@ class Meter:
         pos = prefix
         while pos < length - 1:
             chunk = ids[:, pos : min(pos + step, length - 1)]
-            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=chunk, use_cache=True, **{cache_argument(model): cache}).logits.float()
             targets = ids[:, pos + 1 : pos + 1 + chunk.shape[1]]
             nll += torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"

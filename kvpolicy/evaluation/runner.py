@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.compat import cache_argument
 from ..core.config import ConfigError, load_preset
 from ..core.registry import make_cache, make_policy, policy_class
 from .measure import Meter
@@ -128,8 +129,9 @@ def _warm_up(model: Any, tokenizer: Any) -> None:
     selection, lazy imports) that would otherwise be charged to the first policy."""
     ids = tokenizer("It is a truth universally acknowledged", return_tensors="pt").to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model.generate(**ids, past_key_values=make_cache(REFERENCE), max_new_tokens=4, do_sample=False, pad_token_id=pad)
-    model(input_ids=ids["input_ids"], past_key_values=make_cache(REFERENCE), use_cache=True)
+    arg = cache_argument(model)
+    model.generate(**ids, **{arg: make_cache(REFERENCE)}, max_new_tokens=4, do_sample=False, pad_token_id=pad)
+    model(input_ids=ids["input_ids"], use_cache=True, **{arg: make_cache(REFERENCE)})
 
 
 def run_compare(
