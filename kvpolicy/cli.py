@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -180,9 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kvpolicy`` console script and ``python -m kvpolicy``."""
     from .core.errors import KVPolicyError
 
-    # transformers >= 5.2x renames generate's past_key_values to cache; both work and the
-    # deprecation notice would only clutter the table this command prints
-    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

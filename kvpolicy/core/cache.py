@@ -65,6 +65,7 @@ class PolicyCache(Cache):
             attention_hook.install()
         layer = self._layer(layer_idx)
         hidden = self._hidden
+        cut: dict[str, Any] = {}
         if hidden is not None and layer_idx > 0:  # prune-hidden prefill: the tokens this layer was given
             if hidden.layer != layer_idx:
                 raise UnsupportedModelError(
@@ -72,10 +73,8 @@ class PolicyCache(Cache):
                     "adapter's decoder-layer class); use prefill_mode='cache_only'"
                 )
             if hidden.pos is not None:
-                keys, values = layer.append(key_states, value_states, positions=hidden.pos, width=hidden.width)
-                attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
-                return keys, values
-        keys, values = layer.append(key_states, value_states)
+                cut = {"positions": hidden.pos, "width": hidden.width}
+        keys, values = layer.append(key_states, value_states, **cut)
         attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
         return keys, values
 
@@ -157,13 +156,7 @@ class PolicyCache(Cache):
 
     def valid_tokens_per_layer(self) -> list[list[int]]:
         """Valid kept tokens per layer and row (heads hold equal counts)."""
-        out = []
-        for layer in self.layers:
-            if layer.keys is None:
-                out.append([])
-                continue
-            out.append(layer.valid_mask()[:, 0].sum(-1).tolist())
-        return out
+        return [[] if layer.keys is None else layer.valid_counts() for layer in self.layers]
 
     def seen_tokens(self) -> list[int]:
         """Real (non-pad) tokens each row has given the cache, evicted ones included."""
@@ -290,17 +283,7 @@ class PolicyCache(Cache):
             layer.record_queries(query, signals.decode_query_window, qpos)
         if signals.accumulated_attention:
             layer.accumulate_attention(query, qpos)
-        view = LayerView(
-            layer_idx=layer_idx,
-            num_layers=self._num_layers,
-            phase="prefill" if prefill else "decode",
-            layer=layer,
-            seen=seen,
-            prompt_len=seen if prefill else self.prompt_len,
-            new_tokens=new,
-            state=self._policy_state.setdefault(layer_idx, {}),
-        )
-        plan = policy.plan(view)
+        plan = policy.plan(self._view(layer, seen, new, prefill))
         if plan is not None:
             self._apply(layer, plan, seen)
         if prefill and layer_idx == self._last_compressible():
@@ -311,6 +294,19 @@ class PolicyCache(Cache):
             elif layer.qwin.shape[2] > signals.decode_query_window:
                 layer.qwin = layer.qwin[:, :, -signals.decode_query_window :].clone()
                 layer.qwin_pos = layer.qwin_pos[..., -signals.decode_query_window :].clone()
+
+    def _view(self, layer: PolicyLayer, seen: list[int], new_tokens: int, prefill: bool) -> LayerView:
+        """What the policy's ``plan`` sees of ``layer`` after a forward of ``new_tokens`` per row."""
+        return LayerView(
+            layer_idx=layer.layer_idx,
+            num_layers=self._num_layers,
+            phase="prefill" if prefill else "decode",
+            layer=layer,
+            seen=seen,
+            prompt_len=seen if prefill else self.prompt_len,
+            new_tokens=new_tokens,
+            state=self._policy_state.setdefault(layer.layer_idx, {}),
+        )
 
     def _enter_decoder_layer(self, decoder_layer: Any, inputs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Prune-hidden prefill: cut decoder layer ``l``'s inputs to the tokens layer ``l - 1`` kept.

@@ -21,11 +21,9 @@ from typing import Any, Callable
 
 import torch
 
-from . import attention_hook
 from .cache import PolicyCache
 from .errors import CacheMisuseError, UnsupportedModelError
 from .layer_store import PolicyLayer, first_moved_slot
-from .policy import LayerView
 
 
 class StaticPolicyCache(PolicyCache):
@@ -166,17 +164,7 @@ class StaticPolicyCache(PolicyCache):
     def _plan_layer(self, layer: PolicyLayer) -> tuple[torch.Tensor, list[int]] | None:
         """The policy's plan for ``layer`` turned into slots to keep; None when it keeps all."""
         seen = self._seen_real(layer)
-        view = LayerView(
-            layer_idx=layer.layer_idx,
-            num_layers=self._num_layers,
-            phase="decode",
-            layer=layer,
-            seen=seen,
-            prompt_len=self.prompt_len,
-            new_tokens=1,
-            state=self._policy_state.setdefault(layer.layer_idx, {}),
-        )
-        plan = self.policy.plan(view)
+        plan = self.policy.plan(self._view(layer, seen, 1, prefill=False))
         return None if plan is None else self._select(layer, plan, seen)
 
 
@@ -230,8 +218,3 @@ def _merge_states(states: list[dict[int, dict]], rows: list[int]) -> dict[int, d
                 out[key] = value
         merged[layer_idx] = out
     return merged
-
-
-def install_static(cache: StaticPolicyCache | None) -> None:
-    """Route every wrapped attention call to ``cache`` (None: back to the eager path)."""
-    attention_hook.STATIC_CACHE = cache
