@@ -14,6 +14,7 @@ confirmed by a real run (stepping down on out-of-memory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -26,7 +27,7 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a run may point it at another checkout
 import kvpolicy  # noqa: E402
 
 SHAPES = {
@@ -63,6 +64,16 @@ STATIC_POLICIES: dict[str, Any] = {
     "streamingllm-static": lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16),
 }
 POLICIES.update({name: "static" for name in STATIC_POLICIES})
+
+#: policy label -> NVIDIA kvpress press, used as kvpress documents it with ``generate``
+#: (``with press(model): model.generate(...)``, transformers' DynamicCache, eager); the ratio is
+#: ``--press-ratio``. kvpress compresses the prompt only and needs transformers < 5.3.
+KVPRESS_POLICIES: dict[str, str] = {
+    "kvpress-snapkv": "SnapKVPress",
+    "kvpress-pyramidkv": "PyramidKVPress",
+    "kvpress-streamingllm": "StreamingLLMPress",
+}
+POLICIES.update({name: "kvpress" for name in KVPRESS_POLICIES})
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -133,21 +144,28 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str,
                                   prefill_batch_size=options.get("prefill_chunk"), compile=compile_options, profile=profile)
             sync(device)
             return time.perf_counter() - start, res.prefill_seconds, res.cache, res.sequences
+        context = contextlib.nullcontext()
         if POLICIES[policy] is None:
             kwargs["cache_implementation"] = "static"
+        elif POLICIES[policy] == "kvpress":
+            cache = DynamicCache()
+            kwargs[kvpolicy.cache_argument(model)] = cache
+            context = make_press(policy, options.get("press_ratio", 0.54))(model)
         else:
             cache = POLICIES[policy]()
             kwargs[kvpolicy.cache_argument(model)] = cache
         clock = _FirstLogitsClock(device)
         sync(device)
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), context:
             out = model.generate(**kwargs, logits_processor=LogitsProcessorList([clock]))
         sync(device)
         return time.perf_counter() - start, clock.at - start, cache, out
 
     if POLICIES[policy] in (None, "static"):  # compile and record first: compile time is not throughput
         generate(new)
+    else:  # a short call first: the process's first use of each kernel stays out of the timing
+        generate(2)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -178,6 +196,14 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str,
         **({"prefill_chunk": options.get("prefill_chunk")} if POLICIES[policy] == "static" else {}),
         **extra,
     }
+
+
+def make_press(policy: str, ratio: float) -> Any:
+    try:
+        import kvpress
+    except ImportError as err:
+        raise SystemExit(f"{policy} needs kvpress (pip install kvpress; it needs transformers<5.3): {err}") from err
+    return getattr(kvpress, KVPRESS_POLICIES[policy])(compression_ratio=ratio)
 
 
 def is_oom(err: BaseException) -> bool:
@@ -245,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default=",".join(p for p, kind in POLICIES.items() if kind != "kvpress"))
     ap.add_argument("--prompt-lens", default="512")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batch-sizes", default="1,8,32")
@@ -257,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="at this fixed batch, static policies also time the compiled step vs the eager re-compression")
     ap.add_argument("--no-compile", action="store_true", help="static policies: run the static step eagerly")
     ap.add_argument("--search-up", type=int, default=3, help="max 10%% steps up in the largest-batch search")
+    ap.add_argument("--press-ratio", type=float, default=0.54, help="compression ratio of the kvpress-* policies")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     SEARCH_UP[0] = args.search_up
@@ -287,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     for prompt in [int(p) for p in args.prompt_lens.split(",")]:
         for policy in policies:
             probes = []
-            options = {"prefill_chunk": args.prefill_chunk, "compile": not args.no_compile}
+            options = {"prefill_chunk": args.prefill_chunk, "compile": not args.no_compile, "press_ratio": args.press_ratio}
             for batch in [int(b) for b in args.batch_sizes.split(",")]:
                 result = try_run(model, policy, batch, prompt, args.new_tokens, args.device,
                                  dict(options, profile=batch == args.profile_batch))

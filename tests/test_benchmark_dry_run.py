@@ -43,3 +43,23 @@ def test_throughput_script_dry_run_static_policies(tmp_path):
     for row in rows:
         assert row["generated_tokens_per_s"] > 0 and row["prefill_chunk"] == 2
         assert row["profile_step_ms"] > 0 and row["profile_maintain_ms"] >= 0
+
+
+def test_throughput_script_dry_run_kvpress(tmp_path):
+    """kvpress side by side (its environment only: kvpress needs transformers < 5.3)."""
+    import pytest
+
+    pytest.importorskip("kvpress")
+    module = throughput_script()
+    out = tmp_path / "tp.json"
+    code = module.main(
+        ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", "80", "--new-tokens", "4",
+         "--batch-sizes", "2", "--press-ratio", "0.5", "--policies", "hf-dynamic,kvpress-snapkv", "--json", str(out)]
+    )
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    dynamic, press = rows
+    assert press["policy"] == "kvpress-snapkv" and press["generated_tokens_per_s"] > 0
+    # the press halved the prompt's 80 tokens per layer (SnapKV's window is 64); the 3 generated after
+    # it stay (the last token's keys are never computed)
+    assert press["kv_bytes_per_seq"] == dynamic["kv_bytes_per_seq"] * (40 + 3) / (80 + 3)

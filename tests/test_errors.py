@@ -128,3 +128,23 @@ def test_cache_argument_names_what_the_installed_transformers_takes():
         model.generate(**batch([12]), **{name: kvpolicy.make_cache("full")}, max_new_tokens=2, do_sample=False,
                        pad_token_id=0)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_a_dropped_cache_frees_its_tensors_without_the_cycle_collector():
+    """Layers point back at their cache weakly: a cache dropped by its user (its GPU memory with it)
+    is freed at once, not whenever Python's cycle collector next runs."""
+    import gc
+    import weakref
+
+    model = tiny_model()
+    inputs = batch([20, 20])
+    cache = kvpolicy.make_cache("pyramidinfer", min_context_length=4)
+    with torch.no_grad():
+        model(**inputs, use_cache=True, **{kvpolicy.cache_argument(model): cache})
+    keys = weakref.ref(cache.layers[0].keys)
+    gc.disable()
+    try:
+        del cache
+        assert keys() is None
+    finally:
+        gc.enable()

@@ -93,7 +93,7 @@ def install() -> None:
     # ``ALL_ATTENTION_FUNCTIONS[name] = fn`` lands, e.g. kvpress's; they take precedence)
     for mapping in (AttentionInterface._global_mapping, ALL_ATTENTION_FUNCTIONS._local_mapping):
         for name, fn in list(mapping.items()):
-            if not getattr(fn, _MARK, False):
+            if not _calls_a_wrapper(fn):
                 mapping[name] = _wrap(fn, name)
     for mod_name, mod in list(sys.modules.items()):
         if mod is None or mod_name in _installed_modules or not mod_name.startswith("transformers.models."):
@@ -104,6 +104,28 @@ def install() -> None:
         if callable(fn):
             setattr(mod, "eager_attention_forward", _wrap(fn, "eager"))
         _installed_modules.add(mod_name)
+
+
+def _calls_a_wrapper(fn: Callable, depth: int = 4) -> bool:
+    """True if ``fn`` is one of our wrappers or a third-party wrapper around one (found through
+    ``__wrapped__`` or the closure, as kvpress's patch wraps whatever was registered when it was
+    imported). Wrapping such a function again would run the static decode step's attention, and
+    its slot bookkeeping, twice per layer."""
+    if getattr(fn, _MARK, False):
+        return True
+    if depth == 0:
+        return False
+    inner = [getattr(fn, "__wrapped__", None)]
+    inner += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ()) if _filled(cell)]
+    return any(callable(f) and _calls_a_wrapper(f, depth - 1) for f in inner if f is not None)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 def check_consumed() -> None:

@@ -46,6 +46,7 @@ class PolicyCache(Cache):
             raise TypeError("pass overrides either to the policy or to PolicyCache(name, **overrides), not both")
         self.policy: CachePolicy = policy
         self.pad: torch.Tensor | None = None  # left padding per row [B]
+        self.pad_host: list[int] | None = None  # the same on the host: per-row arithmetic without a device sync
         self.prompt_len: list[int] | None = None
         self._adapter = None
         self._model_ref: weakref.ref | None = None
@@ -113,7 +114,7 @@ class PolicyCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.layers = []
-        self.pad = None
+        self.pad = self.pad_host = None
         self.prompt_len = None
         self._model_ref = None
         self._policy_state = {}
@@ -127,6 +128,7 @@ class PolicyCache(Cache):
         rows = self.pad.shape[0]
         order = fn(torch.arange(rows)).tolist()
         self.pad = fn(self.pad)
+        self.pad_host = [self.pad_host[i] for i in order]
         if self.prompt_len is not None:
             self.prompt_len = [self.prompt_len[i] for i in order]
         for state in self._policy_state.values():
@@ -211,7 +213,7 @@ class PolicyCache(Cache):
 
     def _find_pad(self, mask: torch.Tensor | None, batch: int, device: torch.device) -> None:
         if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
-            self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+            self.pad, self.pad_host = torch.zeros(batch, dtype=torch.long, device=device), [0] * batch
         else:
             last = mask[:, 0, -1, :] if mask.dim() == 4 else mask  # 2-D: flash attention's padding mask
             if last.dtype == torch.bool:
@@ -223,6 +225,7 @@ class PolicyCache(Cache):
             if valid.shape[0] != batch:
                 valid = valid.expand(batch, -1)
             self.pad = (valid.long().cumsum(-1) == 0).sum(-1).to(device)
+            self.pad_host = self.pad.tolist()  # the forward's one read of the device for the cache
         self.prompt_len = None
 
     def _before_attention(self, layer_idx: int, module: Any, query: torch.Tensor, mask: Any, impl: str):
@@ -274,7 +277,7 @@ class PolicyCache(Cache):
         signals = policy.signals
         prefill = self.prompt_len is None
         new = query.shape[2]
-        seen = self._seen_real(layer)  # one device sync per layer; reused below and by _apply
+        seen = self._seen_real(layer)
         qpos = None if self._hidden is None else self._hidden.pos  # per row in a prune-hidden prefill
         if prefill:
             window = signals.prefill_query_window(max(seen))
@@ -341,7 +344,8 @@ class PolicyCache(Cache):
         return idx[-1] if idx else -1
 
     def _seen_real(self, layer: PolicyLayer) -> list[int]:
-        return (layer.total_seen - self.pad).tolist()
+        # host-side: each device read drains the GPU's queue, and this runs once per layer
+        return [layer.total_seen - p for p in self.pad_host]
 
     def _apply(self, layer: PolicyLayer, plan: Plan, seen_per_row: list[int]) -> None:
         selection = self._select(layer, plan, seen_per_row)

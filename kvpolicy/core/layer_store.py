@@ -10,6 +10,7 @@ the kept slots into a right-sized buffer so the evicted memory is really returne
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +29,9 @@ class PolicyLayer(CacheLayerMixin):
 
     def __init__(self, owner: "PolicyCache", layer_idx: int):
         super().__init__()
-        self.owner = owner
+        # a weak reference: cache -> layers -> cache would be a cycle, and a dropped cache (with
+        # gigabytes of GPU memory) would then wait for Python's cycle collector to be freed
+        self._owner = weakref.ref(owner)
         self.layer_idx = layer_idx
         self.length = 0  # slots in use
         self.total_seen = 0  # tokens this layer has been given (absolute, pads included)
@@ -44,7 +47,11 @@ class PolicyLayer(CacheLayerMixin):
         self.static = False  # fixed capacity and addresses (see core/static_decode.py)
         self.qring: torch.Tensor | None = None  # static decode: query ring, slot = position % window
         self.ring_start = 0  # first position the ring holds
-        self.valid_host: list[int] | None = None  # static decode: valid tokens per row, host-side
+        self.valid_host: list[int] | None = None  # valid tokens per row once compacted, host-side
+
+    @property
+    def owner(self) -> "PolicyCache":
+        return self._owner()
 
     # ----------------------------------------------------------------- transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -70,7 +77,7 @@ class PolicyLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.pos = self.acc = self.qwin = self.qwin_pos = None
+        self.keys = self.values = self.pos = self.acc = self.qwin = self.qwin_pos = self.valid_host = None
         self.length = self.total_seen = self.since_compress = 0
         self.contiguous = True
         self.is_initialized = False
@@ -97,6 +104,7 @@ class PolicyLayer(CacheLayerMixin):
         self.pos = self.pos[:, :, : self.length]
 
     def _rows(self, fn) -> None:
+        self.valid_host = None  # recounted from the device on the next valid_counts()
         for name in ("keys", "values", "pos", "acc", "qwin", "qwin_pos"):
             t = getattr(self, name)
             if t is not None and (name != "qwin_pos" or t.dim() == 2):
@@ -134,9 +142,12 @@ class PolicyLayer(CacheLayerMixin):
         return torch.where(pos >= pad, pos - pad, torch.full_like(pos, -1))
 
     def valid_counts(self) -> list[int]:
-        """Valid tokens per row; a static layer tracks them on the host (no device sync)."""
+        """Valid tokens per row, from the host where it can be (a device read drains the GPU's queue):
+        a contiguous layer's are the tokens after each row's padding, a compacted one tracks them."""
         if self.valid_host is not None:
             return list(self.valid_host)
+        if self.contiguous and self.owner.pad_host is not None:
+            return [max(0, self.total_seen - p) for p in self.owner.pad_host]
         return self.valid_mask()[:, 0].sum(-1).tolist()
 
     def valid_mask(self) -> torch.Tensor:
@@ -172,9 +183,12 @@ class PolicyLayer(CacheLayerMixin):
         b, h = key_states.shape[:2]
         if positions is None:
             new_pos = torch.arange(start_abs, start_abs + q, device=key_states.device).expand(b, h, q)
+            if self.valid_host is not None:
+                self.valid_host = [n + q for n in self.valid_host]
         else:
             new_pos = positions.unsqueeze(1).expand(b, h, q)
             self.contiguous = False
+            self.valid_host = None  # empty slots (-1) are counted on the device
         if self.keys is None or self.length == 0 and self.capacity < q:
             # first fill: adopt the tensors as the buffer (no copy); growth happens on decode
             self.keys, self.values = key_states.contiguous(), value_states.contiguous()
@@ -239,7 +253,9 @@ class PolicyLayer(CacheLayerMixin):
             acc = None if self.acc is None else self.acc.new_zeros(b, h, new_cap)
         else:  # in-place compaction: the usual decode case
             keys, values, pos, acc = self.keys, self.values, self.pos, self.acc
-        if keys is not self.keys:
+        if keys is not self.keys or self.contiguous:
+            # a new buffer; or a first compaction, whose evictions spread over the whole prompt, so
+            # that reading the first moved slot back (waiting for the device) would save almost nothing
             start = 0
         else:  # in place: slots before the first one that moves stay as they are
             start = int(first_moved_slot(index)) if start is None else start
@@ -258,7 +274,7 @@ class PolicyLayer(CacheLayerMixin):
                 pos[row, :, count:k] = -1
         if self.static:  # attention reads every slot of a static layer: stale ones must be invalid
             pos[:, :, k:] = -1
-            self.valid_host = [min(count, k) for count in keep_counts]
+        self.valid_host = [min(count, k) for count in keep_counts]
         self.keys, self.values, self.pos, self.acc = keys, values, pos, acc
         self.length = k
         self.since_compress = 0
@@ -288,23 +304,25 @@ class PolicyLayer(CacheLayerMixin):
             self.qwin_pos = torch.cat([old, qpos], dim=-1)[..., -window:]
 
     def _attention_probs(self, queries: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
-        """Softmax attention ``[B, H_kv, Q, L]`` (float32, GQA groups averaged) of ``queries``."""
+        """Softmax attention ``[B, H_kv, G, Q, L]`` (float32; ``G`` query heads per KV head) of ``queries``.
+
+        Costed by memory traffic, since the probabilities are far larger than the queries: the
+        scaling goes on the few queries, the logits stay in the cache's dtype until the softmax
+        writes float32, and callers sum over ``G`` and ``Q`` in one reduction.
+        """
         keys = self.keys_view()
         b, hkv, L, d = keys.shape
         hq = queries.shape[1]
         g = hq // hkv
-        # logits in the cache's dtype (float32 accumulation inside the matmul), then float32: a
-        # float32 copy of every key would cost more memory traffic than the scoring itself
-        qq = queries.reshape(b, hkv, g, queries.shape[2], d).to(keys.dtype)
-        logits = torch.einsum("bhgqd,bhld->bhgql", qq, keys).float() * self.scaling
+        qq = (queries.float() * self.scaling).to(keys.dtype).reshape(b, hkv, g, queries.shape[2], d)
+        logits = torch.einsum("bhgqd,bhld->bhgql", qq, keys)
         pos = self.pos_view()
         valid = (pos >= self.owner.pad.view(-1, 1, 1)).unsqueeze(2).unsqueeze(2)  # [B,H,1,1,L]
         qpos = qpos.view(-1 if qpos.dim() == 2 else 1, 1, 1, qpos.shape[-1], 1)  # [Q] or per row [B, Q]
         causal = pos.unsqueeze(2).unsqueeze(2) <= qpos
         logits = logits.masked_fill(~(valid & causal), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0)  # a pad query attends to nothing
-        return probs.mean(dim=2)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        return probs.nan_to_num_(nan=0.0)  # a pad query attends to nothing
 
     def ring_positions(self) -> torch.Tensor:
         """Absolute position of the query in each slot of the static ring (slot = position % window);
@@ -331,9 +349,9 @@ class PolicyLayer(CacheLayerMixin):
         out = None
         for s in range(0, w, _QUERY_CHUNK):
             probs = self._attention_probs(queries[:, :, s : s + _QUERY_CHUNK], qpos[..., s : s + _QUERY_CHUNK])
-            part = torch.einsum("bhql,bq->bhl", probs, weights[:, s : s + _QUERY_CHUNK])
+            part = torch.einsum("bhgql,bq->bhl", probs, weights[:, s : s + _QUERY_CHUNK])
             out = part if out is None else out + part
-        return out
+        return out / (queries.shape[1] // self.keys.shape[1])  # GQA: the group's query heads averaged
 
     def accumulate_attention(self, query: torch.Tensor, qpos: torch.Tensor | None = None) -> None:
         """Add the attention of this forward's queries to every kept key (H2O's running score)."""
@@ -342,7 +360,7 @@ class PolicyLayer(CacheLayerMixin):
             qpos = self.query_positions(q, query.device)
         for s in range(0, q, _QUERY_CHUNK):
             probs = self._attention_probs(query[:, :, s : s + _QUERY_CHUNK], qpos[..., s : s + _QUERY_CHUNK])
-            self.acc[:, :, : self.length] += probs.sum(dim=2)
+            self.acc[:, :, : self.length] += probs.sum(dim=(2, 3)) / probs.shape[2]  # GQA group averaged
 
     def accumulated_attention(self) -> torch.Tensor:
         if self.acc is None:

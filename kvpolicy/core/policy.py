@@ -106,6 +106,12 @@ class LayerView:
         return self.layer.keys_view()
 
     @property
+    def device(self) -> torch.device:
+        """Where the layer's tensors live: build per-plan tensors there (a host tensor copied in waits
+        for the device)."""
+        return self.layer.keys.device
+
+    @property
     def valid_counts(self) -> list[int]:
         """Valid kept tokens per row (host-side; a device sync unless the layer tracks them)."""
         return self.layer.valid_counts()

@@ -59,8 +59,8 @@ class StaticPolicyCache(PolicyCache):
         self._num_layers, self._compressible = first._num_layers, first._compressible
         self._setup_done = True
         self.pad = torch.cat([c.pad for c in caches])
+        self.pad_host = [p for c in caches for p in c.pad_host]
         self.prompt_len = [n for c in caches for n in c.prompt_len]
-        self._pad_host = self.pad.tolist()
         self._policy_state = _merge_states([c._policy_state for c in caches], [len(c.prompt_len) for c in caches])
         self._window = policy.signals.decode_query_window
         self._shared = bool(policy.shared_positions)
@@ -131,9 +131,6 @@ class StaticPolicyCache(PolicyCache):
         return out
 
     # ----------------------------------------------------------------- between steps (eager)
-    def _seen_real(self, layer: PolicyLayer) -> list[int]:
-        return [layer.total_seen - p for p in self._pad_host]  # host-side: no device sync
-
     def advance(self, another_step: bool = True) -> None:
         """Account for the token the last compiled step appended, then let the policy compress;
         with ``another_step``, check that every layer has a free slot for the next token.

@@ -168,9 +168,7 @@ class PyramidInferPolicy(CachePolicy):
         if all(k >= n for k, n in zip(keep, view.seen)):
             return None
         w_max = max(windows)
-        weights = torch.zeros(len(windows), w_max)  # per row: its own window, newest weighted most
-        for row, w in enumerate(windows):
-            weights[row, w_max - w :] = torch.linspace(1.0, c.distance_weight, w)
+        weights = distance_weights(windows, c.distance_weight, view.device)
         votes = view.window_attention(weights=weights, num_queries=w_max)
         scores = self._aggregate(max_pool(votes, c.pool_kernel))
         return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=windows)
@@ -197,3 +195,19 @@ class PyramidInferPolicy(CachePolicy):
         keep = [v - evict if d else v for v, d in zip(valid, due)]
         view.state["frontier"] = [f + group if d else f for f, d in zip(frontier, due)]
         return Plan(keep=keep, scores=scores, sinks=0, recent=0)
+
+
+def distance_weights(windows: list[int], newest: float, device: torch.device) -> torch.Tensor:
+    """``[B, max(windows)]`` vote weights: row ``b``'s last ``windows[b]`` queries rise linearly from 1
+    (oldest) to ``newest``, earlier columns are 0. Built on ``device`` from host integers only."""
+    w_max = max(windows)
+    col = torch.arange(w_max, device=device, dtype=torch.float32).view(1, -1)
+    w = per_row(windows, device)  # an int when every row agrees
+    if isinstance(w, torch.Tensor):
+        w = w.view(-1, 1).float()
+        span = (w - 1).clamp(min=1)
+    else:
+        span = max(w - 1, 1)
+    first = w_max - w
+    weights = 1.0 + (col - first) * ((newest - 1.0) / span)
+    return torch.where(col >= first, weights, 0.0).expand(len(windows), w_max)
