@@ -164,6 +164,9 @@ class PyramidInferPolicy(CachePolicy):
         c = self.config
         windows = [self.recent_window(n, c.prefill_recent_ratio) for n in view.seen]
         view.state["frontier"] = [n - w for n, w in zip(view.seen, windows)]
+        # decoding's recent window per row depends on the prompt alone: computed once here, not at
+        # every decode step of every layer (a per-row Python loop in the static path's hot loop)
+        view.state["gen_window"] = [self.recent_window(n, c.gen_recent_ratio) for n in view.prompt_len]
         keep = [self.context_budgets(n - w)[view.layer_idx] + w for n, w in zip(view.seen, windows)]
         if all(k >= n for k, n in zip(keep, view.seen)):
             return None
@@ -177,8 +180,7 @@ class PyramidInferPolicy(CachePolicy):
         c = self.config
         group = c.exceed_length_to_compress
         frontier: list[int] = view.state["frontier"]
-        windows = [self.recent_window(p, c.gen_recent_ratio) for p in view.prompt_len]
-        due = [s - w - f >= group for s, w, f in zip(view.seen, windows, frontier)]
+        due = [s - w - f >= group for s, w, f in zip(view.seen, view.state["gen_window"], frontier)]
         if not any(due):
             return None
         local = view.positions  # [B, H, L], -1 invalid
