@@ -305,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         "shape": args.shape,
         "dtype": args.dtype,
     }
+    if any(POLICIES[p] == "kvpress" for p in policies):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            meta["kvpress"] = version("kvpress")
+        except PackageNotFoundError:
+            meta["kvpress"] = None  # make_press says how to install it when the policy runs
 
     def save() -> None:  # after every row: a run cut short by a time limit keeps what it measured
         if args.json:

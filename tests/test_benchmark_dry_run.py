@@ -57,8 +57,9 @@ def test_throughput_script_dry_run_kvpress(tmp_path):
          "--batch-sizes", "2", "--press-ratio", "0.5", "--policies", "hf-dynamic,kvpress-snapkv", "--json", str(out)]
     )
     assert code == 0
-    rows = json.loads(out.read_text())["rows"]
-    dynamic, press = rows
+    data = json.loads(out.read_text())
+    assert data["meta"]["kvpress"]  # the run names the kvpress version it measured
+    dynamic, press = data["rows"]
     assert press["policy"] == "kvpress-snapkv" and press["generated_tokens_per_s"] > 0
     # the press halved the prompt's 80 tokens per layer (SnapKV's window is 64); the 3 generated after
     # it stay (the last token's keys are never computed)
