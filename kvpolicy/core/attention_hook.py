@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import gqa_attention
 from .errors import UnsupportedModelError
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -63,19 +64,34 @@ def _wrap(fn: Callable, impl: str) -> Callable:
             mask, rest = args[0], args[1:]
         else:
             mask, rest = kwargs.pop("attention_mask", None), ()
-        new_mask = cache._before_attention(note.layer_idx, module, query, mask, impl)
-        if new_mask is not mask and query.is_cuda and impl == "sdpa":
+        allowed = cache._before_attention(note.layer_idx, module, query, mask, impl)
+        if allowed is mask:  # slot i holds token i: the model's own mask and function
+            out = fn(module, query, key, value, mask, *rest, **kwargs)
+        elif query.is_cuda and impl == "sdpa":
             # cuDNN's SDPA builds an execution plan per new shape (~40 ms of CPU on an H100);
             # a compressed layer's length changes every step, so keep to the other kernels.
             with sdpa_kernel(_NO_CUDNN):
-                out = fn(module, query, key, value, new_mask, *rest, **kwargs)
+                out = attend_masked(fn, impl, module, query, key, value, allowed, mask, rest, kwargs)
         else:
-            out = fn(module, query, key, value, new_mask, *rest, **kwargs)
+            out = attend_masked(fn, impl, module, query, key, value, allowed, mask, rest, kwargs)
         cache._after_attention(note.layer_idx, module, query)
         return out
 
     setattr(wrapped, _MARK, True)
     return wrapped
+
+
+def attend_masked(fn: Callable, impl: str, module, query, key, value, allowed: torch.Tensor, model_mask: Any,
+                  rest: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
+    """Attention under kvpolicy's mask ``allowed`` (``[B, H_kv or 1, Q, L]``, True: attend): through
+    :func:`gqa_attention.grouped_attention` where SDPA computes what ``fn`` would (each kept key read once),
+    else through the model's own function ``fn`` with the mask expanded to its query heads."""
+    if gqa_attention.can_fold(impl, kwargs):
+        out = gqa_attention.grouped_attention(query, key, value, allowed, kwargs.get("scaling"), kwargs.get("dropout", 0.0))
+        return out, None
+    want_bool = model_mask.dtype == torch.bool if isinstance(model_mask, torch.Tensor) else impl == "sdpa"
+    mask = gqa_attention.per_query_head_mask(allowed, query.shape[1], query.dtype, want_bool)
+    return fn(module, query, key, value, mask, *rest, **kwargs)
 
 
 _installed_modules: set[str] = set()

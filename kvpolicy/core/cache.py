@@ -229,6 +229,8 @@ class PolicyCache(Cache):
         self.prompt_len = None
 
     def _before_attention(self, layer_idx: int, module: Any, query: torch.Tensor, mask: Any, impl: str):
+        """The mask this layer's attention must use: ``mask`` itself while slot ``i`` holds token ``i``,
+        else the layer's own, boolean ``[B, H_kv or 1, Q, L]`` (one row per KV head, or one for all)."""
         if not self._setup_done:
             self._bind(module)
         layer = self.layers[layer_idx]
@@ -244,9 +246,9 @@ class PolicyCache(Cache):
                 f"attention implementation {impl!r} cannot attend over a compressed layer; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
-        return self._compressed_mask(layer, query, mask, impl)
+        return self._allowed(layer, query)
 
-    def _compressed_mask(self, layer: PolicyLayer, query: torch.Tensor, mask: Any, impl: str) -> torch.Tensor:
+    def _allowed(self, layer: PolicyLayer, query: torch.Tensor) -> torch.Tensor:
         pos = layer.pos_view()  # [B, H, L]
         q = query.shape[2]
         if self._hidden is not None and self._hidden.pos is not None:  # prune-hidden prefill: per row
@@ -259,15 +261,7 @@ class PolicyCache(Cache):
         window = self._windows[layer.layer_idx]
         if window is not None:  # sliding layer: what transformers' sliding mask would allow
             allowed &= pos.unsqueeze(2) > qpos - window
-        groups = query.shape[1] // pos.shape[1] if pos.shape[1] > 1 else 1  # one head row broadcasts
-        if groups > 1:
-            allowed = allowed.repeat_interleave(groups, dim=1)
-        want_bool = mask.dtype == torch.bool if isinstance(mask, torch.Tensor) else impl == "sdpa"
-        if want_bool:
-            return allowed
-        zero = torch.zeros((), dtype=query.dtype, device=query.device)
-        neg = torch.tensor(torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device)
-        return torch.where(allowed, zero, neg)
+        return allowed
 
     def _after_attention(self, layer_idx: int, module: Any, query: torch.Tensor) -> None:
         layer = self.layers[layer_idx]

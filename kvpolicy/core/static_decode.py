@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import attention_hook
 from .cache import PolicyCache
 from .errors import CacheMisuseError, UnsupportedModelError
 from .layer_store import PolicyLayer, first_moved_slot
@@ -114,17 +115,9 @@ class StaticPolicyCache(PolicyCache):
         if window is not None:
             allowed = allowed & (pos > self.abs_pos - window)
         allowed = allowed.unsqueeze(2)  # [B, H or 1, 1, L]
-        groups = query.shape[1] // key.shape[1]
-        if groups > 1 and not self._shared:
-            allowed = allowed.repeat_interleave(groups, dim=1)
-        if impl == "eager":
-            mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-            mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
-        else:
-            mask = allowed
         if layer.qring is not None:
             layer.qring.index_copy_(2, self.abs_pos % self._window, query)
-        out = fn(module, query, key, value, mask, *args, **kwargs)
+        out = attention_hook.attend_masked(fn, impl, module, query, key, value, allowed, None, args, kwargs)
         if idx == self._last_layer:
             self.slots.add_(1)
             self.abs_pos.add_(1)
