@@ -1,4 +1,5 @@
-"""``kvpolicy compare``: bad input fails in one line with exit 2; a real run writes valid JSON.
+"""``kvpolicy compare``: bad input fails in one line with exit 2; a real run writes valid JSON
+with a ``meta`` block saying where the rows came from.
 
 The end-to-end runs use a tiny random Llama saved with a word-level tokenizer built here
 (no download), and a few paragraphs standing in for the novels, so the file stays fast.
@@ -6,6 +7,7 @@ The end-to-end runs use a tiny random Llama saved with a word-level tokenizer bu
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -17,6 +19,9 @@ import torch
 from kvpolicy.cli import main
 from kvpolicy.evaluation import report, texts
 from kvpolicy.evaluation.rdata import read_lazyload_db
+from kvpolicy.evaluation.tasks import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PARAGRAPHS = [
     "It is a truth universally acknowledged that a single man in possession of a good fortune must be in want of a wife.",
@@ -136,8 +141,9 @@ def test_compare_json_schema(tiny_model_dir, tmp_path, capsys):
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "kvpolicy compare" in table and "h2o@0.5" in table
-    rows = json.loads(out.read_text())
-    report.validate_rows(rows, ["ppl", "needle", "agreement"])
+    data = json.loads(out.read_text())
+    report.validate_results(data, ["ppl", "needle", "agreement"])
+    rows = data["rows"]
     by = {r["label"]: r for r in rows}
     assert list(by) == ["full", "pyramidinfer", "h2o@0.5", "snapkv@0.5", "random@0.5"]
     full = by["full"]
@@ -149,15 +155,66 @@ def test_compare_json_schema(tiny_model_dir, tmp_path, capsys):
     assert png.stat().st_size > 10_000
 
 
+def test_compare_json_meta(tiny_model_dir, tmp_path):
+    """The results file says where its rows came from: command and argv, commit and dirty flag,
+    versions, machine and threads, date, and the run's own settings."""
+    out = tmp_path / "rows.json"
+    argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "full", "--tasks", "ppl",
+            "--json", str(out), "--quiet"]
+    assert main(argv) == 0
+    meta = json.loads(out.read_text())["meta"]
+    report.validate_meta(meta)
+    assert meta["argv"] == ["kvpolicy", *argv]
+    assert meta["command"].startswith("kvpolicy compare --model ") and meta["tool"] == "kvpolicy compare"
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's clone is one)
+        assert meta["commit"] == head.stdout.strip() and isinstance(meta["dirty"], bool)
+    else:
+        assert meta["commit"] is None and meta["dirty"] is None
+    assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["transformers"]
+    assert meta["versions"]["python"] and meta["versions"]["kvpolicy"]
+    assert meta["machine"]["torch_threads"] == torch.get_num_threads() and meta["machine"]["cpus"] >= 1
+    date = datetime.datetime.fromisoformat(meta["date"])
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - date).total_seconds()) < 600
+    assert meta["sizes_preset"] == "tiny" and meta["sizes"]["ppl_prefix"] == PRESETS["tiny"].ppl_prefix
+    assert meta["tasks"] == ["ppl"] and meta["labels"] == ["full"] and meta["wall_s"] >= 0
+    for key in report.REQUIRED_META_KEYS:  # a file without one of them is rejected
+        broken = {k: v for k, v in meta.items() if k != key}
+        with pytest.raises(ValueError, match=f"meta lacks '{key}'"):
+            report.validate_meta(broken)
+
+
 def test_sweep_rows_per_ratio(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "sweep.json"
     argv = ["sweep", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "full,streamingllm",
             "--ratios", "0.25,0.75", "--tasks", "ppl", "--json", str(out), "--quiet"]
     assert main(argv) == 0
-    rows = json.loads(out.read_text())
-    report.validate_rows(rows, ["ppl"])
-    assert [r["label"] for r in rows] == ["full", "streamingllm@0.25", "streamingllm@0.75"]
-    assert rows[1]["kv_reduction"] < rows[2]["kv_reduction"]
+    data = json.loads(out.read_text())
+    report.validate_results(data, ["ppl"])
+    assert data["meta"]["tool"] == "kvpolicy sweep" and data["meta"]["argv"] == ["kvpolicy", *argv]
+    by = {r["label"]: r for r in data["rows"]}
+    assert list(by) == ["full", "streamingllm@0.25", "streamingllm@0.75"]
+    assert abs(by["streamingllm@0.25"]["kv_reduction"] - 0.25) < 0.02
+    assert abs(by["streamingllm@0.75"]["kv_reduction"] - 0.75) < 0.02
+
+
+def test_old_results_files_still_read(tmp_path):
+    """Files written before the meta block (a bare list of rows) load, and merging the re-measured
+    pyramidkv rows into the main sweep gives the table printed in docs/benchmarks/quality.md."""
+    bench = ROOT / "docs" / "benchmarks"
+    meta, main_rows = report.load_results(bench / "quality_sweep.json")
+    assert meta is None and main_rows[0]["policy"] == "full"
+    rows = report.merge_runs([main_rows, report.load_results(bench / "quality_sweep_pyramidkv.json")[1]])
+    assert [r["label"] for r in rows] == [r["label"] for r in main_rows]
+    assert rows[0] is not main_rows[0] and rows[0] == main_rows[0]  # the main run's reference stays
+    tasks = ["ppl", "needle", "agreement"]
+    report.validate_rows(rows, tasks)
+    doc = (bench / "quality.md").read_text().replace("¹", "")
+    for line in report.markdown_table(rows, tasks).splitlines()[2:]:
+        assert line in doc, line
+    new = tmp_path / "new.json"
+    report.save_json(rows[:2], new, {"command": "x"})
+    assert report.load_results(new) == ({"command": "x"}, rows[:2])
 
 
 def test_schema_validation_rejects_missing_metric():
@@ -191,6 +248,6 @@ def test_real_model_compare(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()  # real novels
     out = tmp_path / "rows.json"
     assert main(["compare", "--sizes", "tiny", "--policies", "h2o", "--tasks", "ppl,agreement", "--json", str(out), "--quiet"]) == 0
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["rows"]
     report.validate_rows(rows, ["ppl", "agreement"])
     assert 1.0 < rows[0]["ppl"] < 1000.0 and len(rows[0]["layer_tokens_prefill"]) == 30
