@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ import torch
 from kvpolicy.cli import main
 from kvpolicy.evaluation import report, texts
 from kvpolicy.evaluation.rdata import read_lazyload_db
-from kvpolicy.evaluation.tasks import PRESETS
+from kvpolicy.evaluation.tasks import PRESETS, PerplexityTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,6 +198,30 @@ def test_sweep_rows_per_ratio(tiny_model_dir, tmp_path, capsys):
     assert list(by) == ["full", "streamingllm@0.25", "streamingllm@0.75"]
     assert abs(by["streamingllm@0.25"]["kv_reduction"] - 0.25) < 0.02
     assert abs(by["streamingllm@0.75"]["kv_reduction"] - 0.75) < 0.02
+
+
+def test_ppl_ratio_is_measured_for_the_reference():
+    """The reference run divides its own perplexity by itself like any other row: 1.0 when it is
+    finite, and visibly not a number when the reference itself is broken (a hard-coded 1.0 would
+    hide that)."""
+
+    class FakeMeter:
+        def __init__(self, nll_per_token):
+            self.nll_per_token = nll_per_token
+
+        def score(self, model, ids, prefix, step, cache):
+            n = ids.shape[1] - prefix - 1
+            return self.nll_per_token * n, n
+
+    task = PerplexityTask()
+    task.sizes, task.docs = PRESETS["tiny"], [[1] * 113]
+    model = SimpleNamespace(device=torch.device("cpu"))
+    ref = task.run(model, lambda: None, FakeMeter(math.log(30.0)), reference=None)
+    assert ref.metrics["ppl"] == pytest.approx(30.0) and ref.metrics["ppl_ratio"] == 1.0
+    other = task.run(model, lambda: None, FakeMeter(math.log(45.0)), reference=ref.reference)
+    assert other.metrics["ppl_ratio"] == pytest.approx(1.5)
+    broken = task.run(model, lambda: None, FakeMeter(float("inf")), reference=None)
+    assert math.isnan(broken.metrics["ppl_ratio"])
 
 
 def test_old_results_files_still_read(tmp_path):
