@@ -130,3 +130,29 @@ def test_throughput_script_dry_run_kvpress(tmp_path):
     # it stay (the last token's keys are never computed)
     assert press["kv_bytes_per_seq"] == dynamic["kv_bytes_per_seq"] * (40 + 3) / (80 + 3)
 
+
+def test_prefill_overhead_dry_run_meta(tmp_path):
+    """benchmarks/prefill_overhead.py on the tiny shape: one short forward per cache, and the meta block."""
+    out = tmp_path / "prefill.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--rows", "2", "--prompt", "16", "--reps", "1",
+            "--chunks", "0", "--policies", "dynamic,full", "--label", "dry", "--json", str(out)]
+    assert _script("prefill_overhead").main(argv) == 0
+    data = json.loads(out.read_text())
+    assert [r["cache"] for r in data["rows"]] == ["dynamic", "full"] and data["rows"][1]["forward_ms"] > 0
+    meta = data["meta"]
+    for key in META_KEYS + ("label", "kvpolicy_path", "device", "torch", "transformers"):
+        assert key in meta, key
+    assert meta["argv"] == ["benchmarks/prefill_overhead.py", *argv] and meta["label"] == "dry"
+
+
+def test_needle_probe_results_meta():
+    """benchmarks/needle_probe.py's file content (the probe itself needs the real model: not run here)."""
+    rows = [{"policy": "full", "found": 6, "of": 6}]
+    argv = ["--json", "out.json", "full", 'snapkv:{"compression_ratio":0.54}']
+    data = _script("needle_probe").results(rows, argv, [1636, 1740], 7)
+    meta = data["meta"]
+    for key in META_KEYS:
+        assert key in meta, key
+    assert data["rows"] == rows and meta["prompt_lengths"] == [1636, 1740] and meta["needle_seed"] == 7
+    assert meta["argv"] == ["benchmarks/needle_probe.py", *argv]
+    assert meta["command"].endswith("""full 'snapkv:{"compression_ratio":0.54}'""")  # pasteable into a shell
