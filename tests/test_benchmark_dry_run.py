@@ -83,6 +83,7 @@ def test_throughput_script_dry_run(tmp_path):
     old = ROOT / "docs" / "benchmarks" / "raw" / "run_e1.json"
     (old_meta, old_rows), (new_meta, new_rows) = report.load([old, out])
     assert "commit" not in old_meta and report.table(old_rows).count("\n") == len(old_rows) + 2
+    assert report.run_header(old.name, old_meta).startswith("Run `run_e1.json` on NVIDIA H100")
     header = report.run_header(out.name, new_meta)
     assert f"commit `{meta['commit'][:12]}`" in header if meta["commit"] else "commit" not in header
     assert "| h2o | 2 |" in report.table(new_rows)
