@@ -41,6 +41,11 @@ attention functions on import into a mapping that shadows the one kvpolicy wraps
 
 A press that fails a short check run (before any timed work) is skipped and listed under
 ``skipped`` in the JSON with its error.
+
+The JSON: ``meta`` (``kvpolicy.provenance.run_meta``: command and argv, git commit with a dirty
+flag, versions, machine and threads, date), ``environment`` (the versions, CPU and command in
+the form the Markdown report reads; files written before ``meta`` existed have only this),
+``sizes``, ``size_values``, ``tasks``, ``ratios``, ``wall_s``, ``skipped`` and ``rows``.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from kvpolicy.core import attention_hook  # noqa: E402
 from kvpolicy.evaluation import tasks as task_mod  # noqa: E402
 from kvpolicy.evaluation.report import environment  # noqa: E402
 from kvpolicy.evaluation.runner import PolicySpec, build_specs, run_compare  # noqa: E402
+from kvpolicy.provenance import run_meta  # noqa: E402
 
 #: press name on the command line -> kvpress class name
 PRESSES = {
@@ -314,12 +320,47 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"kvpolicy {env['kvpolicy']}, kvpress {env['kvpress']}, transformers {env['transformers']}, torch {env['torch']}, "
         f"Python {env['python']}; {env['cpu']} ({env['cpus']} CPUs, torch threads {env['torch_threads']}); "
         f"sizes `{data['sizes']}`; wall time {data['wall_s']:.0f} s.",
+        *([_commit_line(data["meta"])] if data.get("meta") else []),
         "## Pivot: matched pairs", pivot_tables(data["rows"], task_names),
         "## All rows", results_table(data["rows"], task_names),
     ]
     if data.get("skipped"):
         parts.append("Skipped presses: " + "; ".join(f"`{k}`: {v}" for k, v in data["skipped"].items()))
     return "\n\n".join(parts) + "\n"
+
+
+def _commit_line(meta: dict[str, Any]) -> str:
+    commit = meta.get("commit")
+    if commit is None:
+        return "Commit: unknown (not run from a git checkout)."
+    return f"Commit `{commit[:12]}`" + (" with uncommitted changes" if meta.get("dirty") else "") + f", {meta.get('date')}."
+
+
+def results_data(args: argparse.Namespace, argv: list[str], rows: list[dict[str, Any]], skipped: dict[str, str],
+                 wall_s: float) -> dict[str, Any]:
+    """The JSON file's content; ``argv``: the full command line, program first."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        kvpress_version = version("kvpress")
+    except PackageNotFoundError:
+        kvpress_version = None
+    command = ((f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else "")
+               + shlex.join(["python", *argv]))
+    env = environment()
+    env.update({
+        "kvpress": kvpress_version,
+        "cpu": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    })
+    meta = run_meta(argv, command=command, tool="benchmarks/kvpress_compare.py")
+    return {"meta": meta, "environment": env, "sizes": args.sizes,
+            "size_values": dataclasses.asdict(task_mod.PRESETS[args.sizes]), "tasks": args.task_list,
+            "ratios": args.ratio_list, "wall_s": wall_s, "skipped": skipped, "rows": rows}
 
 
 def _cpu_name() -> str:
@@ -348,7 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="non-default kvpolicy settings, e.g. snapkv:window_size=64,kernel_size=5 (repeatable)")
     ap.add_argument("--press-settings", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
                     help="non-default press settings, e.g. snapkv:window_size=32 (repeatable)")
-    ap.add_argument("--json", help="write environment, sizes and rows here")
+    ap.add_argument("--json", help="write meta, environment, sizes and rows here")
     ap.add_argument("--out", help="write the markdown tables here")
     args = ap.parse_args(argv)
     args.ratio_list = [float(r) for r in args.ratios.split(",") if r]
@@ -376,8 +417,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from importlib.metadata import version
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -420,19 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         row["label"] = f"{row['library']}:{spec.label}"
     wall = time.time() - start
     log(f"done in {wall:.0f}s")
-    env = environment()
-    env.update({
-        "kvpress": version("kvpress"),
-        "cpu": _cpu_name(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "command": ((f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else "")
-                    + shlex.join(["python", *sys.argv])),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-    })
-    data = {"environment": env, "sizes": args.sizes, "size_values": dataclasses.asdict(task_mod.PRESETS[args.sizes]),
-            "tasks": args.task_list, "ratios": args.ratio_list, "wall_s": wall, "skipped": skipped, "rows": rows}
+    data = results_data(args, sys.argv if argv is None else ["benchmarks/kvpress_compare.py", *argv], rows, skipped, wall)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
     report = markdown_report(data)

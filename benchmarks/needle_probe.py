@@ -4,13 +4,16 @@
         'snapkv:{"compression_ratio":0.54}' 'pyramidinfer:{"prefill_recent_ratio":0.1,"prefill_decay_ratio":0.3}'
 
 Prints, per variant, codes found out of 6 and the KV reduction (1 - kept / seen over all layers);
-``--json`` also writes them with the command, machine and versions of the run; ``--seed`` builds
-another set of 6 prompts (other passages, codes and depths; the tests use seed 7).
+``--json`` also writes them with the run's ``meta`` block (command and argv, git commit with a
+dirty flag, versions, machine and threads, date: ``kvpolicy.provenance.run_meta``) and the
+prompt lengths and seed; ``--seed`` builds another set of 6 prompts (other passages, codes and
+depths; the tests use seed 7).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,14 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import needles  # noqa: E402
 
 from kvpolicy.models import load_model  # noqa: E402
+from kvpolicy.provenance import run_meta  # noqa: E402
+
+
+def results(rows: list[dict], argv: list[str], lengths: list[int], seed: int) -> dict:
+    """The JSON file's content: ``{"meta": ..., "rows": rows}``; ``argv`` without the program."""
+    full_argv = ["benchmarks/needle_probe.py", *argv]
+    meta = run_meta(full_argv, command="python " + shlex.join(full_argv), prompt_lengths=lengths, needle_seed=seed)
+    return {"meta": meta, "rows": rows}
 
 
 def main(argv: list[str]) -> int:
-    import platform
-
-    import torch
-    import transformers
-
+    args = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\nusage: needle_probe.py [--json PATH] [--seed N] POLICY[:JSON] ... "
               "(POLICY: a policy or preset name, or a YAML file)")
@@ -51,16 +58,7 @@ def main(argv: list[str]) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if out_path is not None:
-        meta = {
-            "command": "python benchmarks/needle_probe.py " + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "prompt_lengths": lengths,
-            "needle_seed": seed,
-        }
-        out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        out_path.write_text(json.dumps(results(rows, args, lengths, seed), indent=1))
     return 0
 
 

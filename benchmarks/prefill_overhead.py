@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -29,7 +30,7 @@ import transformers
 from transformers import DynamicCache
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from throughput import build_model, sync  # noqa: E402
+from throughput import build_model, run_meta, sync  # noqa: E402
 
 import kvpolicy  # noqa: E402
 from kvpolicy.generation import generate_static  # noqa: E402
@@ -96,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-            "label": args.label, "kvpolicy_path": str(Path(kvpolicy.__file__).parent),
-            "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    # run_meta's block (argv, commit and dirty flag, versions, machine and threads, date) plus the
+    # keys this script always wrote
+    full_argv = sys.argv if argv is None else ["benchmarks/prefill_overhead.py", *argv]
+    meta = run_meta(full_argv, command="python " + shlex.join(full_argv), label=args.label,
+                    device=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+                    torch=torch.__version__, transformers=transformers.__version__, shape=args.shape, dtype=args.dtype)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -81,9 +81,16 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def run_header(name: str, meta: dict) -> str:
+    """Reads the keys every throughput file has; the commit and date only where the file has the
+    full meta block (files written before kvpolicy.provenance existed do not)."""
+    where = ""
+    if meta.get("commit"):
+        where = f", commit `{meta['commit'][:12]}`" + (" with uncommitted changes" if meta.get("dirty") else "")
+    if meta.get("date"):
+        where += f", {meta['date']}"
     return (
         f"Run `{name}` on {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"{meta['shape']} {meta['dtype']}:\n\n```bash\n{meta['command']}\n```\n\n"
+        f"{meta['shape']} {meta['dtype']}{where}:\n\n```bash\n{meta['command']}\n```\n\n"
     )
 
 

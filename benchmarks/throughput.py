@@ -9,6 +9,14 @@ confirmed by a real run (stepping down on out-of-memory).
         --json docs/benchmarks/throughput.json
 
 ``--shape tiny`` runs a CPU dry run (the test suite does this so the script cannot rot).
+
+``--json`` writes ``{"meta": ..., "rows": [...]}``. ``meta``: ``kvpolicy.provenance.run_meta``
+(argv, git commit with a dirty flag, versions, machine and threads, date) plus the keys every
+file of this script has had (``command``, ``device``, ``torch``, ``transformers``, ``shape``,
+``dtype``; ``kvpress`` when a press ran), which benchmarks/report_throughput.py reads. Each row:
+one run of one policy at one batch; ``kv_bytes_per_seq`` is the KV memory the cache holds per
+sequence at the end (its buffers' capacity), ``kv_bytes_used_per_seq`` the slots in use (older
+files lack it).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import contextlib
 import gc
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,6 +38,25 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a run may point it at another checkout
 import kvpolicy  # noqa: E402
+
+SCRIPT = "benchmarks/throughput.py"  # argv[0] recorded when main() is called with an argument list
+
+
+def run_meta(argv: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """``kvpolicy.provenance.run_meta`` of the kvpolicy being measured, or this checkout's when an
+    older kvpolicy without it comes first on ``PYTHONPATH`` (its commit is then this checkout's);
+    ``kvpolicy_path`` names the package that ran either way."""
+    try:
+        from kvpolicy.provenance import run_meta as meta_of
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "_kvpolicy_provenance", Path(__file__).resolve().parents[1] / "kvpolicy" / "provenance.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        meta_of = module.run_meta
+    return meta_of(argv, kvpolicy_path=str(Path(kvpolicy.__file__).resolve().parent), **extra)
 
 SHAPES = {
     "llama2-7b": dict(
@@ -89,9 +117,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def kv_bytes(cache: Any) -> int:
+def kv_bytes(cache: Any, allocated: bool = True) -> int:
+    """Bytes of keys and values the cache holds: its buffers' capacity (``allocated``, the memory
+    it takes) or the slots in use. transformers' caches hold exactly what they use."""
     if isinstance(cache, kvpolicy.PolicyCache):
-        return cache.memory_bytes()
+        return cache.memory_bytes(allocated=allocated)
     total = 0
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -174,6 +204,7 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str,
     decode_s = max(total_s - prefill_s, 1e-9)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     held = kv_bytes(cache) if cache is not None else None
+    used = kv_bytes(cache, allocated=False) if cache is not None else None
     del cache, out
     extra: dict[str, Any] = {}
     if POLICIES[policy] == "static" and options.get("profile"):
@@ -193,6 +224,7 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str,
         "generated_tokens_per_s": batch * new / total_s,
         "peak_memory_bytes": peak,
         "kv_bytes_per_seq": None if held is None else held / batch,
+        "kv_bytes_used_per_seq": None if used is None else used / batch,
         **({"prefill_chunk": options.get("prefill_chunk")} if POLICIES[policy] == "static" else {}),
         **extra,
     }
@@ -297,14 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         BASE_MEMORY[0] = torch.cuda.memory_allocated()
     rows: list[dict[str, Any]] = []
-    meta = {
-        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "shape": args.shape,
-        "dtype": args.dtype,
-    }
+    # run_meta's block (argv, commit and dirty flag, versions, machine and threads, date) with this
+    # script's own keys on top, under the names report_throughput.py reads from older files too
+    full_argv = sys.argv if argv is None else [SCRIPT, *argv]
+    meta = run_meta(
+        full_argv,
+        command="python " + shlex.join(full_argv),
+        device=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        shape=args.shape,
+        dtype=args.dtype,
+    )
     if any(POLICIES[p] == "kvpress" for p in policies):
         from importlib.metadata import PackageNotFoundError, version
 

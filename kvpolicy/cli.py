@@ -8,7 +8,9 @@ distinct exit status (2) that scripts can test.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, help="seed of the inputs (default: 0)")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
-        p.add_argument("--json", dest="json_path", help="write the result rows (docs/cli.md) to this file")
+        p.add_argument("--json", dest="json_path", help="write the results (meta block and rows, docs/cli.md) to this file")
         p.add_argument("--plot", help="write a PNG: kept tokens per layer, and quality vs KV reduction")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -133,7 +135,9 @@ def compare(args: argparse.Namespace) -> int:
     from .evaluation.runner import run_compare
     from .models import load_model
 
+    started = time.time()
     plan = _prepare(args)
+    plan["started"] = started
     err = Console(stderr=True)
     if not args.quiet:
         err.print(f"[dim]loading {args.model or 'default model (SmolLM2-135M-Instruct GGUF)'}...[/dim]")
@@ -169,10 +173,29 @@ def _finish(args: argparse.Namespace, plan: dict[str, Any], rows: list[dict[str,
     out = Console() if sys.stdout.isatty() else Console(width=200)
     report.print_table(rows, plan["tasks"], out)
     if args.json_path:
-        report.save_json(rows, args.json_path)
+        report.save_json(rows, args.json_path, results_meta(args, plan))
     if args.plot:
         report.plot(rows, plan["tasks"], args.plot)
     return 0
+
+
+def results_meta(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any]:
+    """The ``meta`` block of a ``--json`` file: :func:`kvpolicy.provenance.run_meta` (command,
+    argv, commit and dirty flag, versions, machine and threads, date) plus this run's settings."""
+    from .provenance import run_meta
+
+    return run_meta(
+        ["kvpolicy", *args.argv],
+        tool=f"kvpolicy {args.command}",
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        tasks=plan["tasks"],
+        sizes_preset=args.sizes,
+        sizes=dataclasses.asdict(plan["sizes"]),
+        labels=[spec.label for spec in plan["specs"]],
+        wall_s=round(time.time() - plan["started"], 1),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE

@@ -1,39 +1,99 @@
-"""The GPU throughput script's CPU dry run, so the benchmark cannot rot between GPU sessions."""
+"""The GPU throughput script's CPU dry run, so the benchmark cannot rot between GPU sessions.
+
+The prompts (200 tokens) and generations (24 tokens) are long enough for every policy to
+compress: above PyramidInfer's 64-token context floor and past its first 16-token decode group.
+Each compressed row must hold fewer KV bytes than ``full``'s, and ``full``'s must be the KV size
+of the tiny shape worked out by hand.
+"""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import kvpolicy
+
 ROOT = Path(__file__).resolve().parents[1]
+PROMPT, NEW = 200, 24
+#: the tiny shape (throughput.SHAPES["tiny"]): 4 layers, 2 KV heads of 64 / 4 = 16 dims, float32;
+#: keys and values of one token in every layer
+BYTES_PER_TOKEN = 4 * 2 * 2 * (64 // 4) * 4
+#: a generation of NEW tokens feeds the prompt and NEW - 1 of them back (the last one's keys are
+#: never computed)
+FULL_TOKENS = PROMPT + NEW - 1
+META_KEYS = ("command", "argv", "commit", "dirty", "versions", "machine", "date")
+#: the keys throughput.py always wrote, which report_throughput.py reads (old files have only these)
+LEGACY_META_KEYS = ("command", "device", "torch", "transformers", "shape", "dtype")
 
 
-def throughput_script():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def throughput_script():
+    return _script("throughput")
+
+
 def test_throughput_script_dry_run(tmp_path):
     module = throughput_script()
     out = tmp_path / "tp.json"
-    code = module.main(
-        ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", "40",
-         "--new-tokens", "4", "--batch-sizes", "2", "--policies", "hf-dynamic,full,pyramidinfer,h2o", "--json", str(out)]
-    )
-    assert code == 0
+    argv = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", str(PROMPT),
+            "--new-tokens", str(NEW), "--batch-sizes", "2", "--policies", "hf-dynamic,full,pyramidinfer,pyramidinfer-54,h2o",
+            "--json", str(out)]
+    assert module.main(argv) == 0
     data = json.loads(out.read_text())
-    assert {r["policy"] for r in data["rows"]} == {"hf-dynamic", "full", "pyramidinfer", "h2o"}
-    for row in data["rows"]:
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert list(rows) == ["hf-dynamic", "full", "pyramidinfer", "pyramidinfer-54", "h2o"]
+    for row in rows.values():
         assert row["generated_tokens_per_s"] > 0 and row["decode_step_ms"] > 0
-    assert data["meta"]["transformers"]
+        assert row["prompt"] == PROMPT and row["new_tokens"] == NEW and row["batch"] == 2
+
+    # full keeps every token: the slots in use are the hand-computed KV size, as transformers' own cache
+    full = rows["full"]
+    assert full["kv_bytes_used_per_seq"] == FULL_TOKENS * BYTES_PER_TOKEN
+    assert rows["hf-dynamic"]["kv_bytes_per_seq"] == rows["hf-dynamic"]["kv_bytes_used_per_seq"] == FULL_TOKENS * BYTES_PER_TOKEN
+    # kv_bytes_per_seq is the buffers' capacity: the slots in use plus at most one headroom per layer
+    headroom = kvpolicy.make_cache("full").policy.headroom(0)
+    assert FULL_TOKENS * BYTES_PER_TOKEN <= full["kv_bytes_per_seq"] <= (FULL_TOKENS + headroom) * BYTES_PER_TOKEN
+
+    for name in ("pyramidinfer", "pyramidinfer-54", "h2o"):
+        row = rows[name]
+        assert row["kv_bytes_used_per_seq"] < full["kv_bytes_used_per_seq"], (name, row)
+        assert row["kv_bytes_per_seq"] <= full["kv_bytes_per_seq"], (name, row)
+    # these remove more than a buffer's headroom, so their buffers shrink too (the reference preset
+    # removes ~5% of a 200-token prompt on 4 layers: its buffers are compacted in place and keep
+    # full's capacity)
+    for name in ("pyramidinfer-54", "h2o"):
+        assert rows[name]["kv_bytes_per_seq"] < full["kv_bytes_per_seq"], (name, rows[name])
+    # h2o at 0.54, evicting every 16 decode steps: it keeps the budget of the tokens seen
+    # (seen - int(0.54 * seen)) plus at most 15 tokens added since its last eviction
+    budget = FULL_TOKENS - int(FULL_TOKENS * 0.54)
+    assert budget * BYTES_PER_TOKEN <= rows["h2o"]["kv_bytes_used_per_seq"] <= (budget + 15) * BYTES_PER_TOKEN
+
+    meta = data["meta"]
+    for key in META_KEYS + LEGACY_META_KEYS:
+        assert key in meta, key
+    assert meta["argv"] == ["benchmarks/throughput.py", *argv] and meta["command"].startswith("python benchmarks/throughput.py ")
+    assert meta["shape"] == "tiny" and meta["dtype"] == "float32" and meta["transformers"]
+
+    # the report reads this file and a recorded one from before the meta block alike
+    report = _script("report_throughput")
+    old = ROOT / "docs" / "benchmarks" / "raw" / "run_e1.json"
+    (old_meta, old_rows), (new_meta, new_rows) = report.load([old, out])
+    assert "commit" not in old_meta and report.table(old_rows).count("\n") == len(old_rows) + 2
+    assert report.run_header(old.name, old_meta).startswith("Run `run_e1.json` on NVIDIA H100")
+    header = report.run_header(out.name, new_meta)
+    assert f"commit `{meta['commit'][:12]}`" in header if meta["commit"] else "commit" not in header
+    assert "| h2o | 2 |" in report.table(new_rows)
 
 
 def test_throughput_script_dry_run_static_policies(tmp_path):
     module = throughput_script()
     out = tmp_path / "tp.json"
     code = module.main(
-        ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", "40", "--new-tokens", "4",
+        ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", str(PROMPT), "--new-tokens", str(NEW),
          "--batch-sizes", "3", "--profile-batch", "3", "--prefill-chunk", "2", "--no-compile",
          "--policies", "full-static,pyramidinfer-54-static,pyramidinfer-54-prune-static", "--json", str(out)]
     )
@@ -43,6 +103,12 @@ def test_throughput_script_dry_run_static_policies(tmp_path):
     for row in rows:
         assert row["generated_tokens_per_s"] > 0 and row["prefill_chunk"] == 2
         assert row["profile_step_ms"] > 0 and row["profile_maintain_ms"] >= 0
+    full, *compressed = rows
+    # the static buffers are sized once for the whole generation: full's hold exactly every token
+    assert full["kv_bytes_per_seq"] == full["kv_bytes_used_per_seq"] == FULL_TOKENS * BYTES_PER_TOKEN
+    for row in compressed:
+        assert row["kv_bytes_used_per_seq"] < full["kv_bytes_used_per_seq"], row
+        assert row["kv_bytes_per_seq"] < full["kv_bytes_per_seq"], row
 
 
 def test_throughput_script_dry_run_kvpress(tmp_path):
@@ -64,3 +130,30 @@ def test_throughput_script_dry_run_kvpress(tmp_path):
     # the press halved the prompt's 80 tokens per layer (SnapKV's window is 64); the 3 generated after
     # it stay (the last token's keys are never computed)
     assert press["kv_bytes_per_seq"] == dynamic["kv_bytes_per_seq"] * (40 + 3) / (80 + 3)
+
+
+def test_prefill_overhead_dry_run_meta(tmp_path):
+    """benchmarks/prefill_overhead.py on the tiny shape: one short forward per cache, and the meta block."""
+    out = tmp_path / "prefill.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--rows", "2", "--prompt", "16", "--reps", "1",
+            "--chunks", "0", "--policies", "dynamic,full", "--label", "dry", "--json", str(out)]
+    assert _script("prefill_overhead").main(argv) == 0
+    data = json.loads(out.read_text())
+    assert [r["cache"] for r in data["rows"]] == ["dynamic", "full"] and data["rows"][1]["forward_ms"] > 0
+    meta = data["meta"]
+    for key in META_KEYS + ("label", "kvpolicy_path", "device", "torch", "transformers"):
+        assert key in meta, key
+    assert meta["argv"] == ["benchmarks/prefill_overhead.py", *argv] and meta["label"] == "dry"
+
+
+def test_needle_probe_results_meta():
+    """benchmarks/needle_probe.py's file content (the probe itself needs the real model: not run here)."""
+    rows = [{"policy": "full", "found": 6, "of": 6}]
+    argv = ["--json", "out.json", "full", 'snapkv:{"compression_ratio":0.54}']
+    data = _script("needle_probe").results(rows, argv, [1636, 1740], 7)
+    meta = data["meta"]
+    for key in META_KEYS:
+        assert key in meta, key
+    assert data["rows"] == rows and meta["prompt_lengths"] == [1636, 1740] and meta["needle_seed"] == 7
+    assert meta["argv"] == ["benchmarks/needle_probe.py", *argv]
+    assert meta["command"].endswith("""full 'snapkv:{"compression_ratio":0.54}'""")  # pasteable into a shell

@@ -1,4 +1,6 @@
-"""``kvpolicy compare``: bad input fails in one line with exit 2; a real run writes valid JSON.
+"""``kvpolicy compare``: bad input fails in one line with exit 2; a real run writes valid JSON
+whose numbers are the right ones (rows picked by policy, KV reductions at their targets, the
+reference measured against itself, and a ``meta`` block saying where the rows came from).
 
 The end-to-end runs use a tiny random Llama saved with a word-level tokenizer built here
 (no download), and a few paragraphs standing in for the novels, so the file stays fast.
@@ -6,17 +8,27 @@ The end-to-end runs use a tiny random Llama saved with a word-level tokenizer bu
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kvpolicy.cli import main
+from kvpolicy.core.config import load_preset
 from kvpolicy.evaluation import report, texts
 from kvpolicy.evaluation.rdata import read_lazyload_db
+from kvpolicy.evaluation.tasks import PRESETS, NeedleTask, PerplexityTask
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the tiny model below: 4 layers, 2 KV heads of 64 / 4 = 16 dims, float32
+TINY_LAYERS, TINY_KV_HEADS, TINY_HEAD_DIM, FLOAT32_BYTES = 4, 2, 16, 4
+TINY_BYTES_PER_TOKEN = TINY_LAYERS * 2 * TINY_KV_HEADS * TINY_HEAD_DIM * FLOAT32_BYTES  # keys + values, all layers
 
 PARAGRAPHS = [
     "It is a truth universally acknowledged that a single man in possession of a good fortune must be in want of a wife.",
@@ -129,24 +141,114 @@ def test_module_entry_point_exit_code():
     assert "Traceback" not in proc.stderr
 
 
+def _pyramid_prefill_keep(n: int, preset: dict, layers: int) -> list[int]:
+    """Tokens each layer keeps of an ``n``-token prompt under a PyramidInfer preset, worked out
+    from the paper's schedule independently of kvpolicy's code: the last ``1 + int(n * recent)``
+    tokens vote and stay; the context before them shrinks layer by layer by the cosine ratio
+    ``(1 - r) * (cos(pi * l / L) + 1) / 2 + r`` of the layer below, unless that would go under the
+    floor (``min_context_length``)."""
+    recent = 1 + int(n * preset["prefill_recent_ratio"])
+    final = preset["prefill_decay_ratio"]
+    context, keep = n - recent, []
+    for layer in range(layers):
+        keep.append(context + recent)
+        ratio = (1 - final) * (math.cos(math.pi * layer / layers) + 1) / 2 + final
+        if ratio < 1 and int(context * ratio) > preset["min_context_length"]:
+            context = int(context * ratio)
+    return keep
+
+
+def _tiny_prompt_lengths(model_dir: Path) -> list[int]:
+    """Prompt tokens of every sequence ``compare --sizes tiny`` measures, in order: the ppl prefix,
+    the needle prompts, the agreement prompt."""
+    from transformers import AutoTokenizer
+
+    sizes = PRESETS["tiny"]
+    needle = NeedleTask()
+    needle.prepare(AutoTokenizer.from_pretrained(model_dir), sizes)
+    return [sizes.ppl_prefix] * sizes.ppl_docs + [len(s["ids"]) for s in needle.samples] + (
+        [sizes.agreement_prompt_tokens] * sizes.agreement_prompts)
+
+
+#: a random-weights model predicts almost uniformly, so evicting context barely moves its
+#: perplexity: this bound only catches a broken ratio (the real model's bound is below)
+TINY_PPL_RATIO_BOUND = 1.05
+
+
 def test_compare_json_schema(tiny_model_dir, tmp_path, capsys):
     out, png = tmp_path / "rows.json", tmp_path / "plot.png"
-    argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "pyramidinfer,h2o,snapkv,random",
-            "--ratio", "0.5", "--json", str(out), "--plot", str(png), "--quiet"]
+    argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies",
+            "pyramidinfer,h2o,streamingllm,snapkv,random", "--ratio", "0.54", "--json", str(out), "--plot", str(png), "--quiet"]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "kvpolicy compare" in table and "h2o@0.5" in table
-    rows = json.loads(out.read_text())
-    report.validate_rows(rows, ["ppl", "needle", "agreement"])
+    assert "kvpolicy compare" in table and "h2o@0.54" in table
+    data = json.loads(out.read_text())
+    report.validate_results(data, ["ppl", "needle", "agreement"])
+    rows = data["rows"]
     by = {r["label"]: r for r in rows}
-    assert list(by) == ["full", "pyramidinfer", "h2o@0.5", "snapkv@0.5", "random@0.5"]
+    assert list(by) == ["full", "pyramidinfer", "h2o@0.54", "streamingllm@0.54", "snapkv@0.54", "random@0.54"]
     full = by["full"]
-    assert full["kv_reduction"] == 0.0 and full["ppl_ratio"] == 1.0 and full["agreement"] == 1.0
-    for label in ("h2o@0.5", "snapkv@0.5", "random@0.5"):
-        assert 0.3 < by[label]["kv_reduction_prefill"] < 0.6, by[label]
-        assert by[label]["kv_bytes"] < full["kv_bytes"]
-    assert len(full["layer_tokens_prefill"]) == 4
+
+    # full holds every token: its bytes after prefill are the prompts' KV size worked out by hand
+    lengths = _tiny_prompt_lengths(tiny_model_dir)
+    assert full["sequences"] == len(lengths)
+    assert full["kv_bytes_prefill"] == int(sum(lengths) * TINY_BYTES_PER_TOKEN / len(lengths))
+    assert full["layer_tokens_prefill"] == [lengths[-1]] * TINY_LAYERS
+    assert full["kv_reduction"] == 0.0 and full["agreement"] == 1.0
+    # the reference's ppl_ratio is measured (its ppl over the reference ppl, itself), and so is every row's
+    assert full["ppl_ratio"] == full["ppl"] / full["ppl"] == 1.0
+    for row in rows:
+        assert row["ppl_ratio"] == pytest.approx(row["ppl"] / full["ppl"], rel=1e-12), row["label"]
+
+    # budget policies that also evict while decoding: the reduction is the asked ratio, at the end too
+    for label in ("h2o@0.54", "streamingllm@0.54", "random@0.54"):
+        row = by[label]
+        assert abs(row["kv_reduction"] - 0.54) < 0.02, (label, row["kv_reduction"])
+        assert abs(row["kv_reduction_prefill"] - 0.54) < 0.02, (label, row["kv_reduction_prefill"])
+        assert row["kv_bytes"] < full["kv_bytes"] and row["ppl_ratio"] < TINY_PPL_RATIO_BOUND, row
+    # snapkv compresses the prompt only: the asked ratio after prefill, less at the end
+    snap = by["snapkv@0.54"]
+    assert abs(snap["kv_reduction_prefill"] - 0.54) < 0.02, snap
+    assert 0.4 < snap["kv_reduction"] < snap["kv_reduction_prefill"] and snap["ppl_ratio"] < TINY_PPL_RATIO_BOUND
+
+    # pyramidinfer (reference Llama-2-7B preset, picked for 4 layers) keeps what its schedule gives
+    preset = load_preset("pyramidinfer_llama2_7b")
+    keep = [_pyramid_prefill_keep(n, preset, TINY_LAYERS) for n in lengths]
+    pyr = by["pyramidinfer"]
+    assert pyr["layer_tokens_prefill"] == keep[-1]
+    assert pyr["kv_reduction_prefill"] == pytest.approx(1 - sum(map(sum, keep)) / (TINY_LAYERS * sum(lengths)), abs=1e-12)
+    assert pyr["kv_reduction_prefill"] > 0 and pyr["kv_reduction"] > 0
+    assert pyr["ppl_ratio"] < TINY_PPL_RATIO_BOUND
     assert png.stat().st_size > 10_000
+
+
+def test_compare_json_meta(tiny_model_dir, tmp_path):
+    """The results file says where its rows came from: command and argv, commit and dirty flag,
+    versions, machine and threads, date, and the run's own settings."""
+    out = tmp_path / "rows.json"
+    argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "full", "--tasks", "ppl",
+            "--json", str(out), "--quiet"]
+    assert main(argv) == 0
+    meta = json.loads(out.read_text())["meta"]
+    report.validate_meta(meta)
+    assert meta["argv"] == ["kvpolicy", *argv]
+    assert meta["command"].startswith("kvpolicy compare --model ") and meta["tool"] == "kvpolicy compare"
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's clone is one)
+        assert meta["commit"] == head.stdout.strip() and isinstance(meta["dirty"], bool)
+    else:
+        assert meta["commit"] is None and meta["dirty"] is None
+    assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["transformers"]
+    assert meta["versions"]["python"] and meta["versions"]["kvpolicy"]
+    assert meta["machine"]["torch_threads"] == torch.get_num_threads() and meta["machine"]["cpus"] >= 1
+    date = datetime.datetime.fromisoformat(meta["date"])
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - date).total_seconds()) < 600
+    assert meta["sizes_preset"] == "tiny" and meta["sizes"]["ppl_prefix"] == PRESETS["tiny"].ppl_prefix
+    assert meta["tasks"] == ["ppl"] and meta["labels"] == ["full"] and meta["wall_s"] >= 0
+    for key in report.REQUIRED_META_KEYS:  # a file without one of them is rejected
+        broken = {k: v for k, v in meta.items() if k != key}
+        with pytest.raises(ValueError, match=f"meta lacks '{key}'"):
+            report.validate_meta(broken)
 
 
 def test_sweep_rows_per_ratio(tiny_model_dir, tmp_path, capsys):
@@ -154,10 +256,56 @@ def test_sweep_rows_per_ratio(tiny_model_dir, tmp_path, capsys):
     argv = ["sweep", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "full,streamingllm",
             "--ratios", "0.25,0.75", "--tasks", "ppl", "--json", str(out), "--quiet"]
     assert main(argv) == 0
-    rows = json.loads(out.read_text())
-    report.validate_rows(rows, ["ppl"])
-    assert [r["label"] for r in rows] == ["full", "streamingllm@0.25", "streamingllm@0.75"]
-    assert rows[1]["kv_reduction"] < rows[2]["kv_reduction"]
+    data = json.loads(out.read_text())
+    report.validate_results(data, ["ppl"])
+    assert data["meta"]["tool"] == "kvpolicy sweep" and data["meta"]["argv"] == ["kvpolicy", *argv]
+    by = {r["label"]: r for r in data["rows"]}
+    assert list(by) == ["full", "streamingllm@0.25", "streamingllm@0.75"]
+    assert abs(by["streamingllm@0.25"]["kv_reduction"] - 0.25) < 0.02
+    assert abs(by["streamingllm@0.75"]["kv_reduction"] - 0.75) < 0.02
+
+
+def test_ppl_ratio_is_measured_for_the_reference():
+    """The reference run divides its own perplexity by itself like any other row: 1.0 when it is
+    finite, and visibly not a number when the reference itself is broken (a hard-coded 1.0 would
+    hide that)."""
+
+    class FakeMeter:
+        def __init__(self, nll_per_token):
+            self.nll_per_token = nll_per_token
+
+        def score(self, model, ids, prefix, step, cache):
+            n = ids.shape[1] - prefix - 1
+            return self.nll_per_token * n, n
+
+    task = PerplexityTask()
+    task.sizes, task.docs = PRESETS["tiny"], [[1] * 113]
+    model = SimpleNamespace(device=torch.device("cpu"))
+    ref = task.run(model, lambda: None, FakeMeter(math.log(30.0)), reference=None)
+    assert ref.metrics["ppl"] == pytest.approx(30.0) and ref.metrics["ppl_ratio"] == 1.0
+    other = task.run(model, lambda: None, FakeMeter(math.log(45.0)), reference=ref.reference)
+    assert other.metrics["ppl_ratio"] == pytest.approx(1.5)
+    broken = task.run(model, lambda: None, FakeMeter(float("inf")), reference=None)
+    assert math.isnan(broken.metrics["ppl_ratio"])
+
+
+def test_old_results_files_still_read(tmp_path):
+    """Files written before the meta block (a bare list of rows) load, and merging the re-measured
+    pyramidkv rows into the main sweep gives the table printed in docs/benchmarks/quality.md."""
+    bench = ROOT / "docs" / "benchmarks"
+    meta, main_rows = report.load_results(bench / "quality_sweep.json")
+    assert meta is None and main_rows[0]["policy"] == "full"
+    rows = report.merge_runs([main_rows, report.load_results(bench / "quality_sweep_pyramidkv.json")[1]])
+    assert [r["label"] for r in rows] == [r["label"] for r in main_rows]
+    assert rows[0] is not main_rows[0] and rows[0] == main_rows[0]  # the main run's reference stays
+    tasks = ["ppl", "needle", "agreement"]
+    report.validate_rows(rows, tasks)
+    doc = (bench / "quality.md").read_text().replace("¹", "")
+    for line in report.markdown_table(rows, tasks).splitlines()[2:]:
+        assert line in doc, line
+    new = tmp_path / "new.json"
+    report.save_json(rows[:2], new, {"command": "x"})
+    assert report.load_results(new) == ({"command": "x"}, rows[:2])
 
 
 def test_schema_validation_rejects_missing_metric():
@@ -185,12 +333,28 @@ def test_real_novels_decode():
     assert sum(len(line or "") for line in data["emma"]) > 500_000
 
 
+#: measured 58.2 (torch 2.13 CPU, float32): a broken model or tokenization lands far outside
+#: (random weights: ~ the 49k vocabulary), a real regression of the scoring path too
+REAL_FULL_PPL_BAND = (30.0, 120.0)
+#: h2o removing 54% of a 96-token prefix, 16 scored tokens: measured 1.048
+REAL_H2O_PPL_RATIO_BOUND = 1.15
+
+
 @pytest.mark.real_model
 @pytest.mark.skipif(not NOVELS_INSTALLED, reason=texts.INSTALL_HINT)
 def test_real_model_compare(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()  # real novels
     out = tmp_path / "rows.json"
     assert main(["compare", "--sizes", "tiny", "--policies", "h2o", "--tasks", "ppl,agreement", "--json", str(out), "--quiet"]) == 0
-    rows = json.loads(out.read_text())
-    report.validate_rows(rows, ["ppl", "agreement"])
-    assert 1.0 < rows[0]["ppl"] < 1000.0 and len(rows[0]["layer_tokens_prefill"]) == 30
+    data = json.loads(out.read_text())
+    report.validate_results(data, ["ppl", "agreement"])
+    by = {r["policy"]: r for r in data["rows"]}
+    assert list(by) == ["full", "h2o"]
+    full, h2o = by["full"], by["h2o"]
+    # SmolLM2-135M-Instruct, a 96-token prefix of Austen, 16 scored tokens
+    assert REAL_FULL_PPL_BAND[0] < full["ppl"] < REAL_FULL_PPL_BAND[1], full["ppl"]
+    assert full["ppl_ratio"] == full["ppl"] / full["ppl"] == 1.0 and full["agreement"] == 1.0
+    assert len(full["layer_tokens_prefill"]) == 30 and full["kv_reduction"] == 0.0
+    assert abs(h2o["kv_reduction"] - 0.54) < 0.02 and abs(h2o["kv_reduction_prefill"] - 0.54) < 0.02, h2o
+    assert h2o["ppl_ratio"] == pytest.approx(h2o["ppl"] / full["ppl"], rel=1e-12)
+    assert h2o["ppl_ratio"] < REAL_H2O_PPL_RATIO_BOUND, h2o["ppl_ratio"]

@@ -61,3 +61,20 @@ def test_report(script):
     assert "| pyramidkv / PyramidKVPress | - |" in text
     assert "| kvpress | KnormPress | 0.2 | 19.6% |" in text
     assert "`tova`: RuntimeError: x" in text
+
+
+def test_results_meta(script):
+    """The JSON carries the run's meta block beside the environment the report reads (kvpress not needed)."""
+    argv = ["benchmarks/kvpress_compare.py", "--ratios", "0.2", "--presses", "snapkv", "--tasks", "ppl"]
+    args = script.parse_args(argv[1:])
+    rows = [_row("kvpolicy", "full", None, 1.0, 1.0, 1.0, 0.0)]
+    data = script.results_data(args, argv, rows, {}, 3.0)
+    meta = data["meta"]
+    for key in ("command", "argv", "commit", "dirty", "versions", "machine", "date"):
+        assert key in meta, key
+    assert meta["argv"] == argv and meta["command"].endswith("python benchmarks/kvpress_compare.py --ratios 0.2 "
+                                                              "--presses snapkv --tasks ppl")
+    assert data["environment"]["command"] == meta["command"] and data["rows"] == rows
+    assert data["tasks"] == ["ppl"] and data["ratios"] == [0.2] and data["sizes"] == "sweep"
+    text = script.markdown_report(data)
+    assert ("Commit `" in text) == (meta["commit"] is not None)

@@ -2,12 +2,25 @@
 
 Why separate from the runner: the rows are plain dicts (the JSON schema of docs/cli.md), so
 anything that prints, saves or plots them needs no model and can be tested on its own.
+
+A results file is ``{"meta": ..., "rows": [...]}``: the rows, and where they came from
+(:func:`kvpolicy.provenance.run_meta`). Files written before the ``meta`` block existed are a
+bare list of rows; :func:`load_results` reads both.
+
+    python -m kvpolicy.evaluation.report docs/benchmarks/quality_sweep.json \
+        docs/benchmarks/quality_sweep_pyramidkv.json --plot docs/benchmarks/quality_sweep.png --markdown
+
+redraws a plot (and prints the Markdown table) from recorded files, the later files' rows
+replacing the earlier ones of the same label (:func:`merge_runs`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +43,10 @@ REQUIRED_KEYS = {
     "layer_tokens_prefill": list,
     "layer_tokens_end": list,
 }
+
+
+#: keys of the ``meta`` block every results file written by ``compare``/``sweep`` carries
+REQUIRED_META_KEYS = ("command", "argv", "commit", "dirty", "versions", "machine", "date")
 
 
 def validate_rows(rows: Any, task_names: list[str]) -> None:
@@ -66,8 +83,61 @@ def environment() -> dict[str, str]:
     }
 
 
-def save_json(rows: list[dict[str, Any]], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+def validate_meta(meta: Any) -> None:
+    """Raise ``ValueError`` naming the first ``meta`` key missing (see :data:`REQUIRED_META_KEYS`)."""
+    if not isinstance(meta, dict):
+        raise ValueError("results must carry a 'meta' object (kvpolicy.provenance.run_meta)")
+    for key in REQUIRED_META_KEYS:
+        if key not in meta:
+            raise ValueError(f"meta lacks {key!r}")
+
+
+def validate_results(data: Any, task_names: list[str]) -> None:
+    """A whole results file (``{"meta": ..., "rows": [...]}``) against docs/cli.md."""
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError("results must be an object with 'meta' and 'rows'")
+    validate_meta(data.get("meta"))
+    validate_rows(data["rows"], task_names)
+
+
+def save_json(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> None:
+    """Write ``{"meta": meta, "rows": rows}`` (``meta``: :func:`kvpolicy.provenance.run_meta`)."""
+    Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def load_results(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """``(meta, rows)`` of a results file; ``meta`` is None for an old file (a bare list of rows)."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, list):
+        return None, data
+    if isinstance(data, dict) and isinstance(data.get("rows"), list):
+        return data.get("meta"), data["rows"]
+    raise ValueError(f"{path}: neither a results object with 'rows' nor a list of rows")
+
+
+def merge_runs(runs: list[list[dict[str, Any]]], reference: str = "full") -> list[dict[str, Any]]:
+    """The first run's rows, each replaced by a later run's row of the same label (or that row
+    appended). The ``reference`` row always stays the first run's: every run measured its
+    own, and the later ones are only compared with it (a ``ValueError`` if their perplexities
+    differ, since then the later rows' ratios are against another reference)."""
+    merged = [dict(r) for r in runs[0]]
+    base_ref = next((r for r in merged if r["policy"] == reference), None)
+    for rows in runs[1:]:
+        for row in rows:
+            if row["policy"] == reference:
+                if base_ref is not None and "ppl" in row and "ppl" in base_ref and not math.isclose(
+                    row["ppl"], base_ref["ppl"], rel_tol=1e-6
+                ):
+                    raise ValueError(
+                        f"the runs' {reference} rows differ (ppl {base_ref['ppl']} vs {row['ppl']}): not one reference"
+                    )
+                continue
+            at = next((i for i, r in enumerate(merged) if r["label"] == row["label"]), None)
+            if at is None:
+                merged.append(dict(row))
+            else:
+                merged[at] = dict(row)
+    return merged
 
 
 def _mib(n: int) -> str:
@@ -151,3 +221,29 @@ def markdown_table(rows: list[dict[str, Any]], task_names: list[str]) -> str:
         ] + [f"{r[k]:.3f}" if k.startswith("ppl") else f"{r[k]:.0%}" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Redraw the plot / print the Markdown table of recorded results files (later files' rows
+    replace the earlier ones of the same label)."""
+    ap = argparse.ArgumentParser(prog="python -m kvpolicy.evaluation.report", description=main.__doc__)
+    ap.add_argument("files", nargs="+", type=Path, help="results files of compare/sweep --json, base run first")
+    ap.add_argument("--tasks", default=None, help="tasks to show (default: those every row has)")
+    ap.add_argument("--plot", type=Path, help="write the plot here (PNG)")
+    ap.add_argument("--markdown", action="store_true", help="print the rows as a Markdown table")
+    args = ap.parse_args(argv)
+    rows = merge_runs([load_results(p)[1] for p in args.files])
+    if args.tasks:
+        task_names = [t for t in args.tasks.split(",") if t]
+    else:
+        task_names = [n for n, t in TASKS.items() if all(k in r for r in rows for k in t.metric_keys)]
+    validate_rows(rows, task_names)
+    if args.plot:
+        plot(rows, task_names, args.plot)
+    if args.markdown:
+        print(markdown_table(rows, task_names))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -110,8 +110,10 @@ class PerplexityTask(Task):
             n, c = meter.score(model, ids, self.sizes.ppl_prefix, self.sizes.ppl_step, new_cache())
             nll, count = nll + n, count + c
         ppl = math.exp(nll / count)
-        ratio = ppl / reference if reference else 1.0
-        return TaskResult({"ppl": ppl, "ppl_ratio": ratio}, reference=ppl)
+        # the reference run (``full``, reference None) is measured against itself like every other
+        # row, not given 1.0: a non-finite reference shows as such instead of as a perfect ratio
+        reference_ppl = ppl if reference is None else reference
+        return TaskResult({"ppl": ppl, "ppl_ratio": ppl / reference_ppl}, reference=reference_ppl)
 
 
 def _chat_ids(tokenizer: Any, user: str) -> list[int]:
@@ -190,8 +192,8 @@ class AgreementTask(Task):
         for group in _batches(self.prompts, self.sizes.batch_size):
             inputs = _left_pad(group, pad, model.device)
             outputs.extend(meter.generate(model, inputs, new_cache(), self.sizes.max_new_tokens, pad).tolist())
-        if reference is None:
-            return TaskResult({"agreement": 1.0, "agreement_prefix": 1.0}, reference=outputs)
+        if reference is None:  # the reference run is compared with its own outputs, like every other row
+            reference = outputs
         total = sum(len(r) for r in reference)
         same = sum(a == b for out, ref in zip(outputs, reference) for a, b in zip(out, ref))
         prefix = 0
