@@ -215,7 +215,10 @@ class PolicyCache(Cache):
         if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
             self.pad, self.pad_host = torch.zeros(batch, dtype=torch.long, device=device), [0] * batch
         else:
-            last = mask[:, 0, -1, :] if mask.dim() == 4 else mask  # 2-D: flash attention's padding mask
+            # 4-D: each query's own column, masked only for a pad (the last query row also hides the columns
+            # before a sliding window, and the first layer may be sliding: Gemma 2/3, Mistral); 2-D: flash
+            # attention's padding mask
+            last = mask[:, 0].diagonal(mask.shape[-1] - mask.shape[-2], -2, -1) if mask.dim() == 4 else mask
             if last.dtype == torch.bool:
                 valid = last
             elif last.is_floating_point():  # additive mask: 0 attends, a large negative does not
