@@ -63,6 +63,14 @@ SHAPES = {
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
         intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096,
     ),
+    "llama3-8b": dict(  # GQA: 32 query / 8 KV heads, so a quarter of Llama-2's KV per token
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=40960, rope_theta=500000.0,
+    ),
+    "llama2-70b": dict(
+        hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        intermediate_size=28672, vocab_size=32000, max_position_embeddings=4096,
+    ),
     "tiny": dict(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=128, vocab_size=97, max_position_embeddings=4096,
@@ -90,6 +98,7 @@ STATIC_POLICIES: dict[str, Any] = {
     "pyramidinfer-floor-static": lambda: kvpolicy.make_cache("pyramidinfer_54_floor"),
     "pyramidinfer-floor-prune-static": lambda: kvpolicy.make_cache("pyramidinfer_54_floor", prefill_mode="prune_hidden"),
     "streamingllm-static": lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16),
+    "snapkv-static": lambda: kvpolicy.make_cache("snapkv", compression_ratio=0.54),
 }
 POLICIES.update({name: "static" for name in STATIC_POLICIES})
 
