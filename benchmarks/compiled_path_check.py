@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, help="rows (default 8; --tiny: 3)")
     ap.add_argument("--prompt-min", type=int, help="shortest prompt (default 300; --tiny: 96)")
     ap.add_argument("--prompt-max", type=int, help="longest prompt (default 600; --tiny: 160)")
-    ap.add_argument("--prefill-chunk", type=int, default=None, help="rows per prefill forward of generate_static (default: all)")
+    ap.add_argument("--prefill-chunk", type=int,
+                    help="rows per prefill forward of generate_static (default 3; --tiny: 2): uneven chunks, "
+                         "so freezing merges several prefilled caches")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -185,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny model and smaller defaults: a CPU dry run")
     ap.add_argument("--json", type=Path, help="write {meta, rows} here")
     args = ap.parse_args(argv)
-    defaults = dict(steps=8, batch=3, prompt_min=96, prompt_max=160) if args.tiny else \
-        dict(steps=64, batch=8, prompt_min=300, prompt_max=600)
+    defaults = dict(steps=8, batch=3, prompt_min=96, prompt_max=160, prefill_chunk=2) if args.tiny else \
+        dict(steps=64, batch=8, prompt_min=300, prompt_max=600, prefill_chunk=3)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.steps < 1 or args.batch < 1 or not 1 <= args.prompt_min <= args.prompt_max:
-        ap.error("--steps and --batch must be positive and 1 <= --prompt-min <= --prompt-max")
+    if min(args.steps, args.batch, args.prefill_chunk) < 1 or not 1 <= args.prompt_min <= args.prompt_max:
+        ap.error("--steps, --batch and --prefill-chunk must be positive and 1 <= --prompt-min <= --prompt-max")
     labels = [p for p in args.policies.split(",") if p]
     try:
         for label in labels:
