@@ -33,20 +33,27 @@ from .core.static_decode import StaticPolicyCache
 @dataclass
 class StaticGeneration:
     """``sequences``: prompt and generated tokens, as ``generate`` returns them; ``cache``: the
-    static cache at the end (for ``memory_bytes()``, ``kv_tokens_per_layer()``, ...)."""
+    static cache at the end (for ``memory_bytes()``, ``kv_tokens_per_layer()``, ...); ``logits``
+    (with ``output_logits=True``): each generated token's logits, ``[B, V]`` float32 per step, as
+    ``generate(..., output_logits=True, return_dict_in_generate=True).logits`` holds them."""
 
     sequences: torch.Tensor
     cache: StaticPolicyCache
     prefill_seconds: float = 0.0  #: wall time until the frozen cache was ready (device synchronised)
+    logits: tuple[torch.Tensor, ...] | None = None
 
 
 _COMPILED: dict[tuple, Callable] = {}
 
 
 def _decode_step(model, cache_arg: str, cache, input_ids, position_ids, extra: dict[str, Any], mask):
+    """One decode forward: the greedy tokens ``[B]`` and the step's logits ``[B, V]``. The logits are
+    returned whether or not the caller keeps them, so ``output_logits`` runs the very graph that
+    decoding without it runs (the lm_head's output is materialised for the argmax anyway)."""
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
                 **{cache_arg: cache}, **extra)
-    return out.logits[:, -1].argmax(-1)
+    logits = out.logits[:, -1]
+    return logits.argmax(-1), logits
 
 
 def _compiled_step(options: dict[str, Any] | None) -> Callable:
@@ -86,6 +93,7 @@ def generate_static(
     pad_token_id: int = 0,
     compile: bool | dict[str, Any] = True,
     profile: dict[str, float] | None = None,
+    output_logits: bool = False,
     **policy_overrides: Any,
 ) -> StaticGeneration:
     """Greedy generation of ``max_new_tokens`` per row with ``policy`` (a name/preset, or a
@@ -98,6 +106,9 @@ def generate_static(
     seconds spent in compiled steps (``step_s``) and in the eager re-compression between them
     (``maintain_s``), synchronising the device around each, and on CUDA the peak memory of
     prefill, freeze and decode (slower, and it resets the peak counter; for breakdowns only).
+    ``output_logits``: keep each generated token's logits in ``StaticGeneration.logits`` (a float32
+    copy of ``[B, V]`` per step, as ``generate``'s ``output_logits=True`` does; for checks, it costs
+    memory and a copy per step).
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -114,7 +125,7 @@ def generate_static(
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     _memory_mark(profile, "peak_before_bytes", input_ids.device)
     started = time.perf_counter()
-    caches, first = [], []
+    caches, first, first_logits = [], [], []
     with torch.no_grad():
         for start in range(0, batch, chunk):
             rows = slice(start, start + chunk)
@@ -122,6 +133,8 @@ def generate_static(
             out = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=positions[rows],
                         use_cache=True, logits_to_keep=1, **{cache_arg: cache})
             first.append(out.logits[:, -1].argmax(-1))
+            if output_logits:
+                first_logits.append(out.logits[:, -1].to(copy=True, dtype=torch.float32))
             caches.append(cache)
             del out
         _memory_mark(profile, "peak_prefill_bytes", input_ids.device)
@@ -132,6 +145,7 @@ def generate_static(
             torch.cuda.synchronize(input_ids.device)
         prefill_seconds = time.perf_counter() - started
         tokens = [torch.cat(first)]
+        logits = [torch.cat(first_logits)] if output_logits else None
         if compile is True:  # CUDA graphs where they exist; on CPU reduce-overhead only slows inductor down
             compile = {"fullgraph": True, **({"mode": "reduce-overhead"} if input_ids.device.type == "cuda" else {})}
         options = None if compile is False else compile
@@ -149,7 +163,10 @@ def generate_static(
                 if options is not None and options.get("mode") == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 t0 = _clock(profile, input_ids.device)
-                tok = step(model, cache_arg, static, tokens[-1][:, None], next_pos + i, extra, mask).clone()
+                tok, step_logits = step(model, cache_arg, static, tokens[-1][:, None], next_pos + i, extra, mask)
+                tok = tok.clone()  # copied before the next replay of a CUDA graph overwrites its outputs
+                if output_logits:
+                    logits.append(step_logits.to(copy=True, dtype=torch.float32))
                 if unfinished is not None:
                     tok = torch.where(unfinished, tok, torch.full_like(tok, pad_token_id))
                     unfinished = unfinished & (tok != eos_token_id)
@@ -169,4 +186,6 @@ def generate_static(
         hit = generated == eos_token_id
         if bool(hit.any(1).all()):
             generated = generated[:, : int(hit.float().argmax(1).max()) + 1]
-    return StaticGeneration(torch.cat([input_ids, generated], dim=1), static, prefill_seconds)
+    if logits is not None:
+        logits = tuple(logits[: generated.shape[1]])
+    return StaticGeneration(torch.cat([input_ids, generated], dim=1), static, prefill_seconds, logits)

@@ -7,8 +7,11 @@ import functools
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -26,20 +29,47 @@ COMMON = dict(
     eos_token_id=2,
 )
 
+#: Gemma's tiny layout: sliding and global layers alternate, and the window (8) is shorter than
+#: the test prompts, so the sliding layers' masks really cut (tiny_model repeats the pattern)
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+             layer_types=["sliding_attention", "full_attention"] * 2)
+
 FAMILIES = {
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**COMMON),
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
+    "phi3": lambda: Phi3Config(**COMMON),  # fused qkv projection; head_dim 64 / 4 = 16
+    # softcapping of attention scores (50) and final logits (30) on, as in the real models
+    "gemma2": lambda: Gemma2Config(**COMMON, **GEMMA),
+    # q/k norms, a local RoPE base for sliding layers, no softcapping
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, **GEMMA),
 }
+
+#: attention implementations each family is tested with: transformers refuses sdpa for Gemma 2
+#: (sdpa has no softcapping of attention scores)
+ATTENTION = {"gemma2": ("eager",)}
+
+
+def attentions(family: str) -> tuple[str, ...]:
+    return ATTENTION.get(family, ("eager", "sdpa"))
+
+
+def has_sliding_layers(family: str) -> bool:
+    config = FAMILIES[family]()
+    return any(t == "sliding_attention" for t in (getattr(config, "layer_types", None) or ()))
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(family: str = "llama", attn: str = "sdpa", layers: int = 4, seed: int = 0):
+def tiny_model(family: str = "llama", attn: str = "sdpa", layers: int = 4, seed: int = 0, window: int | None = None):
+    """``window``: another sliding window for a family with sliding layers."""
     config = FAMILIES[family]()
     config.num_hidden_layers = layers
-    if hasattr(config, "layer_types") and config.layer_types is not None:
-        config.layer_types = config.layer_types[:1] * layers
+    if window is not None:
+        config.sliding_window = window
+    if getattr(config, "layer_types", None) is not None:  # the family's pattern, repeated to the depth
+        types = config.layer_types
+        config.layer_types = [types[i % len(types)] for i in range(layers)]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
     model.eval()

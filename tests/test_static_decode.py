@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import batch, tiny_model
+from models import attentions, batch, has_sliding_layers, tiny_model
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig
 
@@ -18,21 +18,63 @@ LENGTHS = [40, 33, 37]
 PYRAMID = dict(prefill_recent_ratio=0.2, prefill_decay_ratio=0.5, min_context_length=4, gen_recent_ratio=0.1,
                exceed_length_to_compress=4, gen_query_window=8)
 
+#: the static path's logits against ``generate``'s (float32): not bitwise, because the prompt is
+#: prefilled in row chunks (other matrix shapes) and a step attends over the whole static buffer,
+#: empty slots masked (longer sums). Worst measured difference over these tests: 3.6e-7 (Gemma 3,
+#: with the padding fix below), 2.6e-7 for the others; bound with headroom. A static step that skips
+#: its query-ring write moved them by 7e-3 to 1.3e-2 while every token stayed the same.
+STATIC_TOL = 1e-6
+
 
 def eager(model, inputs, cache, new=NEW, **kwargs):
-    """Greedy ``generate`` without an EOS (so no min_new_tokens logit masking either)."""
+    """Greedy ``generate`` without an EOS (so no min_new_tokens logit masking either), every step's
+    logits kept (``.sequences``, ``.logits``)."""
     return model.generate(**inputs, past_key_values=cache, max_new_tokens=new, do_sample=False, pad_token_id=0,
-                          eos_token_id=None, **kwargs)
+                          eos_token_id=None, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def assert_same_logits(expected, got, tol=STATIC_TOL):
+    assert got is not None and len(got) == len(expected)
+    for step, (want, have) in enumerate(zip(expected, got)):
+        assert want.shape == have.shape and have.dtype == torch.float32
+        diff = (want - have).abs().max().item()
+        assert diff <= tol, f"step {step}: logits differ by {diff:.3g} (> {tol:g})"
+
+
+PAD_ON_SLIDING_LAYER = pytest.mark.xfail(
+    strict=True,
+    reason="known bug (kvpolicy/core/cache.py PolicyCache._find_pad): on Gemma, whose layer 0 slides, prompt "
+    "tokens before the last window are taken for left padding, so the static step's global layers do not "
+    "attend to them (tests/test_full_equivalence.py::test_full_cache_counts_every_prompt_token)",
+)
+STATIC_FAMILIES = [
+    pytest.param(family, attn, marks=PAD_ON_SLIDING_LAYER if has_sliding_layers(family) else (), id=f"{family}-{attn}")
+    for family in ["llama", "qwen3", "mistral", "phi3", "gemma2", "gemma3"] for attn in attentions(family)
+]
+
+
+@pytest.mark.parametrize("family,attn", STATIC_FAMILIES)
 def test_full_static_equals_dynamic_cache(family, attn):
     model = tiny_model(family, attn)
     inputs = batch(LENGTHS, seed=1)
     expected = eager(model, inputs, DynamicCache())
-    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, prefill_batch_size=2, compile=False)
-    assert torch.equal(out.sequences, expected)
+    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, prefill_batch_size=2, compile=False,
+                          output_logits=True)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert_same_logits(expected.logits, out.logits)
+
+
+@pytest.mark.parametrize("family,attn", [("gemma2", "eager"), ("gemma3", "sdpa")])
+def test_gemma_static_with_a_window_wider_than_the_text(family, attn):
+    """Gemma's softcapping, q/k norms and per-layer-type RoPE through the static step (the window
+    does not cut here, which keeps clear of the padding bug above)."""
+    model = tiny_model(family, attn, window=128)
+    inputs = batch(LENGTHS, seed=1)
+    expected = eager(model, inputs, DynamicCache())
+    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, prefill_batch_size=2, compile=False,
+                          output_logits=True)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert_same_logits(expected.logits, out.logits)
 
 
 def test_sliding_window_layers_are_masked_like_transformers():
@@ -43,8 +85,10 @@ def test_sliding_window_layers_are_masked_like_transformers():
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
     inputs = batch(LENGTHS, seed=2)
     expected = eager(model, inputs, DynamicCache(config=config))
-    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, compile=False)
-    assert torch.equal(out.sequences, expected)
+    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, compile=False, output_logits=True)
+    assert torch.equal(out.sequences, expected.sequences)
+    # DynamicCache(config=...) drops keys that leave the window, the static buffer masks them: not bitwise
+    assert_same_logits(expected.logits, out.logits)
 
 
 @pytest.mark.parametrize(
@@ -63,8 +107,9 @@ def test_compressing_policies_keep_the_same_tokens_as_the_eager_path(policy, ove
     cache = kvpolicy.make_cache(policy, **overrides)
     expected = eager(model, inputs, cache)
     out = generate_static(model, **inputs, policy=policy, max_new_tokens=NEW, prefill_batch_size=2, compile=False,
-                          **overrides)
-    assert torch.equal(out.sequences, expected)
+                          output_logits=True, **overrides)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert_same_logits(expected.logits, out.logits)
     assert out.cache.valid_tokens_per_layer() == cache.valid_tokens_per_layer()
     for layer in range(len(cache.layers)):
         kept, static = cache.kept_positions(layer), out.cache.kept_positions(layer)
@@ -83,20 +128,23 @@ def test_compiled_step_is_one_graph_across_steps_and_calls():
         inputs = batch(LENGTHS, seed=seed)
         expected = eager(model, inputs, kvpolicy.make_cache("pyramidinfer", **PYRAMID))
         out = generate_static(model, **inputs, policy="pyramidinfer", max_new_tokens=NEW,
-                              compile={"backend": "eager", "fullgraph": True}, **PYRAMID)
-        assert torch.equal(out.sequences, expected)
+                              compile={"backend": "eager", "fullgraph": True}, output_logits=True, **PYRAMID)
+        assert torch.equal(out.sequences, expected.sequences)
+        assert_same_logits(expected.logits, out.logits)
     assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_stops_at_eos_like_generate():
     model = tiny_model("llama", "sdpa")
     inputs = batch(LENGTHS, seed=6)
-    free = eager(model, inputs, DynamicCache())
+    free = eager(model, inputs, DynamicCache()).sequences
     eos = int(free[0, inputs["input_ids"].shape[1] + 5])  # a token row 0 emits at step 6
     expected = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=NEW, do_sample=False,
-                              pad_token_id=0, eos_token_id=eos)
-    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, eos_token_id=eos, compile=False)
-    assert torch.equal(out.sequences, expected)
+                              pad_token_id=0, eos_token_id=eos, output_logits=True, return_dict_in_generate=True)
+    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, eos_token_id=eos, compile=False,
+                          output_logits=True)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert_same_logits(expected.logits, out.logits)  # one per generated column, as generate keeps them
 
 
 class TightFull(FullPolicy):
