@@ -53,20 +53,11 @@ def test_full_policy_matches_dynamic_cache(family, attn, lengths):
         assert max_logit_diff(windowed.logits, got.logits) <= WINDOWED_CACHE_TOL
 
 
-PAD_ON_SLIDING_LAYER = pytest.mark.xfail(
-    strict=True,
-    reason="known bug (kvpolicy/core/cache.py PolicyCache._find_pad): the padding is read from the last "
-    "query row of the first layer's mask; Gemma's layer 0 is a sliding layer, whose last row hides every "
-    "token before the window, so prompt tokens before the last window are taken for left padding",
-)
-
-
-@pytest.mark.parametrize(
-    "family", [pytest.param(f, marks=PAD_ON_SLIDING_LAYER) if has_sliding_layers(f) else f for f in sorted(FAMILIES)]
-)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_full_cache_counts_every_prompt_token(family):
     """The cache's idea of each row's padding and prompt, which masks of compressed layers, the
-    static decode path and every policy's budget rely on, in every family."""
+    static decode path and every policy's budget rely on, in every family (Gemma's layer 0 slides:
+    its mask's last row hides every token before the window, which once read as padding)."""
     model = tiny_model(family, attentions(family)[-1])
     lengths = [23, 14, 6]  # longer than Gemma's tiny window (8)
     cache = FullCache()
