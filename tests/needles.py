@@ -10,9 +10,11 @@ from kvpolicy import cache_argument, make_cache
 from kvpolicy.evaluation import texts
 
 QUESTION = "What is the secret code of the blue door? Answer with the number only."
+#: the needle set of tests/test_real_model.py (the one ``pyramidinfer_54_floor`` was chosen on)
+TEST_SEED = 7
 
 
-def build(tokenizer, count: int = 6, hay_tokens: int = 1550, seed: int = 7):
+def build(tokenizer, count: int = 6, hay_tokens: int = 1550, seed: int = TEST_SEED):
     """Left-padded chat prompts (1.5k-2k tokens) with a 5-digit code placed in the first 40%."""
     rng = random.Random(seed)
     prompts, answers = [], []

@@ -92,6 +92,47 @@ def test_cache_reused_across_batch_sizes():
         greedy(model, batch([30, 9, 5]), cache, new_tokens=2)
 
 
+@pytest.mark.parametrize(
+    "policy, overrides", [("full", {}), ("h2o", {"budget": 8}), ("pyramidinfer", {"min_context_length": 4})]
+)
+def test_cache_reused_for_a_shorter_prompt_names_the_fix(policy, overrides):
+    """generate treats a filled cache as the start of the next input and runs only the tokens after it:
+    a new prompt of 9 tokens on a cache holding 22 leaves none, which transformers (and a DynamicCache)
+    answer with 'cannot reshape tensor of 0 elements'. kvpolicy says what happened and what to do."""
+    model = tiny_model("llama", "sdpa")
+    cache = make_cache(policy, **overrides)
+    greedy(model, batch([20, 16]), cache, new_tokens=3)  # holds 20 + 2 tokens per row
+    with pytest.raises(CacheMisuseError) as err:
+        greedy(model, batch([9, 6]), cache, new_tokens=3)
+    message = str(err.value)
+    assert "holds 22 tokens" in message
+    assert "new cache per generate call" in message and "cache.reset()" in message
+    cache.reset()  # the fix it names works
+    fresh = greedy(model, batch([9, 6]), make_cache(policy, **overrides), new_tokens=3)
+    assert torch.equal(greedy(model, batch([9, 6]), cache, new_tokens=3), fresh)
+
+
+def test_empty_prompt_names_the_fix():
+    model = tiny_model("llama", "sdpa")
+    with pytest.raises(CacheMisuseError) as err:
+        greedy(model, batch([0]), make_cache("pyramidinfer"), new_tokens=2)  # input_ids of shape [1, 0]
+    assert "prompt is empty" in str(err.value) and "at least one token" in str(err.value)
+    # a batch of empty rows through the model's forward; generate itself fails for a batch > 1 before the
+    # cache is consulted (transformers' right-padding check reads attention_mask[:, -1])
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    with pytest.raises(CacheMisuseError, match="prompt is empty.*at least one token"):
+        with torch.no_grad():
+            model(input_ids=empty, attention_mask=empty, past_key_values=make_cache("h2o", budget=4))
+
+
+def test_update_with_no_tokens_is_refused():
+    """The same check where the keys arrive (a model whose forward does not fail first on no tokens)."""
+    cache = make_cache("full")
+    nothing = torch.zeros(1, 2, 0, 16)
+    with pytest.raises(CacheMisuseError, match="prompt is empty"):
+        cache.update(nothing, nothing, 0)
+
+
 def test_reset_makes_a_cache_reusable():
     model = tiny_model("llama", "sdpa")
     cache = make_cache("full")

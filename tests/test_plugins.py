@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kvpolicy
+from kvpolicy import UnknownPolicyError
 from kvpolicy.core import registry
 from models import batch, greedy, tiny_model
 
@@ -37,9 +38,9 @@ def kvpolicy_policies():
 '''
 
 
-@pytest.fixture
-def third_party_plugin(tmp_path):
-    """Install a tiny package with its own ``kvpolicy.policies`` entry point onto sys.path."""
+def install_toy_plugin(tmp_path):
+    """Install a tiny package with its own ``kvpolicy.policies`` entry point onto sys.path; returns
+    the function that uninstalls it again (idempotent)."""
     (tmp_path / "kvpolicy_toy_plugin.py").write_text(PLUGIN_CODE)
     dist = tmp_path / "kvpolicy_toy_plugin-0.1.dist-info"
     dist.mkdir()
@@ -54,10 +55,21 @@ def third_party_plugin(tmp_path):
     )
     sys.path.insert(0, str(tmp_path))
     kvpolicy.reload_plugins()
+
+    def uninstall():
+        while str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
+        sys.modules.pop("kvpolicy_toy_plugin", None)
+        kvpolicy.reload_plugins()
+
+    return uninstall
+
+
+@pytest.fixture
+def third_party_plugin(tmp_path):
+    uninstall = install_toy_plugin(tmp_path)
     yield
-    sys.path.remove(str(tmp_path))
-    sys.modules.pop("kvpolicy_toy_plugin", None)
-    kvpolicy.reload_plugins()
+    uninstall()
 
 
 def test_builtins_register_through_entry_points():
@@ -77,8 +89,17 @@ def test_third_party_policy_is_found_and_used(third_party_plugin):
     assert cache.kept_positions(2)[0, 0].tolist() == list(range(10))
 
 
-def test_plugin_gone_after_uninstall(third_party_plugin):
-    assert "keep_oldest" in kvpolicy.available_policies()
+def test_plugin_gone_after_uninstall(tmp_path):
+    """Installs, sees the policy, uninstalls and checks it is gone, all in this test (any order, or alone)."""
+    uninstall = install_toy_plugin(tmp_path)
+    try:
+        assert "keep_oldest" in kvpolicy.available_policies()
+    finally:
+        uninstall()
+    assert "keep_oldest" not in kvpolicy.available_policies()
+    with pytest.raises(UnknownPolicyError, match="keep_oldest"):
+        kvpolicy.make_cache("keep_oldest")
+    assert "kvpolicy_toy_plugin" not in sys.modules
 
 
 def test_plugin_absent_without_install():

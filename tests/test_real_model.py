@@ -16,20 +16,40 @@ from kvpolicy.models import load_model
 pytestmark = pytest.mark.real_model
 
 RATIO = 0.54
+#: ``pyramidinfer_54_floor`` removes 53.9% (0.5388) on each of the three needle sets
+#: (docs/benchmarks/needle.md, docs/benchmarks/needle_floor_seed*.json)
+FLOOR_REDUCTION = 0.539
+#: prompt lengths of each needle set when those results were recorded (the same sets, or the record is moot)
+PROMPT_LENGTHS = {
+    7: [1636, 1740, 1834, 1802, 1693, 1658],
+    11: [1785, 1671, 2004, 1685, 1836, 1684],
+    23: [1764, 1767, 1763, 1722, 1637, 1845],
+}
+#: the needle set the preset was chosen on, and two it was not (other passages, codes and depths)
+SEEDS = [
+    pytest.param(7, id="seed7-tuned"),
+    pytest.param(11, id="seed11-heldout"),
+    pytest.param(23, id="seed23-heldout"),
+]
 
 
 @functools.lru_cache(maxsize=1)
-def setup():
-    model, tokenizer = load_model()
-    inputs, answers, lengths = needles.build(tokenizer)
+def model_and_tokenizer():
+    return load_model()
+
+
+@functools.lru_cache(maxsize=None)
+def setup(seed: int = needles.TEST_SEED):
+    model, tokenizer = model_and_tokenizer()
+    inputs, answers, lengths = needles.build(tokenizer, seed=seed)
     return model, tokenizer, inputs, answers, lengths
 
 
 @functools.lru_cache(maxsize=None)
-def result(policy: str, **overrides):
-    model, tokenizer, inputs, answers, lengths = setup()
+def result(policy: str, seed: int = needles.TEST_SEED, **overrides):
+    model, tokenizer, inputs, answers, lengths = setup(seed)
     found, decoded, reduction = needles.run(model, tokenizer, inputs, answers, lengths, policy, **overrides)
-    print(f"\n{policy} {overrides}: {sum(found)}/{len(found)} found, KV reduction {reduction:.3f}")
+    print(f"\n{policy} {overrides} seed {seed}: {sum(found)}/{len(found)} found, KV reduction {reduction:.4f}")
     return tuple(found), tuple(decoded), reduction
 
 
@@ -44,13 +64,13 @@ def test_prompts_are_long_and_full_finds_the_codes():
 def test_snapkv_at_54_percent_answers_as_full_does():
     """The harness can tell a policy that keeps the fact from one that loses it."""
     found, _, reduction = result("snapkv", compression_ratio=RATIO)
-    assert 0.50 <= reduction <= 0.60
+    assert reduction == pytest.approx(0.535, abs=0.01)  # recorded: 53.5% (docs/benchmarks/needle.md)
     assert found == result("full")[0]
 
 
 def test_random_at_the_same_budget_does_worse():
     random_found, _, reduction = result("random", compression_ratio=RATIO)
-    assert 0.50 <= reduction <= 0.60
+    assert reduction == pytest.approx(RATIO, abs=0.01)  # recorded: 54.0%
     assert sum(random_found) < sum(result("full")[0])
     assert sum(random_found) < sum(result("snapkv", compression_ratio=RATIO)[0])
 
@@ -66,12 +86,15 @@ def test_pyramidinfer_at_54_percent_answers_as_full_does():
     assert found == result("full")[0]
 
 
-def test_pyramidinfer_with_a_floor_at_54_percent_answers_as_full_does():
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pyramidinfer_with_a_floor_at_54_percent_answers_as_full_does(seed):
     """The ``pyramidinfer_54_floor`` preset: question-sized voting window, pooled votes, a pyramid
-    decaying to 24% of the context (held-out needle seeds in docs/benchmarks/needle.md)."""
-    found, _, reduction = result("pyramidinfer_54_floor")
-    assert 0.50 <= reduction <= 0.60
-    assert found == result("full")[0]
+    decaying to 24% of the context. Chosen on seed 7; seeds 11 and 23 are held out. On each,
+    docs/benchmarks/needle.md records 6/6 codes found (as ``full`` finds them) at 53.9% removed."""
+    assert setup(seed)[-1] == PROMPT_LENGTHS[seed]
+    found, decoded, reduction = result("pyramidinfer_54_floor", seed)
+    assert reduction == pytest.approx(FLOOR_REDUCTION, abs=0.01)
+    assert all(found), f"codes found {sum(found)}/{len(found)}; answers {decoded}"
 
 
 @pytest.mark.xfail(

@@ -61,6 +61,7 @@ class PolicyCache(Cache):
         return self.layers[layer_idx]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self._check_new_tokens(key_states.shape[2])
         attention_hook.check_consumed()
         if not self.layers:
             attention_hook.install()
@@ -89,10 +90,38 @@ class PolicyCache(Cache):
         return self.get_seq_length(layer_idx)
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        self._check_new_tokens(query_length)
         if layer_idx >= len(self.layers):
             q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
             return q, 0
         return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def _check_new_tokens(self, query_length) -> None:
+        """Refuse a forward of no new tokens, before the model fails on it with a reshape error.
+
+        Called from ``get_mask_sizes`` (transformers asks it for the mask before any decoder layer
+        runs, so this is the cache's first sight of a forward) and from ``update``. With tokens
+        already cached, zero new tokens means the cache is being reused for a new, shorter prompt:
+        ``generate`` treats a filled cache as the start of its input and passes on only the tokens
+        past the cached length, which leaves none. (A reset cannot be done for the user here: the
+        prompt's tokens are already cut away, and a longer input is indistinguishable from a
+        continuation of the cached tokens, which transformers supports.)
+        """
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        if q > 0:
+            return
+        held = self.get_seq_length()
+        if held:
+            raise CacheMisuseError(
+                f"this cache already holds {held} tokens per row and was given no new ones: generate treats a filled "
+                "cache as the start of its input and runs only what lies beyond it, and this prompt is too short to "
+                "reach beyond it (a longer one would silently continue the cached tokens instead). A cache serves "
+                "one prompt: use a new cache per generate call or call cache.reset() before reusing it"
+            )
+        raise CacheMisuseError(
+            "the prompt is empty (input_ids of shape [batch, 0]): there is nothing to prefill. Pass at least one "
+            "token per row (e.g. the tokenizer's BOS token, or a chat template's header)"
+        )
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1

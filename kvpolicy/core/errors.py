@@ -33,4 +33,6 @@ class UnsupportedModelError(KVPolicyError):
 
 
 class CacheMisuseError(KVPolicyError):
-    """The cache was used in a way that would give silently wrong results."""
+    """The cache was used in a way that would give silently wrong results, or fail deep inside
+    transformers with an error that does not say why: reused for another model, batch or prompt
+    without ``cache.reset()``, given an empty prompt, or asked to do what its policy cannot undo."""
