@@ -8,6 +8,7 @@ throughput and kvpress benchmarks) puts this block beside its rows.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import shlex
@@ -36,6 +37,20 @@ def git_state() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def source_digest() -> str:
+    """SHA-256 (first 16 hex digits) of the package, benchmark and preset files as they are on disk.
+
+    The commit alone does not name the code of a dirty checkout, nor of a copy whose git metadata
+    is older than its files (the lent GPU machine gets this repository's files beside the landed
+    commit's history): two runs with the same digest ran the same code."""
+    digest = hashlib.sha256()
+    for folder, pattern in (("kvpolicy", "**/*.py"), ("benchmarks", "*.py"), ("configs", "*")):
+        for path in sorted((_REPO / folder).glob(pattern)):
+            if path.is_file():
+                digest.update(path.relative_to(_REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str | None]:
@@ -77,6 +92,7 @@ def run_meta(argv: list[str] | None = None, **extra: Any) -> dict[str, Any]:
         "command": " ".join(shlex.quote(a) for a in [Path(args[0]).name if args else "python", *args[1:]]),
         "argv": list(args),
         **git_state(),
+        "source_digest": source_digest(),
         "versions": versions(),
         "machine": machine(),
         "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
