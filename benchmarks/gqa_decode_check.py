@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-import kvpolicy  # noqa: E402
 from kvpolicy.core import gqa_attention  # noqa: E402
 from kvpolicy.generation import generate_static  # noqa: E402
 from kvpolicy.provenance import run_meta  # noqa: E402

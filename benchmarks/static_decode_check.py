@@ -12,9 +12,8 @@ import json
 import time
 
 import torch
-from torch._dynamo.utils import counters
-
 from throughput import build_model
+from torch._dynamo.utils import counters
 
 from kvpolicy.generation import generate_static
 

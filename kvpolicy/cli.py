@@ -131,7 +131,6 @@ def compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .evaluation import report
     from .evaluation.runner import run_compare
     from .models import load_model
 

@@ -17,8 +17,9 @@ The tokens are those of greedy ``generate`` with the same policy (tested).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

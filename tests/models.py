@@ -60,7 +60,7 @@ def has_sliding_layers(family: str) -> bool:
     return any(t == "sliding_attention" for t in (getattr(config, "layer_types", None) or ()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(family: str = "llama", attn: str = "sdpa", layers: int = 4, seed: int = 0, window: int | None = None):
     """``window``: another sliding window for a family with sliding layers."""
     config = FAMILIES[family]()

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import transformers
+from models import batch, greedy, tiny_model
 from packaging.version import Version
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import kvpolicy
 from kvpolicy import CacheMisuseError, ConfigError, UnknownPolicyError, UnsupportedModelError, make_cache
-from models import batch, greedy, tiny_model
 
 
 def test_unknown_policy_lists_the_available_ones():

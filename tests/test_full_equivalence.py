@@ -4,10 +4,10 @@ it flips a greedy token)."""
 
 import pytest
 import torch
+from models import FAMILIES, attentions, batch, greedy, has_sliding_layers, tiny_model
 from transformers import DynamicCache
 
 from kvpolicy import FullCache, PolicyCache, cache_argument, make_cache
-from models import FAMILIES, attentions, batch, greedy, has_sliding_layers, tiny_model
 
 NEW = 16
 

@@ -106,7 +106,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def llama(kv_heads: int, attn: str):
     """tests/models.py's tiny Llama (4 layers, 4 query heads) with ``kv_heads`` KV heads; the same
     weights for every attention implementation. Initialised 5x wider than the default so that
@@ -116,7 +116,7 @@ def llama(kv_heads: int, attn: str):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mistral(attn: str):
     """The same tiny shape (GQA) with every layer a sliding-window layer of SLIDING tokens."""
     config = MistralConfig(**dict(COMMON, initializer_range=0.1), sliding_window=SLIDING)
@@ -126,7 +126,7 @@ def mistral(attn: str):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gemma3(attn: str):
     """Gemma 3's mix: sliding-window layers (window SLIDING; layer 0 is one) and full-attention layers."""
     config = Gemma3TextConfig(**dict(COMMON, initializer_range=0.1), head_dim=16, sliding_window=SLIDING,

@@ -6,11 +6,11 @@ import textwrap
 
 import pytest
 import torch
+from models import batch, greedy, tiny_model
 
 import kvpolicy
 from kvpolicy import UnknownPolicyError
 from kvpolicy.core import registry
-from models import batch, greedy, tiny_model
 
 PLUGIN_CODE = '''
 import kvpolicy

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from models import batch, greedy, tiny_model
 
 from kvpolicy import PyramidCache, available_policies, make_cache, make_policy
 from kvpolicy.core.schedule import decay_ratio
 from kvpolicy.policies.pyramidinfer import DEPTH_PRESETS, PyramidInferConfig, preset_for_depth
-from models import batch, greedy, tiny_model
 
 ALL = ["full", "pyramidinfer", "h2o", "streamingllm", "snapkv", "pyramidkv", "random"]
 

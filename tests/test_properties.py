@@ -3,9 +3,9 @@
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from models import batch, tiny_model
 
 from kvpolicy import make_cache
-from models import batch, tiny_model
 
 BUDGET_POLICIES = ["h2o", "streamingllm", "snapkv", "random"]
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import COMMON, batch, greedy, tiny_model
 from transformers import AutoModelForCausalLM, GemmaConfig, Phi3Config
 
 from kvpolicy import make_cache
 from kvpolicy.core.errors import ConfigError, UnsupportedModelError
-from models import COMMON, batch, greedy, tiny_model
 
 PRUNE = {"prefill_mode": "prune_hidden"}
 

@@ -8,9 +8,9 @@ the floor. Counts are printed (``pytest -s``) and recorded in docs/benchmarks/ne
 
 import functools
 
+import needles
 import pytest
 
-import needles
 from kvpolicy.models import load_model
 
 pytestmark = pytest.mark.real_model
@@ -38,14 +38,14 @@ def model_and_tokenizer():
     return load_model()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(seed: int = needles.TEST_SEED):
     model, tokenizer = model_and_tokenizer()
     inputs, answers, lengths = needles.build(tokenizer, seed=seed)
     return model, tokenizer, inputs, answers, lengths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def result(policy: str, seed: int = needles.TEST_SEED, **overrides):
     model, tokenizer, inputs, answers, lengths = setup(seed)
     found, decoded, reduction = needles.run(model, tokenizer, inputs, answers, lengths, policy, **overrides)

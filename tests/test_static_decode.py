@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import attentions, batch, has_sliding_layers, tiny_model
+from models import attentions, batch, tiny_model
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig
 

@@ -2,9 +2,9 @@
 exactly those counts and exactly those positions, at prefill and while decoding."""
 
 import torch
+from models import batch, greedy, tiny_model
 
 from kvpolicy import CachePolicy, LayerView, Plan, PolicyCache
-from models import batch, greedy, tiny_model
 
 BUDGETS = [40, 25, 12, 7]
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextvars
 import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -118,7 +119,7 @@ def install() -> None:
         # (image processors needing torchvision, ...) on attribute access
         fn = vars(mod).get("eager_attention_forward") if hasattr(mod, "__dict__") else None
         if callable(fn):
-            setattr(mod, "eager_attention_forward", _wrap(fn, "eager"))
+            mod.eager_attention_forward = _wrap(fn, "eager")
         _installed_modules.add(mod_name)
 
 

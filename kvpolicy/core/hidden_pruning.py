@@ -26,8 +26,9 @@ import contextvars
 import functools
 import inspect
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -134,4 +135,4 @@ def install(layer_cls: type) -> None:
                 stop(cache)
 
     setattr(forward, _MARK, True)
-    setattr(layer_cls, "forward", forward)
+    layer_cls.forward = forward

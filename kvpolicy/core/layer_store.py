@@ -27,7 +27,7 @@ class PolicyLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, owner: "PolicyCache", layer_idx: int):
+    def __init__(self, owner: PolicyCache, layer_idx: int):
         super().__init__()
         # a weak reference: cache -> layers -> cache would be a cycle, and a dropped cache (with
         # gigabytes of GPU memory) would then wait for Python's cycle collector to be freed
@@ -50,7 +50,7 @@ class PolicyLayer(CacheLayerMixin):
         self.valid_host: list[int] | None = None  # valid tokens per row once compacted, host-side
 
     @property
-    def owner(self) -> "PolicyCache":
+    def owner(self) -> PolicyCache:
         return self._owner()
 
     # ----------------------------------------------------------------- transformers API

@@ -10,8 +10,9 @@ freeing memory), so every policy gets those invariants for free and is a few doz
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -86,7 +87,7 @@ class LayerView:
     layer_idx: int
     num_layers: int
     phase: Phase
-    layer: "PolicyLayer"
+    layer: PolicyLayer
     seen: list[int]  # real (non-pad) tokens seen per row, including this forward
     prompt_len: list[int]  # real prompt tokens per row (set at prefill)
     new_tokens: int  # tokens appended by this forward

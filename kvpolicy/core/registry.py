@@ -38,11 +38,11 @@ _BUILTIN_PLUGINS = ("kvpolicy.policies", "kvpolicy.adapters")
 
 class KVPolicySpec:
     @hookspec
-    def kvpolicy_policies(self) -> list[type["CachePolicy"]]:
+    def kvpolicy_policies(self) -> list[type[CachePolicy]]:
         """Return the CachePolicy subclasses this plugin provides."""
 
     @hookspec
-    def kvpolicy_adapters(self) -> list["ModelAdapter"]:
+    def kvpolicy_adapters(self) -> list[ModelAdapter]:
         """Return the ModelAdapter instances this plugin provides."""
 
 
@@ -92,7 +92,7 @@ def reload_plugins() -> None:
     _manager = None
 
 
-def _policies() -> dict[str, type["CachePolicy"]]:
+def _policies() -> dict[str, type[CachePolicy]]:
     out: dict[str, type[CachePolicy]] = {}
     for batch in plugin_manager().hook.kvpolicy_policies():
         for cls in batch:
@@ -110,14 +110,14 @@ def available_policies() -> list[str]:
     return sorted(_policies())
 
 
-def policy_class(name: str) -> type["CachePolicy"]:
+def policy_class(name: str) -> type[CachePolicy]:
     policies = _policies()
     if name not in policies:
         raise UnknownPolicyError(name, list(policies))
     return policies[name]
 
 
-def make_policy(name_or_config: Any = "full", **overrides: Any) -> "CachePolicy":
+def make_policy(name_or_config: Any = "full", **overrides: Any) -> CachePolicy:
     """Build a policy from a name, a preset name/path, a config dict or a config model."""
     from .config import PolicyConfig, load_preset
 
@@ -146,7 +146,7 @@ def make_policy(name_or_config: Any = "full", **overrides: Any) -> "CachePolicy"
     raise ConfigError(f"cannot build a policy from {type(name_or_config).__name__}; pass a name, preset or config")
 
 
-def _class_for_config(config: Any) -> type["CachePolicy"]:
+def _class_for_config(config: Any) -> type[CachePolicy]:
     matches = [cls for cls in _policies().values() if type(config) is cls.config_class]
     if len(matches) == 1:
         return matches[0]
@@ -159,14 +159,14 @@ def _class_for_config(config: Any) -> type["CachePolicy"]:
     )
 
 
-def make_cache(name_or_config: Any = "full", **overrides: Any) -> "PolicyCache":
+def make_cache(name_or_config: Any = "full", **overrides: Any) -> PolicyCache:
     """``make_cache("pyramidinfer", prefill_decay_ratio=0.8)`` or ``make_cache(config)``."""
     from .cache import PolicyCache
 
     return PolicyCache(make_policy(name_or_config, **overrides))
 
 
-def _adapters() -> list["ModelAdapter"]:
+def _adapters() -> list[ModelAdapter]:
     out: list[ModelAdapter] = []
     for batch in plugin_manager().hook.kvpolicy_adapters():
         out.extend(batch)
@@ -177,7 +177,7 @@ def supported_model_types() -> list[str]:
     return sorted({t for a in _adapters() for t in a.model_types})
 
 
-def find_adapter(config: Any) -> "ModelAdapter":
+def find_adapter(config: Any) -> ModelAdapter:
     model_type = getattr(config, "model_type", None)
     for adapter in _adapters():
         if model_type in adapter.model_types:

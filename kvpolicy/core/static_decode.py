@@ -17,7 +17,8 @@ objects (several when the prompt batch was prefilled in row chunks); driven by
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class StaticPolicyCache(PolicyCache):
     is_compileable = True
 
     @classmethod
-    def freeze(cls, caches: list[PolicyCache], new_tokens: int, consume: bool = False) -> "StaticPolicyCache":
+    def freeze(cls, caches: list[PolicyCache], new_tokens: int, consume: bool = False) -> StaticPolicyCache:
         """Stack prefilled caches (row chunks of one left-padded batch) into static buffers sized
         for ``new_tokens`` more tokens per row.
 

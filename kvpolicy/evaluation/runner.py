@@ -9,8 +9,9 @@ model work, so a typo fails in a second rather than after the first policy.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

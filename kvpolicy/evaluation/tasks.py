@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ class EvalSizes:
     agreement_prompt_tokens: int = 2048
     max_new_tokens: int = 24
 
-    def replace(self, **changes: Any) -> "EvalSizes":
+    def replace(self, **changes: Any) -> EvalSizes:
         data = asdict(self)
         data.update({k: v for k, v in changes.items() if v is not None})
         return EvalSizes(**data)

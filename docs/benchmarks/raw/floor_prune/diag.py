@@ -1,7 +1,12 @@
 """Per layer: are the needle's code tokens kept after prefill? Unbatched, seed-7 needle prompts."""
-import json, sys, torch
+import json
+import sys
+
+import torch
+
 sys.path.insert(0, "/work/main/tests")
 import needles
+
 from kvpolicy import make_cache
 from kvpolicy.models import load_model
 
