@@ -158,7 +158,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("  ".join(f"{c:>22}" if i == 0 else f"{c:>10}" for i, c in enumerate(cols)))
     for r in rows:
         cells = [
-            r["policy"], str(r["tokens_equal"]), "-" if r["first_divergence_step"] is None else r["first_divergence_step"],
+            r["policy"], str(r["tokens_equal"]),
+            "-" if r["first_divergence_step"] is None else r["first_divergence_step"],
             "-" if r["max_logit_diff"] is None else f"{r['max_logit_diff']:.2e}",
             "-" if r["margin_at_divergence"] is None else f"{r['margin_at_divergence']:.2e}",
             str(r["same_kept_positions"]), "-" if r["kv_fraction_kept"] is None else f"{r['kv_fraction_kept']:.3f}",

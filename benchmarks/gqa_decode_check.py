@@ -114,8 +114,8 @@ def attention_alone(args, device: str, dtype: torch.dtype, bandwidth: float) -> 
         except RuntimeError as exc:  # a backend that refuses the combination
             rows.append({"route": name, "error": str(exc).splitlines()[0]})
             continue
-        rows.append({"route": name, "ms": round(ms, 4), "floor_ms": round(floor_ms, 4), "x_floor": round(ms / floor_ms, 2),
-                     "rel_err_vs_expanded": err})
+        rows.append({"route": name, "ms": round(ms, 4), "floor_ms": round(floor_ms, 4),
+                     "x_floor": round(ms / floor_ms, 2), "rel_err_vs_expanded": err})
     return rows
 
 
@@ -178,7 +178,8 @@ def in_model(args, device: str, dtype: torch.dtype, bandwidth: float) -> list[di
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=8192)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     mask = torch.ones_like(ids)
     rows = []
     for name in args.policies.split(","):
-        def forward() -> None:
+        def forward(name: str = name) -> None:  # bound now, though it is only called in this iteration
             cache = DynamicCache() if name == "dynamic" else kvpolicy.make_cache(name)
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **{arg: cache})

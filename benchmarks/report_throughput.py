@@ -40,7 +40,8 @@ def table(rows: list[dict]) -> str:
             f"{r['batch']} (fits, search)" if search else str(r["batch"]))
         prof = ""
         if profiled:
-            prof = f" | {r['profile_step_ms']:.1f} + {r['profile_maintain_ms']:.1f}" if "profile_step_ms" in r else " | "
+            prof = (f" | {r['profile_step_ms']:.1f} + {r['profile_maintain_ms']:.1f}"
+                    if "profile_step_ms" in r else " | ")
         lines.append(
             f"| {r['policy']} | {batch} | {kv} | {peak} | {r['prefill_s']:.2f} | {r['decode_step_ms']:.1f} | "
             f"{r['generated_tokens_per_s']:.0f}{prof} |"

@@ -47,7 +47,8 @@ def main() -> int:
             "unique_graphs": counters["stats"]["unique_graphs"],
             "step_ms": round(1000 * profile["step_s"] / profile["steps"], 2),
             "maintain_ms": round(1000 * profile["maintain_s"] / profile["steps"], 2),
-            **{k.replace("_bytes", "_gib"): round(v / gib, 2) for k, v in profile.items() if k.startswith(("peak_", "held_"))},
+            **{k.replace("_bytes", "_gib"): round(v / gib, 2)
+               for k, v in profile.items() if k.startswith(("peak_", "held_"))},
             "cudagraph_counters": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k},
         }
         print(json.dumps(row), flush=True)

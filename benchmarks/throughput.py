@@ -96,7 +96,8 @@ STATIC_POLICIES: dict[str, Any] = {
     "pyramidinfer-54-static": lambda: kvpolicy.make_cache("pyramidinfer_54"),
     "pyramidinfer-54-prune-static": lambda: kvpolicy.make_cache("pyramidinfer_54_prune"),
     "pyramidinfer-floor-static": lambda: kvpolicy.make_cache("pyramidinfer_54_floor"),
-    "pyramidinfer-floor-prune-static": lambda: kvpolicy.make_cache("pyramidinfer_54_floor", prefill_mode="prune_hidden"),
+    "pyramidinfer-floor-prune-static":
+        lambda: kvpolicy.make_cache("pyramidinfer_54_floor", prefill_mode="prune_hidden"),
     "streamingllm-static": lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16),
     "snapkv-static": lambda: kvpolicy.make_cache("snapkv", compression_ratio=0.54),
 }
@@ -153,7 +154,9 @@ class _FirstLogitsClock:
         return scores
 
 
-def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str, options: dict | None = None) -> dict[str, Any]:
+def run_once(
+    model, policy: str, batch: int, prompt: int, new: int, device: str, options: dict | None = None
+) -> dict[str, Any]:
     """One timed greedy generation (compiled policies: after one untimed warm-up call).
 
     ``prefill_s`` is the time from the call to the prompt's logits (static path: to the frozen
@@ -180,7 +183,8 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str,
             sync(device)
             start = time.perf_counter()
             res = generate_static(model, ids, mask, policy=STATIC_POLICIES[policy], max_new_tokens=tokens,
-                                  prefill_batch_size=options.get("prefill_chunk"), compile=compile_options, profile=profile)
+                                  prefill_batch_size=options.get("prefill_chunk"), compile=compile_options,
+                                  profile=profile)
             sync(device)
             return time.perf_counter() - start, res.prefill_seconds, res.cache, res.sequences
         context = contextlib.nullcontext()
@@ -221,7 +225,8 @@ def run_once(model, policy: str, batch: int, prompt: int, new: int, device: str,
         profile: dict = {}
         generate(new, profile)
         steps = max(profile.get("steps", 0), 1)
-        extra = {"profile_step_ms": 1000 * profile["step_s"] / steps, "profile_maintain_ms": 1000 * profile["maintain_s"] / steps}
+        extra = {"profile_step_ms": 1000 * profile["step_s"] / steps,
+                 "profile_maintain_ms": 1000 * profile["maintain_s"] / steps}
     return {
         "policy": policy,
         "batch": batch,
@@ -288,7 +293,8 @@ def largest_batch(model, policy, prompt, new, device, probes: list[dict], limit:
         result = try_run(model, policy, guess, prompt, new, device, options)
         if result is None:
             if on_step is not None:  # recorded too: a reader can see where the search was bracketed
-                on_step({"policy": policy, "batch": guess, "prompt": prompt, "oom": True, "search": "out of memory (search step)"})
+                on_step({"policy": policy, "batch": guess, "prompt": prompt, "oom": True,
+                         "search": "out of memory (search step)"})
             if best is not None:
                 failed_above = True
                 break
@@ -366,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     for prompt in [int(p) for p in args.prompt_lens.split(",")]:
         for policy in policies:
             probes = []
-            options = {"prefill_chunk": args.prefill_chunk, "compile": not args.no_compile, "press_ratio": args.press_ratio}
+            options = {"prefill_chunk": args.prefill_chunk, "compile": not args.no_compile,
+                       "press_ratio": args.press_ratio}
             for batch in [int(b) for b in args.batch_sizes.split(",")]:
                 result = try_run(model, policy, batch, prompt, args.new_tokens, args.device,
                                  dict(options, profile=batch == args.profile_batch))
@@ -380,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result), flush=True)
             search = args.max_batch_policies is None or policy in args.max_batch_policies.split(",")
             if args.max_batch and search and args.device.startswith("cuda"):
-                def on_step(row: dict) -> None:  # every search step is kept (fits or out of memory), even if the run is cut short
+                # every search step is kept (fits or out of memory), even if the run is cut short
+                def on_step(row: dict) -> None:
                     rows.append(row)
                     save()
                     print(json.dumps(row), flush=True)

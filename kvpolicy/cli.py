@@ -37,7 +37,9 @@ def _ratios(text: str) -> list[float]:
     try:
         return [float(p) for p in _csv(text)]
     except ValueError:
-        raise UsageError(f"ratios must be numbers in [0, 1) separated by commas, got {text!r}; e.g. --ratios 0.2,0.4") from None
+        raise UsageError(
+            f"ratios must be numbers in [0, 1) separated by commas, got {text!r}; e.g. --ratios 0.2,0.4"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,19 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--model", help="model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-        p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated policies (default: {DEFAULT_POLICIES}); 'full' always runs first as the reference")
-        p.add_argument("--config", help="preset name or YAML/JSON file with a 'policy' key: the settings of that policy")
-        p.add_argument("--ratio", type=float, default=0.54, help="compression ratio of the budget policies, in [0, 1) (default: 0.54)")
-        p.add_argument("--ratios", help="comma-separated ratios: run every budget policy at each (sweep mode)" + (f"; default {SWEEP_RATIOS}" if name == "sweep" else ""))
+        p.add_argument("--policies", default=DEFAULT_POLICIES,
+                       help=f"comma-separated policies (default: {DEFAULT_POLICIES}); "
+                            "'full' always runs first as the reference")
+        p.add_argument("--config",
+                       help="preset name or YAML/JSON file with a 'policy' key: the settings of that policy")
+        p.add_argument("--ratio", type=float, default=0.54,
+                       help="compression ratio of the budget policies, in [0, 1) (default: 0.54)")
+        p.add_argument("--ratios", help="comma-separated ratios: run every budget policy at each (sweep mode)"
+                       + (f"; default {SWEEP_RATIOS}" if name == "sweep" else ""))
         p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks (default: {DEFAULT_TASKS})")
-        p.add_argument("--sizes", default="sweep" if name == "sweep" else "small", help="size preset: tiny, small, sweep, large (default: %(default)s)")
+        p.add_argument("--sizes", default="sweep" if name == "sweep" else "small",
+                       help="size preset: tiny, small, sweep, large (default: %(default)s)")
         p.add_argument("--context", type=int, help="tokens of the ppl prefix and agreement prompts (overrides --sizes)")
         p.add_argument("--max-new-tokens", type=int, help="tokens generated per agreement prompt (overrides --sizes)")
         p.add_argument("--batch-size", type=int, help="sequences per forward (default: 1)")
         p.add_argument("--seed", type=int, help="seed of the inputs (default: 0)")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
-        p.add_argument("--json", dest="json_path", help="write the results (meta block and rows, docs/cli.md) to this file")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="model dtype (default: float32)")
+        p.add_argument("--json", dest="json_path",
+                       help="write the results (meta block and rows, docs/cli.md) to this file")
         p.add_argument("--plot", help="write a PNG: kept tokens per layer, and quality vs KV reduction")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -86,10 +96,13 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     task_names = _csv(args.tasks)
     unknown = [t for t in task_names if t not in TASKS]
     if unknown or not task_names:
-        raise UsageError(f"unknown task {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)} (e.g. --tasks ppl,needle)")
+        raise UsageError(f"unknown task {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(TASKS)} (e.g. --tasks ppl,needle)")
     if args.sizes not in PRESETS:
         raise UsageError(f"unknown size preset {args.sizes!r}; choose from {', '.join(PRESETS)}")
-    for flag, value in (("--context", args.context), ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
+    for flag, value in (
+        ("--context", args.context), ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)
+    ):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive integer, got {value}")
     ratios_text = args.ratios or (SWEEP_RATIOS if args.command == "sweep" else None)
@@ -105,7 +118,8 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is not None:
         path = Path(args.model)
         if not path.exists():
-            raise UsageError(f"--model {args.model!r} does not exist; pass a model folder or a .gguf file, or omit --model for the default")
+            raise UsageError(f"--model {args.model!r} does not exist; pass a model folder or a .gguf file, "
+                             "or omit --model for the default")
         if path.is_file() and path.suffix != ".gguf":
             raise UsageError(f"--model {args.model!r} is a file but not a .gguf; pass a model folder or a .gguf file")
     _check_output(args.json_path, "--json")

@@ -43,7 +43,8 @@ def run(model, tokenizer, inputs, answers, lengths, policy: str, **overrides):
     new = 20
     with torch.no_grad():
         out = model.generate(
-            **inputs, **{cache_argument(model): cache}, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **inputs, **{cache_argument(model): cache}, max_new_tokens=new, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
     decoded = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     found = [code in text for code, text in zip(answers, decoded)]

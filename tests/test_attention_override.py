@@ -40,7 +40,9 @@ def test_a_third_party_wrapper_around_the_wrapped_sdpa_is_not_wrapped_again():
 
     model = tiny_model("llama", "sdpa")
     inputs = batch([30, 24])
-    settings = dict(prefill_recent_ratio=0.2, prefill_decay_ratio=0.5, min_context_length=4, exceed_length_to_compress=4)
+    settings = dict(
+        prefill_recent_ratio=0.2, prefill_decay_ratio=0.5, min_context_length=4, exceed_length_to_compress=4
+    )
     expected = generate_static(model, **inputs, policy="pyramidinfer", max_new_tokens=12, compile=False, **settings)
     registered = ALL_ATTENTION_FUNCTIONS["sdpa"]
     calls = []

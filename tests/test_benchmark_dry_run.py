@@ -40,7 +40,8 @@ def test_throughput_script_dry_run(tmp_path):
     module = throughput_script()
     out = tmp_path / "tp.json"
     argv = ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", str(PROMPT),
-            "--new-tokens", str(NEW), "--batch-sizes", "2", "--policies", "hf-dynamic,full,pyramidinfer,pyramidinfer-54,h2o",
+            "--new-tokens", str(NEW), "--batch-sizes", "2",
+            "--policies", "hf-dynamic,full,pyramidinfer,pyramidinfer-54,h2o",
             "--json", str(out)]
     assert module.main(argv) == 0
     data = json.loads(out.read_text())
@@ -53,7 +54,8 @@ def test_throughput_script_dry_run(tmp_path):
     # full keeps every token: the slots in use are the hand-computed KV size, as transformers' own cache
     full = rows["full"]
     assert full["kv_bytes_used_per_seq"] == FULL_TOKENS * BYTES_PER_TOKEN
-    assert rows["hf-dynamic"]["kv_bytes_per_seq"] == rows["hf-dynamic"]["kv_bytes_used_per_seq"] == FULL_TOKENS * BYTES_PER_TOKEN
+    dynamic = rows["hf-dynamic"]
+    assert dynamic["kv_bytes_per_seq"] == dynamic["kv_bytes_used_per_seq"] == FULL_TOKENS * BYTES_PER_TOKEN
     # kv_bytes_per_seq is the buffers' capacity: the slots in use plus at most one headroom per layer
     headroom = kvpolicy.make_cache("full").policy.headroom(0)
     assert FULL_TOKENS * BYTES_PER_TOKEN <= full["kv_bytes_per_seq"] <= (FULL_TOKENS + headroom) * BYTES_PER_TOKEN
@@ -75,7 +77,8 @@ def test_throughput_script_dry_run(tmp_path):
     meta = data["meta"]
     for key in META_KEYS + LEGACY_META_KEYS:
         assert key in meta, key
-    assert meta["argv"] == ["benchmarks/throughput.py", *argv] and meta["command"].startswith("python benchmarks/throughput.py ")
+    assert meta["argv"] == ["benchmarks/throughput.py", *argv]
+    assert meta["command"].startswith("python benchmarks/throughput.py ")
     assert meta["shape"] == "tiny" and meta["dtype"] == "float32" and meta["transformers"]
 
     # the report reads this file and a recorded one from before the meta block alike
@@ -93,8 +96,8 @@ def test_throughput_script_dry_run_static_policies(tmp_path):
     module = throughput_script()
     out = tmp_path / "tp.json"
     code = module.main(
-        ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", str(PROMPT), "--new-tokens", str(NEW),
-         "--batch-sizes", "3", "--profile-batch", "3", "--prefill-chunk", "2", "--no-compile",
+        ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", str(PROMPT),
+         "--new-tokens", str(NEW), "--batch-sizes", "3", "--profile-batch", "3", "--prefill-chunk", "2", "--no-compile",
          "--policies", "full-static,pyramidinfer-54-static,pyramidinfer-54-prune-static", "--json", str(out)]
     )
     assert code == 0

@@ -31,12 +31,14 @@ TINY_LAYERS, TINY_KV_HEADS, TINY_HEAD_DIM, FLOAT32_BYTES = 4, 2, 16, 4
 TINY_BYTES_PER_TOKEN = TINY_LAYERS * 2 * TINY_KV_HEADS * TINY_HEAD_DIM * FLOAT32_BYTES  # keys + values, all layers
 
 PARAGRAPHS = [
-    "It is a truth universally acknowledged that a single man in possession of a good fortune must be in want of a wife.",
-    "However little known the feelings or views of such a man may be on his first entering a neighbourhood this truth is so "
-    "well fixed in the minds of the surrounding families that he is considered the rightful property of some one or other "
-    "of their daughters.",
+    "It is a truth universally acknowledged that a single man in possession of a good fortune "
+    "must be in want of a wife.",
+    "However little known the feelings or views of such a man may be on his first entering a neighbourhood "
+    "this truth is so well fixed in the minds of the surrounding families that he is considered "
+    "the rightful property of some one or other of their daughters.",
     "My dear Mr. Bennet said his lady to him one day have you heard that Netherfield Park is let at last?",
-    "Mr. Bennet replied that he had not. But it is returned she for Mrs. Long has just been here and she told me all about it.",
+    "Mr. Bennet replied that he had not. But it is returned she for Mrs. Long has just been here "
+    "and she told me all about it.",
 ]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
@@ -59,7 +61,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     words = " ".join(PARAGRAPHS + ["secret passkey number only text above extract novel hidden below answer"])
     words += " " + " ".join(str(d) for d in range(10)) + " " + " ".join(texts.NOVELS)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     tok.train_from_iterator([words], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
@@ -178,7 +182,8 @@ TINY_PPL_RATIO_BOUND = 1.05
 def test_compare_json_schema(tiny_model_dir, tmp_path, capsys):
     out, png = tmp_path / "rows.json", tmp_path / "plot.png"
     argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies",
-            "pyramidinfer,h2o,streamingllm,snapkv,random", "--ratio", "0.54", "--json", str(out), "--plot", str(png), "--quiet"]
+            "pyramidinfer,h2o,streamingllm,snapkv,random", "--ratio", "0.54", "--json", str(out),
+            "--plot", str(png), "--quiet"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "kvpolicy compare" in table and "h2o@0.54" in table
@@ -216,7 +221,8 @@ def test_compare_json_schema(tiny_model_dir, tmp_path, capsys):
     keep = [_pyramid_prefill_keep(n, preset, TINY_LAYERS) for n in lengths]
     pyr = by["pyramidinfer"]
     assert pyr["layer_tokens_prefill"] == keep[-1]
-    assert pyr["kv_reduction_prefill"] == pytest.approx(1 - sum(map(sum, keep)) / (TINY_LAYERS * sum(lengths)), abs=1e-12)
+    expected = 1 - sum(map(sum, keep)) / (TINY_LAYERS * sum(lengths))
+    assert pyr["kv_reduction_prefill"] == pytest.approx(expected, abs=1e-12)
     assert pyr["kv_reduction_prefill"] > 0 and pyr["kv_reduction"] > 0
     assert pyr["ppl_ratio"] < TINY_PPL_RATIO_BOUND
     assert png.stat().st_size > 10_000
@@ -309,7 +315,8 @@ def test_old_results_files_still_read(tmp_path):
 
 
 def test_schema_validation_rejects_missing_metric():
-    row = {k: (0.0 if t is float else 0 if t is int else [] if t is list else "x") for k, t in report.REQUIRED_KEYS.items()}
+    row = {k: (0.0 if t is float else 0 if t is int else [] if t is list else "x")
+           for k, t in report.REQUIRED_KEYS.items()}
     report.validate_rows([dict(row, ppl=1.0, ppl_ratio=1.0)], ["ppl"])
     with pytest.raises(ValueError, match="lacks 'needle_accuracy'"):
         report.validate_rows([row], ["needle"])
@@ -345,7 +352,9 @@ REAL_H2O_PPL_RATIO_BOUND = 1.15
 def test_real_model_compare(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()  # real novels
     out = tmp_path / "rows.json"
-    assert main(["compare", "--sizes", "tiny", "--policies", "h2o", "--tasks", "ppl,agreement", "--json", str(out), "--quiet"]) == 0
+    argv = ["compare", "--sizes", "tiny", "--policies", "h2o", "--tasks", "ppl,agreement",
+            "--json", str(out), "--quiet"]
+    assert main(argv) == 0
     data = json.loads(out.read_text())
     report.validate_results(data, ["ppl", "agreement"])
     by = {r["policy"]: r for r in data["rows"]}

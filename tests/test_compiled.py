@@ -72,8 +72,8 @@ def eager_generate(model, inputs, cache):
 
 
 def static_generate(model, inputs, policy, compile_step):
-    return generate_static(model, **inputs, policy=policy, max_new_tokens=NEW, prefill_batch_size=2, compile=compile_step,
-                           output_logits=True, **CASES[policy])
+    return generate_static(model, **inputs, policy=policy, max_new_tokens=NEW, prefill_batch_size=2,
+                           compile=compile_step, output_logits=True, **CASES[policy])
 
 
 @pytest.fixture(scope="module")

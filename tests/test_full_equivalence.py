@@ -17,7 +17,9 @@ NEW = 16
 #: difference on the Gemma families here: 3.6e-7 (float32); bound with headroom.
 WINDOWED_CACHE_TOL = 1e-6
 
-CASES = [pytest.param(family, attn, id=f"{family}-{attn}") for family in sorted(FAMILIES) for attn in attentions(family)]
+CASES = [
+    pytest.param(family, attn, id=f"{family}-{attn}") for family in sorted(FAMILIES) for attn in attentions(family)
+]
 
 
 def generate_logits(model, inputs, cache, new_tokens: int = NEW):

@@ -224,21 +224,29 @@ class Run:
             for b in range(pos.shape[0]):
                 for h in range(pos.shape[1]):
                     kept = local[b, h][valid[b, h]]
-                    assert bool((kept[1:] > kept[:-1]).all()), f"layer {idx} row {b} head {h}: positions {kept.tolist()}"
+                    assert bool((kept[1:] > kept[:-1]).all()), (
+                        f"layer {idx} row {b} head {h}: positions {kept.tolist()}"
+                    )
                     assert len(kept) == reported[idx][b], f"layer {idx} row {b} head {h}: {len(kept)} valid slots"
                     assert int(kept[-1]) == self.seen[b] - 1, f"layer {idx} row {b} head {h}: newest token evicted"
                     if self.policy in BUDGETED:  # sinks and the recent window survive every compression
                         recent = min(self.settings["window_size"], len(kept))
                         sinks = min(self.settings["sink_size"], len(kept) - recent)
                         must = set(range(sinks)) | set(range(self.seen[b] - recent, self.seen[b]))
-                        assert must <= set(kept.tolist()), f"layer {idx} row {b} head {h}: lost {must - set(kept.tolist())}"
+                        assert must <= set(kept.tolist()), (
+                            f"layer {idx} row {b} head {h}: lost {must - set(kept.tolist())}"
+                        )
             index = pos.clamp(min=0).unsqueeze(-1).expand(*pos.shape, hist_k.shape[-1])
             zero = torch.zeros((), dtype=hist_k.dtype)
             keys = torch.where(valid.unsqueeze(-1), hist_k.gather(2, index), zero)
             values = torch.where(valid.unsqueeze(-1), hist_v.gather(2, index), zero)
             # kvpolicy's own buffers hold, bit for bit, the keys/values of the positions they claim
-            assert torch.equal(layer.keys_view()[valid], keys[valid]), f"layer {idx}: kept keys are not their positions'"
-            assert torch.equal(layer.values_view()[valid], values[valid]), f"layer {idx}: kept values are not their positions'"
+            assert torch.equal(layer.keys_view()[valid], keys[valid]), (
+                f"layer {idx}: kept keys are not their positions'"
+            )
+            assert torch.equal(layer.values_view()[valid], values[valid]), (
+                f"layer {idx}: kept values are not their positions'"
+            )
             layers.append(Kept(keys, values, local))
         return layers
 
@@ -279,7 +287,8 @@ def oracle_step(model, kept: list[Kept], token: torch.Tensor, positions: list[in
     masks = []
     for idx, (layer, visible) in enumerate(zip(kept, allowed)):
         cache.update(layer.keys.clone(), layer.values.clone(), idx)
-        mask = visible.repeat_interleave(groups, dim=1).unsqueeze(2)  # query head j reads KV head j // groups (repeat_kv)
+        # query head j reads KV head j // groups (repeat_kv)
+        mask = visible.repeat_interleave(groups, dim=1).unsqueeze(2)
         if eager:  # eager_attention_forward adds the mask to the logits
             mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
         masks.append(mask)

@@ -145,7 +145,9 @@ def test_depth_presets_match_the_preset_files(_max_layers, preset, values):
 def test_reference_presets(preset, decay, interval):
     c = make_policy(preset).config
     assert (c.prefill_decay_ratio, c.layerwise_downsample_interval) == (decay, interval)
-    assert (c.prefill_recent_ratio, c.min_context_length, c.streamingllm_sink_len, c.distance_weight) == (0.2, 64, 4, 1.2)
+    assert (c.prefill_recent_ratio, c.min_context_length, c.streamingllm_sink_len, c.distance_weight) == (
+        0.2, 64, 4, 1.2
+    )
     assert (c.gen_recent_ratio, c.gen_decay_ratio, c.exceed_length_to_compress) == (0.2, 0.1, 16)
     assert c.prefill_decay_strategy == c.gen_decay_strategy == "cosine"
 

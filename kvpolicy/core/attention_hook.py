@@ -88,7 +88,9 @@ def attend_masked(fn: Callable, impl: str, module, query, key, value, allowed: t
     :func:`gqa_attention.grouped_attention` where SDPA computes what ``fn`` would (each kept key read once),
     else through the model's own function ``fn`` with the mask expanded to its query heads."""
     if gqa_attention.can_fold(impl, kwargs):
-        out = gqa_attention.grouped_attention(query, key, value, allowed, kwargs.get("scaling"), kwargs.get("dropout", 0.0))
+        out = gqa_attention.grouped_attention(
+            query, key, value, allowed, kwargs.get("scaling"), kwargs.get("dropout", 0.0)
+        )
         return out, None
     want_bool = model_mask.dtype == torch.bool if isinstance(model_mask, torch.Tensor) else impl == "sdpa"
     mask = gqa_attention.per_query_head_mask(allowed, query.shape[1], query.dtype, want_bool)
@@ -139,7 +141,7 @@ def _calls_a_wrapper(fn: Callable, depth: int = 4) -> bool:
 
 def _filled(cell) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents  # reading an empty cell raises
     except ValueError:  # an empty cell
         return False
     return True

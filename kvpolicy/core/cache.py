@@ -402,7 +402,8 @@ class PolicyCache(Cache):
         # protections never exceed a row's budget: the newest tokens first, then the sinks
         rows = range(b)
         recent = [min(k, r) for k, r in zip(keep, plan.recent if isinstance(plan.recent, list) else [plan.recent] * b)]
-        sinks = [min(k - r, s) for k, r, s in zip(keep, recent, plan.sinks if isinstance(plan.sinks, list) else [plan.sinks] * b)]
+        plan_sinks = plan.sinks if isinstance(plan.sinks, list) else [plan.sinks] * b
+        sinks = [min(k - r, s) for k, r, s in zip(keep, recent, plan_sinks)]
         threshold = [seen_per_row[i] - recent[i] for i in rows]
         protected = (local < per_row(sinks, local.device)) | (local >= per_row(threshold, local.device))
         scores = scores.masked_fill(protected, float("inf"))

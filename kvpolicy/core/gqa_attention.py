@@ -71,7 +71,9 @@ def grouped_attention(
     return out.reshape(b, hq, q, d).transpose(1, 2).contiguous()
 
 
-def per_query_head_mask(allowed: torch.Tensor, num_query_heads: int, dtype: torch.dtype, want_bool: bool) -> torch.Tensor:
+def per_query_head_mask(
+    allowed: torch.Tensor, num_query_heads: int, dtype: torch.dtype, want_bool: bool
+) -> torch.Tensor:
     """``allowed`` ``[B, H_kv or 1, Q, L]`` in the layout a model's own attention function takes: one
     row per query head (a single head row broadcasts), boolean or additive in ``dtype``."""
     heads = allowed.shape[1]

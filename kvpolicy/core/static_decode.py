@@ -159,11 +159,15 @@ class StaticPolicyCache(PolicyCache):
         return None if plan is None else self._select(layer, plan, seen)
 
 
-def _stack_layer(owner: StaticPolicyCache, idx: int, parts: list[PolicyLayer], capacity: int, window: int) -> PolicyLayer:
+def _stack_layer(
+    owner: StaticPolicyCache, idx: int, parts: list[PolicyLayer], capacity: int, window: int
+) -> PolicyLayer:
     """One static layer from the same layer of each row chunk; unused slots get position -1."""
     ref = parts[0]
     layer = PolicyLayer(owner, idx)
-    for attr in ("module_ref", "scaling", "compressible", "device", "dtype", "is_initialized", "total_seen", "since_compress"):
+    for attr in (
+        "module_ref", "scaling", "compressible", "device", "dtype", "is_initialized", "total_seen", "since_compress"
+    ):
         setattr(layer, attr, getattr(ref, attr))
     rows = sum(p.keys.shape[0] for p in parts)
     _, h, _, d = ref.keys.shape

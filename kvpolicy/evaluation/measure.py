@@ -66,7 +66,9 @@ class Meter:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, model: Any, inputs: dict[str, torch.Tensor], cache: Any, new_tokens: int, pad_id: int) -> torch.Tensor:
+    def generate(
+        self, model: Any, inputs: dict[str, torch.Tensor], cache: Any, new_tokens: int, pad_id: int
+    ) -> torch.Tensor:
         """Greedy ``generate`` of exactly ``new_tokens`` tokens; returns them ``[B, new_tokens]``.
 
         Prefill time is the time to the first logits; the rest is decode (``new_tokens - 1``

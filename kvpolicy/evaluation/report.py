@@ -61,7 +61,10 @@ def validate_rows(rows: Any, task_names: list[str]) -> None:
             if key not in row:
                 raise ValueError(f"row {i} lacks {key!r}")
             value = row[key]
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, kind)
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind)
             if not ok:
                 raise ValueError(f"row {i}: {key!r} should be {kind.__name__}, got {value!r}")
         if not 0.0 <= row["kv_reduction"] <= 1.0 and row["policy"] != "full":
@@ -206,7 +209,8 @@ def plot(rows: list[dict[str, Any]], task_names: list[str], path: str | Path) ->
 def markdown_table(rows: list[dict[str, Any]], task_names: list[str]) -> str:
     """The rows as a Markdown table (used for docs/benchmarks/quality.md)."""
     keys = [k for name in task_names for k in TASKS[name].metric_keys]
-    head = ["policy", "ratio", "KV MiB (end)", "KV reduction", "KV red. (prefill)", "peak MiB", "prefill s", "decode tok/s"] + keys
+    head = ["policy", "ratio", "KV MiB (end)", "KV reduction", "KV red. (prefill)", "peak MiB", "prefill s",
+            "decode tok/s"] + keys
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [

@@ -101,7 +101,9 @@ class PerplexityTask(Task):
 
     def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
         self.sizes = sizes
-        self.docs = texts.token_documents(tokenizer, sizes.ppl_docs, sizes.ppl_prefix + sizes.ppl_tokens + 1, sizes.seed)
+        self.docs = texts.token_documents(
+            tokenizer, sizes.ppl_docs, sizes.ppl_prefix + sizes.ppl_tokens + 1, sizes.seed
+        )
 
     def run(self, model: Any, new_cache: CacheFactory, meter: Meter, reference: Any) -> TaskResult:
         nll, count = 0.0, 0
@@ -120,7 +122,9 @@ class PerplexityTask(Task):
 def _chat_ids(tokenizer: Any, user: str) -> list[int]:
     """Token ids of a one-turn chat prompt (the instruct model's template when it has one)."""
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True)
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True
+        )
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
@@ -185,7 +189,9 @@ class AgreementTask(Task):
 
     def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
         self.sizes, self.tokenizer = sizes, tokenizer
-        self.prompts = texts.token_documents(tokenizer, sizes.agreement_prompts, sizes.agreement_prompt_tokens, sizes.seed + 2)
+        self.prompts = texts.token_documents(
+            tokenizer, sizes.agreement_prompts, sizes.agreement_prompt_tokens, sizes.seed + 2
+        )
 
     def run(self, model: Any, new_cache: CacheFactory, meter: Meter, reference: Any) -> TaskResult:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -19,7 +19,9 @@ from ..core.errors import KVPolicyError
 from .rdata import RDataError, read_lazyload_db
 
 INSTALL_HINT = "apt-get install --no-install-recommends r-cran-janeaustenr"
-SOURCE = "Jane Austen's novels, Debian package r-cran-janeaustenr (R package janeaustenr 1.0.0, MIT; texts public domain)"
+SOURCE = (
+    "Jane Austen's novels, Debian package r-cran-janeaustenr (R package janeaustenr 1.0.0, MIT; texts public domain)"
+)
 NOVELS = ("prideprejudice", "sensesensibility", "emma", "mansfieldpark", "northangerabbey", "persuasion")
 _R_LIBRARIES = ("/usr/lib/R/site-library", "/usr/local/lib/R/site-library", "/usr/lib/R/library")
 

@@ -47,7 +47,9 @@ class SnapKVPolicy(BudgetPolicy):
     @property
     def signals(self) -> Signals:
         w = self.config.window_size
-        return Signals(prefill_query_window=lambda n: min(n, w), decode_query_window=w if self.config.compress == "both" else 0)
+        return Signals(
+            prefill_query_window=lambda n: min(n, w), decode_query_window=w if self.config.compress == "both" else 0
+        )
 
     def scores(self, view: LayerView) -> torch.Tensor:
         votes = view.window_attention(num_queries=self.config.window_size)

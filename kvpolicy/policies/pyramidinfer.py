@@ -27,13 +27,16 @@ class PyramidInferConfig(PolicyConfig):
     min_context_length: int = Field(64, ge=0, description="a layer never prunes its context below this")
     min_context_ratio: float = Field(
         0.0, ge=0.0, le=1.0,
-        description="ours: the same floor as a share of the prompt's context (the larger floor wins); 0: off, as the reference",
+        description="ours: the same floor as a share of the prompt's context (the larger floor wins); "
+        "0: off, as the reference",
     )
     layerwise_downsample_interval: int = Field(1, ge=1, description="prune after every n-th layer")
     distance_weight: float = Field(1.2, ge=0.0, description="weight of the newest voting query (oldest: 1)")
     streamingllm_sink_len: int = Field(4, ge=0, description="leading tokens always kept")
     # decoding: how generated tokens are compressed
-    gen_recent_ratio: float = Field(0.2, gt=0.0, lt=1.0, description="recent window while decoding, share of the prompt")
+    gen_recent_ratio: float = Field(
+        0.2, gt=0.0, lt=1.0, description="recent window while decoding, share of the prompt"
+    )
     gen_decay_ratio: float = Field(0.1, gt=0.0, le=1.0)
     gen_decay_strategy: DecayStrategy = "cosine"
     exceed_length_to_compress: int = Field(16, ge=1, description="tokens leaving the window per re-compression")

@@ -29,8 +29,8 @@ for mode in ("cache_only", "prune_hidden"):
                                max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
         ans = tok.decode(g[0, n:], skip_special_tokens=True)
         kept = []
-        for l in range(len(cache.layers)):
-            kp = set(cache.kept_positions(l)[0, 0].tolist())
+        for layer_idx in range(len(cache.layers)):
+            kp = set(cache.kept_positions(layer_idx)[0, 0].tolist())
             kept.append(sum(p in kp for p in pos))
         rows.append({"code": code, "found": code in ans, "answer": ans, "digit_tokens": len(pos),
                      "digit_tokens_kept_per_layer": kept})
