@@ -24,10 +24,9 @@ from typing import Any
 import torch
 
 from .core import attention_hook
-from .core.cache import PolicyCache
+from .core.cache import PolicyCache, make_cache
 from .core.compat import cache_argument, takes_cache_position
 from .core.errors import ConfigError
-from .core.registry import make_cache
 from .core.static_decode import StaticPolicyCache
 
 

@@ -417,3 +417,11 @@ class PolicyCache(Cache):
             chosen_pos = torch.where(rank < per_row(keep, local.device), chosen_pos, torch.full_like(chosen_pos, big))
         order = chosen_pos.argsort(dim=-1)
         return top.gather(2, order), keep
+
+
+def make_cache(name_or_config: Any = "full", **overrides: Any) -> PolicyCache:
+    """``make_cache("pyramidinfer", prefill_decay_ratio=0.8)`` or ``make_cache(config)``: a
+    :class:`PolicyCache` with the named (or configured) policy, settings validated."""
+    from .registry import make_policy
+
+    return PolicyCache(make_policy(name_or_config, **overrides))

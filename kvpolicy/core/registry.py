@@ -24,7 +24,6 @@ from .errors import ConfigError, UnknownPolicyError, UnsupportedModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapters.base import ModelAdapter
-    from .cache import PolicyCache
     from .policy import CachePolicy
 
 PROJECT = "kvpolicy"
@@ -157,13 +156,6 @@ def _class_for_config(config: Any) -> type[CachePolicy]:
         f"{type(config).__name__} is shared by several policies ({names}); "
         "pass the policy name too: make_cache(name, **settings)"
     )
-
-
-def make_cache(name_or_config: Any = "full", **overrides: Any) -> PolicyCache:
-    """``make_cache("pyramidinfer", prefill_decay_ratio=0.8)`` or ``make_cache(config)``."""
-    from .cache import PolicyCache
-
-    return PolicyCache(make_policy(name_or_config, **overrides))
 
 
 def _adapters() -> list[ModelAdapter]:

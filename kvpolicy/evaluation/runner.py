@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from ..core.cache import make_cache
 from ..core.compat import cache_argument
 from ..core.config import ConfigError, load_preset
-from ..core.registry import make_cache, make_policy, policy_class
+from ..core.registry import make_policy, policy_class
 from .measure import Meter
 from .tasks import TASKS, EvalSizes, Task
 
