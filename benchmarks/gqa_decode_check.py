@@ -31,19 +31,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import SHAPES, build_model  # noqa: E402  (the model shapes the throughput benchmark uses)
+
 from kvpolicy.core import gqa_attention  # noqa: E402
 from kvpolicy.generation import generate_static  # noqa: E402
 from kvpolicy.provenance import run_meta  # noqa: E402
-
-SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=32768),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=97, max_position_embeddings=4096),
-}
 
 
 def timed(fn, reps: int, device: str) -> float:
@@ -117,14 +112,6 @@ def attention_alone(args, device: str, dtype: torch.dtype, bandwidth: float) -> 
         rows.append({"route": name, "ms": round(ms, 4), "floor_ms": round(floor_ms, 4),
                      "x_floor": round(ms / floor_ms, 2), "rel_err_vs_expanded": err})
     return rows
-
-
-def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    config = LlamaConfig(**SHAPES[shape], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.eval()
 
 
 def in_model(args, device: str, dtype: torch.dtype, bandwidth: float) -> list[dict]:

@@ -42,27 +42,17 @@ def assert_same_logits(expected, got, tol=STATIC_TOL):
 
 
 STATIC_FAMILIES = [
-    pytest.param(family, attn, id=f"{family}-{attn}")
+    pytest.param(family, attn, None, id=f"{family}-{attn}")
     for family in ["llama", "qwen3", "mistral", "phi3", "gemma2", "gemma3"] for attn in attentions(family)
+] + [  # Gemma's softcapping, q/k norms and per-layer-type RoPE without the window cutting the text
+    pytest.param(family, attn, 128, id=f"{family}-{attn}-window-wider-than-the-text")
+    for family, attn in [("gemma2", "eager"), ("gemma3", "sdpa")]
 ]
 
 
-@pytest.mark.parametrize("family,attn", STATIC_FAMILIES)
-def test_full_static_equals_dynamic_cache(family, attn):
-    model = tiny_model(family, attn)
-    inputs = batch(LENGTHS, seed=1)
-    expected = eager(model, inputs, DynamicCache())
-    out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, prefill_batch_size=2, compile=False,
-                          output_logits=True)
-    assert torch.equal(out.sequences, expected.sequences)
-    assert_same_logits(expected.logits, out.logits)
-
-
-@pytest.mark.parametrize("family,attn", [("gemma2", "eager"), ("gemma3", "sdpa")])
-def test_gemma_static_with_a_window_wider_than_the_text(family, attn):
-    """Gemma's softcapping, q/k norms and per-layer-type RoPE through the static step (the window
-    does not cut here; test_full_static_equals_dynamic_cache covers a window that does)."""
-    model = tiny_model(family, attn, window=128)
+@pytest.mark.parametrize("family,attn,window", STATIC_FAMILIES)
+def test_full_static_equals_dynamic_cache(family, attn, window):
+    model = tiny_model(family, attn, window=window)
     inputs = batch(LENGTHS, seed=1)
     expected = eager(model, inputs, DynamicCache())
     out = generate_static(model, **inputs, policy="full", max_new_tokens=NEW, prefill_batch_size=2, compile=False,
