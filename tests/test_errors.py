@@ -99,6 +99,8 @@ def test_cache_reused_for_a_shorter_prompt_names_the_fix(policy, overrides):
     """generate treats a filled cache as the start of the next input and runs only the tokens after it:
     a new prompt of 9 tokens on a cache holding 22 leaves none, which transformers (and a DynamicCache)
     answer with 'cannot reshape tensor of 0 elements'. kvpolicy says what happened and what to do."""
+    if OLD_TRANSFORMERS:
+        pytest.skip("transformers < 5.3: generate reads attention_mask[:, -1] of the empty slice before the cache")
     model = tiny_model("llama", "sdpa")
     cache = make_cache(policy, **overrides)
     greedy(model, batch([20, 16]), cache, new_tokens=3)  # holds 20 + 2 tokens per row
@@ -114,9 +116,10 @@ def test_cache_reused_for_a_shorter_prompt_names_the_fix(policy, overrides):
 
 def test_empty_prompt_names_the_fix():
     model = tiny_model("llama", "sdpa")
-    with pytest.raises(CacheMisuseError) as err:
-        greedy(model, batch([0]), make_cache("pyramidinfer"), new_tokens=2)  # input_ids of shape [1, 0]
-    assert "prompt is empty" in str(err.value) and "at least one token" in str(err.value)
+    if not OLD_TRANSFORMERS:  # transformers < 5.3's generate fails on the empty mask before the cache sees it
+        with pytest.raises(CacheMisuseError) as err:
+            greedy(model, batch([0]), make_cache("pyramidinfer"), new_tokens=2)  # input_ids of shape [1, 0]
+        assert "prompt is empty" in str(err.value) and "at least one token" in str(err.value)
     # a batch of empty rows through the model's forward; generate itself fails for a batch > 1 before the
     # cache is consulted (transformers' right-padding check reads attention_mask[:, -1])
     empty = torch.zeros(2, 0, dtype=torch.long)
