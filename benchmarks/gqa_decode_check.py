@@ -126,12 +126,12 @@ def in_model(args, device: str, dtype: torch.dtype, bandwidth: float) -> list[di
     ids, mask = ids.to(device), mask.to(device)
     compile_opt: bool | dict = True if device == "cuda" else False
     rows = []
-    real_can_fold, real_grouped = gqa_attention.can_fold, gqa_attention.grouped_attention
+    real_applies, real_grouped = gqa_attention.applies, gqa_attention.grouped_attention
     for policy in args.policies:
         first_tokens = None
         for route in args.routes:
             if route == "expanded":  # every layer through the model's own function with the expanded mask
-                gqa_attention.can_fold = lambda impl, kwargs: False
+                gqa_attention.applies = lambda impl, kwargs: False
             elif route != "auto":
                 gqa_attention.grouped_attention = functools.partial(real_grouped, route=route)
             try:
@@ -140,7 +140,7 @@ def in_model(args, device: str, dtype: torch.dtype, bandwidth: float) -> list[di
                     out = generate_static(model, ids, mask, policy=policy, max_new_tokens=args.steps,
                                           prefill_batch_size=args.prefill_rows, compile=compile_opt, profile=profile)
             finally:
-                gqa_attention.can_fold, gqa_attention.grouped_attention = real_can_fold, real_grouped
+                gqa_attention.applies, gqa_attention.grouped_attention = real_applies, real_grouped
             kv = out.cache.memory_bytes(allocated=False)
             steps = profile.get("steps", 0) or 1
             step_ms = profile.get("step_s", 0.0) / steps * 1e3

@@ -112,7 +112,7 @@ def test_folded_route_equals_the_models_own_attention(model_name, policy, monkey
     folded, cache = _decode_logits(model, inputs, policy, POLICIES[policy])
     assert calls, "the grouped route was not taken"
     assert any(n < s for row in cache.valid_tokens_per_layer() for n, s in zip(row, cache.seen_tokens()))
-    monkeypatch.setattr(gqa_attention, "can_fold", lambda impl, kwargs: False)  # the model's own function
+    monkeypatch.setattr(gqa_attention, "applies", lambda impl, kwargs: False)  # the model's own function
     expanded, _ = _decode_logits(model, inputs, policy, POLICIES[policy])
     assert (folded - expanded).abs().max().item() < TOL
 
@@ -127,16 +127,16 @@ def test_static_path_takes_the_folded_route(model_name, monkeypatch):
     out = generate_static(model, **inputs, policy="pyramidinfer", max_new_tokens=8, compile=False,
                           **POLICIES["pyramidinfer"])
     assert len(calls) == 7 * model.config.num_hidden_layers  # every decode step of every layer
-    monkeypatch.setattr(gqa_attention, "can_fold", lambda impl, kwargs: False)
+    monkeypatch.setattr(gqa_attention, "applies", lambda impl, kwargs: False)
     again = generate_static(model, **inputs, policy="pyramidinfer", max_new_tokens=8, compile=False,
                             **POLICIES["pyramidinfer"])
     assert torch.equal(out.sequences, again.sequences)
 
 
 def test_softcapped_attention_falls_back_to_the_models_function():
-    assert not gqa_attention.can_fold("sdpa", {"scaling": 0.1, "softcap": 50.0})
-    assert not gqa_attention.can_fold("eager", {"scaling": 0.1})
-    assert gqa_attention.can_fold("sdpa", {"scaling": 0.1, "dropout": 0.0, "sliding_window": None, "softcap": None})
+    assert not gqa_attention.applies("sdpa", {"scaling": 0.1, "softcap": 50.0})
+    assert not gqa_attention.applies("eager", {"scaling": 0.1})
+    assert gqa_attention.applies("sdpa", {"scaling": 0.1, "dropout": 0.0, "sliding_window": None, "softcap": None})
 
 
 def test_gqa_decode_check_dry_run(tmp_path):

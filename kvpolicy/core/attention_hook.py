@@ -87,7 +87,7 @@ def attend_masked(fn: Callable, impl: str, module, query, key, value, allowed: t
     """Attention under kvpolicy's mask ``allowed`` (``[B, H_kv or 1, Q, L]``, True: attend): through
     :func:`gqa_attention.grouped_attention` where SDPA computes what ``fn`` would (each kept key read once),
     else through the model's own function ``fn`` with the mask expanded to its query heads."""
-    if gqa_attention.can_fold(impl, kwargs):
+    if gqa_attention.applies(impl, kwargs):
         out = gqa_attention.grouped_attention(
             query, key, value, allowed, kwargs.get("scaling"), kwargs.get("dropout", 0.0)
         )

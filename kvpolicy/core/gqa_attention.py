@@ -28,7 +28,7 @@ import torch.nn.functional as F
 _CHANGES_MATH = ("softcap", "s_aux", "sinks", "position_bias", "head_mask")
 
 
-def can_fold(impl: str, kwargs: dict[str, Any]) -> bool:
+def applies(impl: str, kwargs: dict[str, Any]) -> bool:
     """True when this route computes what ``impl`` would with ``kwargs`` (the caller's mask applied)."""
     return impl == "sdpa" and all(kwargs.get(name) is None for name in _CHANGES_MATH)
 
