@@ -13,7 +13,6 @@ depths; the tests use seed 7).
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from kvpolicy.provenance import run_meta  # noqa: E402
 def results(rows: list[dict], argv: list[str], lengths: list[int], seed: int) -> dict:
     """The JSON file's content: ``{"meta": ..., "rows": rows}``; ``argv`` without the program."""
     full_argv = ["benchmarks/needle_probe.py", *argv]
-    meta = run_meta(full_argv, command="python " + shlex.join(full_argv), prompt_lengths=lengths, needle_seed=seed)
+    meta = run_meta(full_argv, prompt_lengths=lengths, needle_seed=seed)
     return {"meta": meta, "rows": rows}
 
 

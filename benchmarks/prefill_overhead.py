@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     # run_meta's block (argv, commit and dirty flag, versions, machine and threads, date) plus the
     # keys this script always wrote
     full_argv = sys.argv if argv is None else ["benchmarks/prefill_overhead.py", *argv]
-    meta = run_meta(full_argv, command="python " + shlex.join(full_argv), label=args.label,
+    meta = run_meta(full_argv, label=args.label,
                     device=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
                     torch=torch.__version__, transformers=transformers.__version__, shape=args.shape, dtype=args.dtype)
     if args.json:

@@ -26,7 +26,6 @@ import contextlib
 import gc
 import json
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -349,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
     full_argv = sys.argv if argv is None else [SCRIPT, *argv]
     meta = run_meta(
         full_argv,
-        command="python " + shlex.join(full_argv),
         device=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
         torch=torch.__version__,
         transformers=transformers.__version__,

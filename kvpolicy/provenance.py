@@ -82,6 +82,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def pasteable_command(argv: list[str]) -> str:
+    """The command line as a shell would take it again: a script (``*.py``) is run with ``python``,
+    a console script (``kvpolicy``) as it is; every argument quoted where it needs to be."""
+    if not argv:
+        return "python"
+    return shlex.join((["python"] if argv[0].endswith(".py") else []) + list(argv))
+
+
 def run_meta(argv: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     """The ``meta`` block: command line, git commit (with a dirty flag), versions, machine, threads, date.
 
@@ -89,7 +97,7 @@ def run_meta(argv: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     """
     args = sys.argv if argv is None else argv
     meta: dict[str, Any] = {
-        "command": " ".join(shlex.quote(a) for a in [Path(args[0]).name if args else "python", *args[1:]]),
+        "command": pasteable_command(args),
         "argv": list(args),
         **git_state(),
         "source_digest": source_digest(),

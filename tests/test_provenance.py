@@ -24,5 +24,5 @@ def test_run_meta_has_the_keys_results_files_need():
     meta = provenance.run_meta(["bench.py", "--batch", "8"], shape="tiny")
     for key in ("command", "argv", "commit", "dirty", "source_digest", "versions", "machine", "date"):
         assert key in meta, key
-    assert meta["command"] == "bench.py --batch 8" and meta["shape"] == "tiny"
+    assert meta["command"] == "python bench.py --batch 8" and meta["shape"] == "tiny"  # pasteable
     assert meta["versions"]["torch"] and meta["versions"]["transformers"]
