@@ -4,8 +4,8 @@ Why: a kvpolicy layer needs its own mask (slots hold arbitrary positions, some i
 transformers' SDPA path, given a mask on CUDA, expands the KV heads to the query heads
 (``repeat_kv``) before the kernel: a GQA layer with 4 query heads per KV head then copies its
 keys and values four times over on every decode step. Measured alone on an H200 (batch 112,
-32 query / 8 KV heads, 3,700 masked slots, bf16; benchmarks/gqa_decode_check.py): 8.5 ms expanded,
-0.77 ms folded, 0.58 ms through SDPA's ``enable_gqa`` (floor: 0.40 ms).
+32 query / 8 KV heads, 3,700 masked slots, bf16; benchmarks/gqa_decode_check.py, run g2): 8.5 ms
+expanded, 0.65 ms folded, 0.50 ms through SDPA's ``enable_gqa`` (floor: 0.41 ms).
 
 Here SDPA reads the layer's own buffers: on CUDA through its grouped kernel (``enable_gqa=True``),
 elsewhere with the query heads of a group folded into the query length:
@@ -45,8 +45,8 @@ def grouped_attention(
     """SDPA of ``query`` ``[B, H_q, Q, D]`` over ``key``/``value`` ``[B, H_kv, L, D]``, each read once.
 
     ``allowed``: boolean ``[B, H_kv or 1, Q, L]``, True where a query may attend. ``route``: "enable_gqa"
-    (SDPA's own grouped kernel: the faster on an H200, 0.58 against 0.77 ms for one decode call at batch
-    112 over 3,700 slots, docs/benchmarks/throughput.md) or "fold" (the group folded into the query length:
+    (SDPA's own grouped kernel: the faster on an H200, 0.50 against 0.65 ms for one decode call at batch
+    112 over 3,700 slots, run g2 in docs/benchmarks/throughput.md) or "fold" (the group folded into the query length:
     any device and torch version); None picks "enable_gqa" on CUDA, else "fold".
     Returns ``[B, Q, H_q, D]``, the layout transformers' attention functions return.
     """
