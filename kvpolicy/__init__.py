@@ -31,6 +31,7 @@ from .core import (
     supported_model_types,
 )
 from .core.compat import cache_argument
+from .generation import prefill
 from .policies.conveniences import FullCache, H2OCache, PyramidCache, SnapKVCache, StreamingLLMCache
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "Signals",
     "available_policies",
     "cache_argument",
+    "prefill",
     "make_cache",
     "make_policy",
     "reload_plugins",

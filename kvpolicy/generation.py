@@ -1,17 +1,14 @@
-"""Greedy decoding for throughput: row-chunked prefill, then a compiled, static-shaped decode step.
+"""Row-chunked prefill, and a greedy decode loop for benchmarks and checks.
 
-``model.generate(past_key_values=PolicyCache(...))`` runs every step eagerly, and on a large
-model the per-step launch overhead then costs more than the memory a compressed cache saves
-(docs/benchmarks/throughput.md). :func:`generate_static` removes both limits:
+:func:`prefill` fills a cache chunk by chunk of rows, so prefill's full-length activations and
+keys no longer cap the batch (the compressed cache does); ``model.generate`` then continues on
+that cache, decoding through the compiled step (``core/compiled_step.py``).
 
-* the prompt batch is prefilled in chunks of ``prefill_batch_size`` rows, each through an
-  ordinary :class:`~kvpolicy.PolicyCache`, so prefill's full-length activations and keys no
-  longer cap the batch — the compressed cache does;
-* the chunks are frozen into one :class:`~kvpolicy.core.static_decode.StaticPolicyCache`,
-  and each decode step is one ``torch.compile``-d forward (CUDA graphs with the default
-  ``mode="reduce-overhead"``); the policy's re-compression runs eagerly between steps.
-
-The tokens are those of greedy ``generate`` with the same policy (tested).
+:func:`generate_static` is a thin greedy loop over the same pieces: :func:`prefill`, then the
+cache's frozen layers stepped by one ``torch.compile``-d forward per token (CUDA graphs with
+``mode="reduce-overhead"`` on a GPU). It exists for measurements that need what ``generate``
+does not give: per-phase timing and memory (``profile``) and a fully captured step. Its tokens
+are those of greedy ``generate`` with the same policy (tested).
 """
 
 from __future__ import annotations
@@ -23,11 +20,9 @@ from typing import Any
 
 import torch
 
-from .core import attention_hook
 from .core.cache import PolicyCache, make_cache
 from .core.compat import cache_argument, takes_cache_position
-from .core.errors import ConfigError
-from .core.static_decode import StaticPolicyCache
+from .core.errors import CacheMisuseError, ConfigError
 
 
 @dataclass
@@ -38,7 +33,7 @@ class StaticGeneration:
     ``generate(..., output_logits=True, return_dict_in_generate=True).logits`` holds them."""
 
     sequences: torch.Tensor
-    cache: StaticPolicyCache
+    cache: PolicyCache
     prefill_seconds: float = 0.0  #: wall time until the frozen cache was ready (device synchronised)
     logits: tuple[torch.Tensor, ...] | None = None
 
@@ -81,6 +76,52 @@ def _memory_mark(profile: dict | None, key: str, device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: PolicyCache,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Run the prompt through ``model`` into ``cache``, ``rows`` rows at a time; returns the last
+    position's logits ``[B, V]``.
+
+    Each chunk goes through its own cache with the same policy, and ``cache`` then adopts them
+    all, so the peak holds one chunk's activations and full-length keys rather than the batch's.
+    ``model.generate`` continues on the filled cache: pass the prompt followed by the next
+    token (the logits' argmax, or a sampled one)::
+
+        logits = kvpolicy.prefill(model, ids, mask, cache, rows=32)
+        nxt = logits.argmax(-1, keepdim=True)
+        model.generate(torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                       **{kvpolicy.cache_argument(model): cache}, max_new_tokens=255)
+    """
+    if cache.layers:
+        raise CacheMisuseError("prefill() fills an empty cache; use a new one (or call cache.reset())")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    batch = input_ids.shape[0]
+    rows = rows or batch
+    if rows < 1:
+        raise ConfigError(f"rows must be at least 1, got {rows}")
+    cache_arg = cache_argument(model)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    chunks, logits = [], []
+    with torch.no_grad():
+        for start in range(0, batch, rows):
+            part = slice(start, start + rows)
+            target = cache if rows >= batch else cache.empty_copy(compiled_decode=False)
+            out = model(input_ids=input_ids[part], attention_mask=attention_mask[part], position_ids=positions[part],
+                        use_cache=True, logits_to_keep=1, **{cache_arg: target})
+            logits.append(out.logits[:, -1])
+            del out
+            if target is not cache:
+                chunks.append(target)
+        if chunks:
+            cache.adopt(chunks)
+    return torch.cat(logits)
+
+
 def generate_static(
     model,
     input_ids: torch.Tensor,
@@ -115,55 +156,43 @@ def generate_static(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch = input_ids.shape[0]
-    chunk = prefill_batch_size or batch
-    if chunk < 1:
-        raise ConfigError(f"prefill_batch_size must be at least 1, got {prefill_batch_size}")
     if callable(policy) and policy_overrides:
         raise TypeError("pass settings either to your cache factory or as keyword overrides of a policy name, not both")
-    factory = policy if callable(policy) else (lambda: make_cache(policy, **policy_overrides))
+    cache = policy() if callable(policy) else make_cache(policy, **policy_overrides)
+    cache.compiled_decode = True
+    cache.decode_reserve = max(1, max_new_tokens - 1)  # the buffers hold the whole generation: no re-sizing
     cache_arg, takes_position = cache_argument(model), takes_cache_position(model)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     _memory_mark(profile, "peak_before_bytes", input_ids.device)
     started = time.perf_counter()
-    caches, first, first_logits = [], [], []
     with torch.no_grad():
-        for start in range(0, batch, chunk):
-            rows = slice(start, start + chunk)
-            cache = factory()
-            out = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=positions[rows],
-                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-            first.append(out.logits[:, -1].argmax(-1))
-            if output_logits:
-                first_logits.append(out.logits[:, -1].to(copy=True, dtype=torch.float32))
-            caches.append(cache)
-            del out
+        first_logits = prefill(model, input_ids, attention_mask, cache, prefill_batch_size)
         _memory_mark(profile, "peak_prefill_bytes", input_ids.device)
-        static = StaticPolicyCache.freeze(caches, max_new_tokens - 1, consume=True)
-        del caches, cache  # the chunks' buffers are copied: free them before decoding
-        _memory_mark(profile, "peak_freeze_bytes", input_ids.device)
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize(input_ids.device)
         prefill_seconds = time.perf_counter() - started
-        tokens = [torch.cat(first)]
-        logits = [torch.cat(first_logits)] if output_logits else None
+        tokens = [first_logits.argmax(-1)]
+        logits = [first_logits.float()] if output_logits else None
         if compile is True:  # CUDA graphs where they exist; on CPU reduce-overhead only slows inductor down
             compile = {"fullgraph": True, **({"mode": "reduce-overhead"} if input_ids.device.type == "cuda" else {})}
         options = None if compile is False else compile
         step = _compiled_step(options)
         next_pos = attention_mask.long().sum(-1, keepdim=True)
         mask = torch.ones(batch, 1, 1, 1, dtype=torch.bool, device=input_ids.device)  # replaced per layer
-        base_abs = static.abs_pos.clone()
+        base_abs = input_ids.shape[1]
         unfinished = None if eos_token_id is None else tokens[0] != eos_token_id
-        attention_hook.STATIC_CACHE = static
-        try:
-            for i in range(max_new_tokens - 1):
-                if unfinished is not None and i % 8 == 0 and not bool(unfinished.any()):
-                    break
-                extra = {"cache_position": base_abs + i} if takes_position else {}
+        for i in range(max_new_tokens - 1):
+            if unfinished is not None and i % 8 == 0 and not bool(unfinished.any()):
+                break
+            position = torch.full((1,), base_abs + i, device=input_ids.device)
+            extra = {"cache_position": position} if takes_position else {}
+            t0 = _clock(profile, input_ids.device)
+            if not cache.enter_compiled_step(1):
+                raise CacheMisuseError("the cache did not freeze its layers after the prompt")  # pragma: no cover
+            try:
                 if options is not None and options.get("mode") == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
-                t0 = _clock(profile, input_ids.device)
-                tok, step_logits = step(model, cache_arg, static, tokens[-1][:, None], next_pos + i, extra, mask)
+                t1 = _clock(profile, input_ids.device)
+                tok, step_logits = step(model, cache_arg, cache, tokens[-1][:, None], next_pos + i, extra, mask)
                 tok = tok.clone()  # copied before the next replay of a CUDA graph overwrites its outputs
                 if output_logits:
                     logits.append(step_logits.to(copy=True, dtype=torch.float32))
@@ -171,15 +200,14 @@ def generate_static(
                     tok = torch.where(unfinished, tok, torch.full_like(tok, pad_token_id))
                     unfinished = unfinished & (tok != eos_token_id)
                 tokens.append(tok)
-                t1 = _clock(profile, input_ids.device)
-                static.advance(another_step=i < max_new_tokens - 2)
-                if profile is not None:
-                    t2 = _clock(profile, input_ids.device)
-                    profile["step_s"] = profile.get("step_s", 0.0) + t1 - t0
-                    profile["maintain_s"] = profile.get("maintain_s", 0.0) + t2 - t1
-                    profile["steps"] = profile.get("steps", 0) + 1
-        finally:
-            attention_hook.STATIC_CACHE = None
+                t2 = _clock(profile, input_ids.device)
+            finally:
+                cache.exit_compiled_step()
+            if profile is not None:
+                profile["step_s"] = profile.get("step_s", 0.0) + t2 - t1
+                profile["maintain_s"] = profile.get("maintain_s", 0.0) + t1 - t0
+                profile["steps"] = profile.get("steps", 0) + 1
+        cache.kv_tokens_per_layer()  # count the last step's token and let the policy compress, as generate would
         _memory_mark(profile, "peak_decode_bytes", input_ids.device)
     generated = torch.stack(tokens, dim=1)
     if eos_token_id is not None:  # as generate: stop after the step where the last row ended
@@ -188,4 +216,4 @@ def generate_static(
             generated = generated[:, : int(hit.float().argmax(1).max()) + 1]
     if logits is not None:
         logits = tuple(logits[: generated.shape[1]])
-    return StaticGeneration(torch.cat([input_ids, generated], dim=1), static, prefill_seconds, logits)
+    return StaticGeneration(torch.cat([input_ids, generated], dim=1), cache, prefill_seconds, logits)

@@ -9,7 +9,6 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig
 
 import kvpolicy
-from kvpolicy.core.errors import CacheMisuseError, UnsupportedModelError
 from kvpolicy.generation import generate_static
 from kvpolicy.policies.simple import FullPolicy
 
@@ -138,17 +137,32 @@ class TightFull(FullPolicy):
         return 3
 
 
-def test_an_underestimated_growth_bound_is_an_error_not_a_write_out_of_bounds():
+def test_an_underestimated_growth_bound_resizes_the_layer_rather_than_writing_out_of_bounds():
+    """A policy whose ``decode_growth`` is too small: the frozen layer fills up, and the next step
+    gets a larger buffer (a graph re-recording on a GPU) instead of an index error or a lost token."""
     model = tiny_model("llama", "sdpa")
-    with pytest.raises(CacheMisuseError, match="decode_growth"):
-        generate_static(model, **batch([20]), policy=lambda: kvpolicy.PolicyCache(TightFull()), max_new_tokens=10,
-                        compile=False)
+    inputs = batch([20, 13])
+    expected = eager(model, inputs, DynamicCache(), new=10)
+    out = generate_static(model, **inputs, policy=lambda: kvpolicy.PolicyCache(TightFull()), max_new_tokens=10,
+                          compile=False, output_logits=True)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert all(layer.capacity >= 20 + 9 for layer in out.cache.layers)
 
 
-def test_accumulated_attention_policies_are_refused_with_the_fix():
+def test_accumulated_attention_policies_decode_static_like_the_eager_path():
+    """H2O scores every decode step: the static step adds the token's attention to the running
+    scores inside the step (a fixed-shape softmax over the whole buffer)."""
     model = tiny_model("llama", "sdpa")
-    with pytest.raises(UnsupportedModelError, match="model.generate"):
-        generate_static(model, **batch([20]), policy="h2o", max_new_tokens=4, compile=False)
+    inputs = batch(LENGTHS)
+    cache = kvpolicy.make_cache("h2o", budget=16)
+    expected = eager(model, inputs, cache)
+    out = generate_static(model, **inputs, policy="h2o", budget=16, max_new_tokens=NEW, compile=False,
+                          output_logits=True)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert_same_logits(expected.logits, out.logits)
+    assert out.cache.kv_tokens_per_layer() == cache.kv_tokens_per_layer() == [16] * 4
+    for layer in range(4):
+        assert torch.equal(out.cache.kept_positions(layer), cache.kept_positions(layer))
 
 
 def test_installed_wrapper_does_not_break_other_compiled_models():
@@ -164,11 +178,21 @@ def test_installed_wrapper_does_not_break_other_compiled_models():
     assert torch.allclose(out.logits, model(input_ids=inputs["input_ids"], use_cache=False).logits)
 
 
-def test_a_static_cache_refuses_a_prefill():
+def test_a_frozen_cache_takes_a_longer_input_by_thawing():
+    """After static decoding, a forward of several tokens (a continued prompt) runs on the dynamic
+    layer kind again, gives the logits a DynamicCache gives, and freezes the layers once more."""
     model = tiny_model("llama", "sdpa")
-    out = generate_static(model, **batch([20]), policy="full", max_new_tokens=3, compile=False)
-    with pytest.raises(CacheMisuseError, match="generate_static"):
-        model(**batch([5]), past_key_values=out.cache)
+    inputs = batch([20])
+    out = generate_static(model, **inputs, policy="full", max_new_tokens=3, compile=False)
+    dyn = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=out.sequences[:, :-1], past_key_values=dyn)
+        more = torch.tensor([[5, 6, 7]])
+        want = model(input_ids=torch.cat([out.sequences[:, -1:], more], 1), past_key_values=dyn).logits
+        got = model(input_ids=torch.cat([out.sequences[:, -1:], more], 1), past_key_values=out.cache).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert out.cache.get_seq_length() == 20 + 2 + 4
+    assert out.cache.is_frozen(), "frozen again for the decode steps that follow"
 
 
 def test_first_moved_slot():

@@ -38,8 +38,9 @@ class Pending:
 
 PENDING: contextvars.ContextVar[Pending | None] = contextvars.ContextVar("kvpolicy_pending", default=None)
 
-#: The static decode cache being stepped (``core/static_decode.py``), or None. A plain global,
-#: not the context variable: the compiled decode step must be traceable end to end.
+#: The cache whose frozen layers a compiled decode step is running over (``core/static_layer.py``),
+#: or None. A plain global, not the context variable: the compiled step must be traceable end to
+#: end. Set and cleared eagerly around each compiled call (``PolicyCache.enter_compiled_step``).
 STATIC_CACHE: Any = None
 
 
@@ -61,6 +62,8 @@ def _wrap(fn: Callable, impl: str) -> Callable:
             return fn(module, query, key, value, *args, **kwargs)
         PENDING.set(None)
         cache = note.cache
+        if cache.layers[note.layer_idx].is_compileable:  # a frozen layer's decode step, run eagerly
+            return cache.attend(fn, impl, module, query, key, value, args, kwargs)
         if args:
             mask, rest = args[0], args[1:]
         else:

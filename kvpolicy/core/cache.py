@@ -12,16 +12,23 @@ the compressed cache.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 
-from . import attention_hook, hidden_pruning
-from .errors import CacheMisuseError, UnsupportedModelError
-from .layer_store import PolicyLayer
-from .policy import CachePolicy, LayerView, Plan, per_row
+from . import attention_hook, compiled_step, hidden_pruning, masks
+from .errors import CacheMisuseError, ConfigError, UnsupportedModelError
+from .layer_store import PolicyLayer, first_moved_slot
+from .policy import CachePolicy, LayerView, Plan
+from .rows import Rows, concat_states
+from .selection import select_slots
+from .static_layer import StaticPolicyLayer
+
+#: Settings of the cache itself (the rest of a ``PolicyCache(name, **settings)`` call configures the policy).
+CACHE_SETTINGS = ("compiled_decode", "decode_reserve")
 
 
 class PolicyCache(Cache):
@@ -32,11 +39,25 @@ class PolicyCache(Cache):
         cache = PolicyCache(make_policy("pyramidinfer"))
         model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
         cache.kv_tokens_per_layer(); cache.memory_bytes()
+
+    Decoding is compiled: on a GPU, ``generate`` compiles its decode step (CUDA graphs) for this
+    cache as it does for transformers' static cache. After the prompt's forward every layer is
+    frozen into a fixed-shape buffer (:class:`~kvpolicy.core.static_layer.StaticPolicyLayer`) of
+    ``kept + decode_reserve`` slots (fewer where the policy bounds its growth); a layer that fills
+    up is re-sized (the graph re-records once). Between steps the policy's plan runs eagerly, so
+    the tokens kept are those of the eager path. ``compiled_decode``: None (default) freezes on a
+    GPU only, True always (also on CPU, where the frozen step runs eagerly unless compiled),
+    False never (every step eager, as ``DynamicCache``).
     """
 
-    is_compileable = False
-
-    def __init__(self, policy: CachePolicy | str | None = None, **overrides: Any):
+    def __init__(
+        self,
+        policy: CachePolicy | str | None = None,
+        *,
+        compiled_decode: bool | None = None,
+        decode_reserve: int = 256,
+        **overrides: Any,
+    ):
         super().__init__(layers=[])
         if policy is None or isinstance(policy, str):
             from .registry import make_policy
@@ -44,23 +65,66 @@ class PolicyCache(Cache):
             policy = make_policy(policy or "full", **overrides)
         elif overrides:
             raise TypeError("pass overrides either to the policy or to PolicyCache(name, **overrides), not both")
+        if compiled_decode not in (None, True, False):
+            raise ConfigError(f"compiled_decode takes None (on a GPU), True or False, not {compiled_decode!r}")
+        if not isinstance(decode_reserve, int) or decode_reserve < 1:
+            raise ConfigError(f"decode_reserve must be a positive number of tokens, got {decode_reserve!r}")
         self.policy: CachePolicy = policy
-        self.pad: torch.Tensor | None = None  # left padding per row [B]
-        self.pad_host: list[int] | None = None  # the same on the host: per-row arithmetic without a device sync
-        self.prompt_len: list[int] | None = None
+        self.compiled_decode = compiled_decode
+        self.decode_reserve = decode_reserve
+        self.rows = Rows()
+        self._pending = 0  # tokens compiled steps appended that the host has not counted yet
+        compiled_step.install()
         self._adapter = None
         self._model_ref: weakref.ref | None = None
         self._policy_state: dict[int, dict] = {}
         self._setup_done = False
         self._hidden: hidden_pruning.Layout | None = None  # set during a prune-hidden prefill
 
+    # ----------------------------------------------------------------- per-row facts
+    @property
+    def pad(self) -> torch.Tensor | None:
+        """Left padding per row ``[B]`` (on the device)."""
+        return self.rows.pad
+
+    @property
+    def pad_host(self) -> list[int] | None:
+        return self.rows.pad_host
+
+    @property
+    def prompt_len(self) -> list[int] | None:
+        """Real prompt tokens per row, once the prompt's forward is done."""
+        return self.rows.prompt_len
+
+    @property
+    def is_compileable(self) -> bool:
+        """What ``generate`` asks before compiling its decode step (and before building its masks
+        outside the forward, which it does for compileable caches)."""
+        if self.compiled_decode is None:
+            return torch.cuda.is_available()
+        return self.compiled_decode
+
     # ----------------------------------------------------------------- Cache API
     def _layer(self, layer_idx: int) -> PolicyLayer:
         while len(self.layers) <= layer_idx:
-            self.layers.append(PolicyLayer(self, len(self.layers)))
+            idx = len(self.layers)
+            self.layers.append(
+                PolicyLayer(idx, self.rows, self.policy.headroom(idx), self.policy.signals.accumulated_attention)
+            )
         return self.layers[layer_idx]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if isinstance(layer, StaticPolicyLayer):
+            if key_states.shape[2] == 1:
+                if not torch.compiler.is_compiling() and attention_hook.STATIC_CACHE is not self:
+                    # an eager decode step over the frozen layers, not begun by CompiledStep: begin it here,
+                    # and route this layer's attention through the note (as the dynamic path does)
+                    if layer_idx == 0:
+                        self.begin_step()
+                    attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
+                return self.layers[layer_idx].update(key_states, value_states)
+            self._thaw()
         self._check_new_tokens(key_states.shape[2])
         attention_hook.check_consumed()
         if not self.layers:
@@ -84,17 +148,21 @@ class PolicyCache(Cache):
         """True number of tokens seen (pads included, as transformers counts), not tokens kept."""
         if layer_idx >= len(self.layers):
             return 0
-        return self.layers[layer_idx].total_seen
+        return self.layers[layer_idx].total_seen + self._pending
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length(layer_idx)
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
         self._check_new_tokens(query_length)
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
         if layer_idx >= len(self.layers):
-            q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
             return q, 0
-        return self.layers[layer_idx].get_mask_sizes(query_length)
+        if q == 1 and isinstance(self.layers[layer_idx], StaticPolicyLayer):
+            # the frozen layers replace transformers' mask with their own: keep its shape constant, so a
+            # compiled step's inputs do not change shape from one step to the next
+            return 1, 0
+        return self.layers[layer_idx].total_seen + self._pending + q, 0
 
     def _check_new_tokens(self, query_length) -> None:
         """Refuse a forward of no new tokens, before the model fails on it with a reshape error.
@@ -131,7 +199,7 @@ class PolicyCache(Cache):
 
     @property
     def max_batch_size(self) -> int:
-        return -1 if self.pad is None else int(self.pad.shape[0])
+        return self.rows.count
 
     @property
     def batch_size(self) -> int:
@@ -143,39 +211,29 @@ class PolicyCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.layers = []
-        self.pad = self.pad_host = None
-        self.prompt_len = None
+        self.rows = Rows()  # a new object: the old one's tensor may be held by a compiled graph
+        self._pending = 0
         self._model_ref = None
         self._policy_state = {}
         self._setup_done = False
 
-    def _rows(self, fn) -> None:
-        """Re-index every per-row record: padding, prompt lengths, and the policies' per-row
-        lists in their layer state (by convention, a list with one entry per batch row)."""
-        if self.pad is None:
-            return
-        rows = self.pad.shape[0]
-        order = fn(torch.arange(rows)).tolist()
-        self.pad = fn(self.pad)
-        self.pad_host = [self.pad_host[i] for i in order]
-        if self.prompt_len is not None:
-            self.prompt_len = [self.prompt_len[i] for i in order]
-        for state in self._policy_state.values():
-            for key, value in state.items():
-                if isinstance(value, list) and len(value) == rows:
-                    state[key] = [value[i] for i in order]
+    def _move_rows(self, fn) -> None:
+        """Re-index every per-row record: the layers, padding, prompt lengths, and the values the
+        policy marked per-row (:class:`~kvpolicy.core.rows.PerRow`) in its layer state."""
+        self._settle()
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer._rows(fn)
+        self.rows.reindex(fn, self._policy_state)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._move_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._move_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._rows(lambda t: t[indices.to(t.device)])
+        self._move_rows(lambda t: t[indices.to(t.device)])
 
     # ----------------------------------------------------------------- reporting
     def headroom(self, layer_idx: int) -> int:
@@ -183,30 +241,112 @@ class PolicyCache(Cache):
 
     def kv_tokens_per_layer(self) -> list[int]:
         """Slots in use per layer (the largest row; rows with fewer valid tokens have masked slots)."""
+        self._settle()
         return [layer.length for layer in self.layers]
 
     def valid_tokens_per_layer(self) -> list[list[int]]:
         """Valid kept tokens per layer and row (heads hold equal counts)."""
+        self._settle()
         return [[] if layer.keys is None else layer.valid_counts() for layer in self.layers]
 
     def seen_tokens(self) -> list[int]:
         """Real (non-pad) tokens each row has given the cache, evicted ones included."""
+        self._settle()
         return self._seen_real(self.layers[0]) if self.layers else []
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """Row-local positions ``[B, H_kv, L]`` kept in ``layer_idx`` (-1 for masked slots)."""
+        self._settle()
         return self.layers[layer_idx].local_positions()
 
     def memory_bytes(self, allocated: bool = True) -> int:
         """Bytes of keys+values held (``allocated``: buffer capacity, else slots in use)."""
+        self._settle()
         return sum(layer.kv_bytes(allocated) for layer in self.layers)
 
     def memory_bytes_per_layer(self, allocated: bool = True) -> list[int]:
+        self._settle()
         return [layer.kv_bytes(allocated) for layer in self.layers]
 
     def signal_bytes(self) -> int:
         """Bytes of bookkeeping beside the KV (positions, query windows, scores)."""
         return sum(layer.signal_bytes() for layer in self.layers)
+
+    # ----------------------------------------------------------------- compiled decoding
+    def _decodes_static(self) -> bool:
+        """Whether this cache freezes its layers for decoding (see the class docstring)."""
+        if self.compiled_decode is None:
+            return self.layers[0].keys.device.type == "cuda"
+        return self.compiled_decode
+
+    def is_frozen(self) -> bool:
+        """True while the layers are the static kind (between compiled decode steps)."""
+        return bool(self.layers) and isinstance(self.layers[0], StaticPolicyLayer)
+
+    def enter_compiled_step(self, tokens: int) -> bool:
+        """Called (by ``compiled_step.CompiledStep``) before a compiled forward of ``tokens`` per row:
+        brings the frozen layers up to date and routes attention to them; False if this forward
+        is not a decode step over frozen layers (it then runs as an ordinary forward)."""
+        if tokens != 1 or not self.is_frozen():
+            return False
+        self.begin_step()
+        attention_hook.STATIC_CACHE = self
+        return True
+
+    def exit_compiled_step(self) -> None:
+        attention_hook.STATIC_CACHE = None
+
+    def begin_step(self) -> None:
+        """Between decode steps (eager): count the last step's token, let the policy compress, and
+        make room for the next token."""
+        self._settle()
+        for layer in self.layers:
+            if layer.length >= layer.capacity:
+                layer.grow(layer.length + self._growth(layer))
+        self._pending = 1
+
+    def attend(self, fn, impl: str, module: Any, query, key, value, args: tuple, kwargs: dict):
+        """A compiled step's attention for ``module``'s layer (called by the attention wrapper)."""
+        return self.layers[module.layer_idx].attend(fn, impl, module, query, key, value, args, kwargs)
+
+    def _growth(self, layer: PolicyLayer) -> int:
+        """Slots a frozen layer reserves for decoding: the policy's bound over ``decode_reserve`` tokens."""
+        if not layer.compressible:
+            return self.decode_reserve
+        return max(1, self.policy.decode_growth(layer.layer_idx, self.rows.prompt_len, self.decode_reserve))
+
+    def _freeze(self) -> None:
+        window = self.policy.signals.decode_query_window
+        shared = bool(self.policy.shared_positions)
+        for i, layer in enumerate(self.layers):
+            capacity = layer.length + self._growth(layer)
+            self.layers[i] = StaticPolicyLayer.freeze(layer, capacity, window, shared, self._windows[i])
+        torch._dynamo.mark_static_address(self.rows.pad)
+
+    def _thaw(self) -> None:
+        """Back to dynamic layers, for a forward of more than one token (a continued prompt)."""
+        self._settle()
+        self.layers = [layer.thaw() if isinstance(layer, StaticPolicyLayer) else layer for layer in self.layers]
+
+    def _settle(self) -> None:
+        """Account on the host for the tokens compiled steps appended, then let the policy compress
+        (exactly what the eager path's plans would have seen after those tokens' attention)."""
+        if not self._pending:
+            return
+        steps, self._pending = self._pending, 0
+        for layer in self.layers:
+            layer.settle(steps)
+        due = []
+        for layer in self.layers:
+            if layer.compressible:
+                seen = self._seen_real(layer)
+                plan = self.policy.plan(self._view(layer, seen, steps, prefill=False))
+                if plan is not None and (sel := self._select(layer, plan, seen)) is not None:
+                    due.append((layer, sel))
+        if due:  # one read of the device for all layers (each read drains the queue)
+            starts = torch.stack([first_moved_slot(index) for _, (index, _) in due]).tolist()
+            for (layer, (index, keep)), start in zip(due, starts):
+                layer.compact(index, keep, start)
 
     # ----------------------------------------------------------------- attention hooks
     def _bind(self, module: Any) -> None:
@@ -240,26 +380,6 @@ class PolicyCache(Cache):
                 "(or call cache.reset())"
             )
 
-    def _find_pad(self, mask: torch.Tensor | None, batch: int, device: torch.device) -> None:
-        if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
-            self.pad, self.pad_host = torch.zeros(batch, dtype=torch.long, device=device), [0] * batch
-        else:
-            # 4-D: each query's own column, masked only for a pad (the last query row also hides the columns
-            # before a sliding window, and the first layer may be sliding: Gemma 2/3, Mistral); 2-D: flash
-            # attention's padding mask
-            last = mask[:, 0].diagonal(mask.shape[-1] - mask.shape[-2], -2, -1) if mask.dim() == 4 else mask
-            if last.dtype == torch.bool:
-                valid = last
-            elif last.is_floating_point():  # additive mask: 0 attends, a large negative does not
-                valid = last > torch.finfo(last.dtype).min / 2
-            else:
-                valid = last != 0
-            if valid.shape[0] != batch:
-                valid = valid.expand(batch, -1)
-            self.pad = (valid.long().cumsum(-1) == 0).sum(-1).to(device)
-            self.pad_host = self.pad.tolist()  # the forward's one read of the device for the cache
-        self.prompt_len = None
-
     def _before_attention(self, layer_idx: int, module: Any, query: torch.Tensor, mask: Any, impl: str):
         """The mask this layer's attention must use: ``mask`` itself while slot ``i`` holds token ``i``,
         else the layer's own, boolean ``[B, H_kv or 1, Q, L]`` (one row per KV head, or one for all)."""
@@ -267,8 +387,8 @@ class PolicyCache(Cache):
             self._bind(module)
         layer = self.layers[layer_idx]
         self._check_model(layer, module)
-        if self.pad is None:
-            self._find_pad(mask, query.shape[0], query.device)
+        if self.rows.pad is None:
+            self.rows.read_padding(mask, query.shape[0], query.device)
         if layer_idx == 0 and self.prompt_len is None and self.policy.prunes_hidden_states:
             hidden_pruning.start(self, layer.total_seen)
         if layer.contiguous:
@@ -288,17 +408,17 @@ class PolicyCache(Cache):
             qpos = self._hidden.columns.view(pos.shape[0], 1, q, 1)  # empty slots query as the last token
         else:
             qpos = layer.query_positions(q, pos.device).view(1, 1, q, 1)
-        valid = pos >= self.pad.view(-1, 1, 1)
-        allowed = valid.unsqueeze(2) & (pos.unsqueeze(2) <= qpos)  # [B, H, Q, L]
-        window = self._windows[layer.layer_idx]
-        if window is not None:  # sliding layer: what transformers' sliding mask would allow
-            allowed &= pos.unsqueeze(2) > qpos - window
-        return allowed
+        return masks.allowed(pos, self.rows.pad, qpos, self._windows[layer.layer_idx])
 
     def _after_attention(self, layer_idx: int, module: Any, query: torch.Tensor) -> None:
         layer = self.layers[layer_idx]
-        if not layer.compressible:
-            return
+        if layer.compressible:
+            self._after_layer_attention(layer, query)
+        if layer_idx == self._num_layers - 1 and self.prompt_len is not None and self._decodes_static():
+            self._freeze()  # the prompt (or a continuation of it) is in: decode over fixed-shape layers
+
+    def _after_layer_attention(self, layer: PolicyLayer, query: torch.Tensor) -> None:
+        layer_idx = layer.layer_idx
         policy = self.policy
         signals = policy.signals
         prefill = self.prompt_len is None
@@ -316,7 +436,7 @@ class PolicyCache(Cache):
         if plan is not None:
             self._apply(layer, plan, seen)
         if prefill and layer_idx == self._last_compressible():
-            self.prompt_len = seen
+            self.rows.prompt_len = seen
         if prefill and layer.qwin is not None:  # keep only what decoding will use
             if signals.decode_query_window == 0:
                 layer.qwin = layer.qwin_pos = None
@@ -371,57 +491,52 @@ class PolicyCache(Cache):
 
     def _seen_real(self, layer: PolicyLayer) -> list[int]:
         # host-side: each device read drains the GPU's queue, and this runs once per layer
-        return [layer.total_seen - p for p in self.pad_host]
+        return self.rows.seen(layer.total_seen)
 
     def _apply(self, layer: PolicyLayer, plan: Plan, seen_per_row: list[int]) -> None:
         selection = self._select(layer, plan, seen_per_row)
         if selection is not None:
             layer.compact(*selection)
 
-    def _select(self, layer: PolicyLayer, plan: Plan, seen_per_row: list[int]) -> tuple[torch.Tensor, list[int]] | None:
-        """Turn a plan into the slots to keep (``index`` ``[B, H or 1, K]``, sorted by position, and
-        each row's count): protect sinks/recent, drop invalid, top-k. None: nothing to evict.
+    def _select(self, layer: PolicyLayer, plan: Plan, seen: list[int]) -> tuple[torch.Tensor, list[int]] | None:
+        return select_slots(
+            plan, layer.valid_counts(), layer.local_positions(), layer.pos_view(), seen, self.policy.shared_positions
+        )
 
-        Per-row numbers stay on the host (``per_row``): each blocking copy to the GPU would stall
-        the queue, and in the static decode path this runs between compiled steps. When every head
-        keeps the same positions (``shared_positions``) and the scores are per layer, the selection
-        runs once per row rather than once per head."""
-        n_valid = layer.valid_counts()
-        keep = [max(0, min(int(k), n)) for k, n in zip(plan.keep, n_valid)]
-        if all(k >= n for k, n in zip(keep, n_valid)):
-            return None  # nothing to evict (masked pads stay masked by transformers' own mask)
-        local = layer.local_positions()  # [B, H, L]
-        if self.policy.shared_positions and (plan.scores is None or plan.scores.shape[1] == 1):
-            local = local[:, :1]
-        b, h, L = local.shape
-        valid = local >= 0
-        if plan.scores is None:
-            scores = local.float()  # recency
-        else:
-            scores = plan.scores.float().expand(b, h, L).clone()
-        # protections never exceed a row's budget: the newest tokens first, then the sinks
-        rows = range(b)
-        recent = [min(k, r) for k, r in zip(keep, plan.recent if isinstance(plan.recent, list) else [plan.recent] * b)]
-        plan_sinks = plan.sinks if isinstance(plan.sinks, list) else [plan.sinks] * b
-        sinks = [min(k - r, s) for k, r, s in zip(keep, recent, plan_sinks)]
-        threshold = [seen_per_row[i] - recent[i] for i in rows]
-        protected = (local < per_row(sinks, local.device)) | (local >= per_row(threshold, local.device))
-        scores = scores.masked_fill(protected, float("inf"))
-        scores = scores.masked_fill(~valid, float("-inf"))
-        k_max = max(keep) if keep else 0
-        top = scores.topk(k_max, dim=-1, sorted=True).indices  # best first
-        chosen_pos = layer.pos_view()[:, :h].gather(2, top)
-        if min(keep) < k_max:  # rows keeping fewer than k_max: their surplus picks sort last, invalid
-            rank = torch.arange(k_max, device=local.device).view(1, 1, -1)
-            big = torch.iinfo(chosen_pos.dtype).max
-            chosen_pos = torch.where(rank < per_row(keep, local.device), chosen_pos, torch.full_like(chosen_pos, big))
-        order = chosen_pos.argsort(dim=-1)
-        return top.gather(2, order), keep
+    # ----------------------------------------------------------------- row chunks
+    def empty_copy(self, **settings: Any) -> PolicyCache:
+        """A new, empty cache with a copy of this one's policy and settings (``settings`` override them)."""
+        kwargs = {"compiled_decode": self.compiled_decode, "decode_reserve": self.decode_reserve, **settings}
+        return PolicyCache(copy.deepcopy(self.policy), **kwargs)
 
+    def adopt(self, chunks: list[PolicyCache]) -> None:
+        """Become the concatenation of ``chunks``: caches of row chunks of one left-padded batch, each
+        through the same prompt forward (see :func:`kvpolicy.prefill`). Their buffers are released
+        layer by layer, so the peak is about one layer more than the chunks."""
+        if self.layers:
+            raise CacheMisuseError("adopt() fills an empty cache; call reset() first")
+        first = chunks[0]
+        if any(c.policy.describe() != first.policy.describe() for c in chunks):
+            raise CacheMisuseError("the row chunks were made with different policies")
+        if any(c.prompt_len is None or len(c.layers) != len(first.layers) for c in chunks):
+            raise CacheMisuseError("adopt() takes caches that have been through one prompt forward")
+        for name in ("_adapter", "_windows", "_num_layers", "_compressible", "_setup_done"):
+            setattr(self, name, getattr(first, name))
+        self.policy.setup(first._num_layers, first._compressible)
+        self.rows.pad = torch.cat([c.rows.pad for c in chunks])
+        self.rows.pad_host = [p for c in chunks for p in c.rows.pad_host]
+        self.rows.prompt_len = [n for c in chunks for n in c.rows.prompt_len]
+        self._policy_state = concat_states([c._policy_state for c in chunks])
+        for idx in range(len(first.layers)):
+            self.layers.append(PolicyLayer.concat([c.layers[idx] for c in chunks], self.rows))
+        if self._decodes_static():
+            self._freeze()
 
 def make_cache(name_or_config: Any = "full", **overrides: Any) -> PolicyCache:
     """``make_cache("pyramidinfer", prefill_decay_ratio=0.8)`` or ``make_cache(config)``: a
-    :class:`PolicyCache` with the named (or configured) policy, settings validated."""
+    :class:`PolicyCache` with the named (or configured) policy, settings validated; the cache's own
+    settings (``compiled_decode``, ``decode_reserve``) may be passed too."""
     from .registry import make_policy
 
-    return PolicyCache(make_policy(name_or_config, **overrides))
+    settings = {k: overrides.pop(k) for k in CACHE_SETTINGS if k in overrides}
+    return PolicyCache(make_policy(name_or_config, **overrides), **settings)

@@ -10,28 +10,33 @@ the kept slots into a right-sized buffer so the evicted memory is really returne
 
 from __future__ import annotations
 
-import weakref
-from typing import TYPE_CHECKING
-
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .cache import PolicyCache
+from .errors import CacheMisuseError
+from .rows import Rows
 
 _QUERY_CHUNK = 128  # queries scored at once; bounds the [B, H, chunk, L] temporary
 
 
 class PolicyLayer(CacheLayerMixin):
+    """The dynamic layer kind: buffers grow and shrink with what the policy keeps (prefill, eager
+    decoding). Its static sibling, :class:`~kvpolicy.core.static_layer.StaticPolicyLayer`, keeps
+    fixed shapes and addresses for a compiled decode step.
+
+    ``rows``: the per-row facts shared by the cache's layers; ``headroom``: free slots to allocate
+    after a compression (the policy's); ``track_attention``: keep H2O's accumulated attention.
+    """
+
     is_compileable = False
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, owner: PolicyCache, layer_idx: int):
+    def __init__(self, layer_idx: int, rows: Rows, headroom: int = 64, track_attention: bool = False):
         super().__init__()
-        # a weak reference: cache -> layers -> cache would be a cycle, and a dropped cache (with
-        # gigabytes of GPU memory) would then wait for Python's cycle collector to be freed
-        self._owner = weakref.ref(owner)
+        self.rows = rows
+        self.headroom = headroom
+        self.track_attention = track_attention
         self.layer_idx = layer_idx
         self.length = 0  # slots in use
         self.total_seen = 0  # tokens this layer has been given (absolute, pads included)
@@ -43,15 +48,59 @@ class PolicyLayer(CacheLayerMixin):
         self.qwin: torch.Tensor | None = None  # recent queries [B, Hq, W, D]
         self.qwin_pos: torch.Tensor | None = None  # their absolute positions [W] (or [B, W], -1: none)
         self.scaling: float | None = None
-        self.num_groups = 1
-        self.static = False  # fixed capacity and addresses (see core/static_decode.py)
-        self.qring: torch.Tensor | None = None  # static decode: query ring, slot = position % window
-        self.ring_start = 0  # first position the ring holds
         self.valid_host: list[int] | None = None  # valid tokens per row once compacted, host-side
 
-    @property
-    def owner(self) -> PolicyCache:
-        return self._owner()
+    @classmethod
+    def concat(cls, parts: list[PolicyLayer], rows: Rows) -> PolicyLayer:
+        """One layer holding the rows of ``parts`` (the same layer of row chunks of one batch, each
+        left-padded to the same width) in order; a part with fewer slots gets empty ones (pos -1).
+        The parts' buffers are released."""
+        ref = parts[0]
+        layer = cls(ref.layer_idx, rows, ref.headroom, ref.track_attention)
+        for attr in ("module_ref", "scaling", "compressible", "device", "dtype", "is_initialized", "total_seen"):
+            if hasattr(ref, attr):
+                setattr(layer, attr, getattr(ref, attr))
+        layer.since_compress = max(p.since_compress for p in parts)
+        layer.length = max(p.length for p in parts)
+        layer.contiguous = all(p.contiguous for p in parts) and all(p.length == layer.length for p in parts)
+        counts = [n for p in parts for n in p.valid_counts()]
+
+        def joined(name: str, fill: float, dim: int = 2) -> torch.Tensor | None:
+            tensors = [getattr(p, name) for p in parts]
+            if tensors[0] is None:
+                return None
+            width = max(t.shape[dim] for t in tensors)
+            out = []
+            for t in tensors:
+                if t.shape[dim] < width:
+                    pad_shape = list(t.shape)
+                    pad_shape[dim] = width - t.shape[dim]
+                    filler = t.new_full(pad_shape, fill)
+                    # slots of kept tokens fill from the front, a query window from the back
+                    t = torch.cat([t, filler] if name != "qwin" else [filler, t], dim=dim)
+                out.append(t)
+            return torch.cat(out, dim=0)
+
+        for p in parts:  # in-use slots only
+            p.keys, p.values, p.pos = p.keys_view(), p.values_view(), p.pos_view()
+            if p.acc is not None:
+                p.acc = p.acc[:, :, : p.length]
+        layer.keys, layer.values = joined("keys", 0.0), joined("values", 0.0)
+        layer.pos, layer.acc = joined("pos", -1), joined("acc", 0.0)
+        layer.qwin = joined("qwin", 0.0)
+        if layer.qwin is not None:
+            wins = [p.qwin_pos for p in parts]
+            width = layer.qwin.shape[2]
+            if all(w.dim() == 1 for w in wins):  # the same absolute positions in every chunk (same width)
+                layer.qwin_pos = max(wins, key=lambda w: w.shape[0])
+            else:
+                per_row = [w.expand(p.keys.shape[0], w.shape[-1]) for w, p in zip(wins, parts)]
+                per_row = [torch.cat([w.new_full((w.shape[0], width - w.shape[1]), -1), w], 1) for w in per_row]
+                layer.qwin_pos = torch.cat(per_row)
+        layer.valid_host = None if layer.contiguous else counts
+        for p in parts:
+            p.keys = p.values = p.pos = p.acc = p.qwin = p.qwin_pos = None
+        return layer
 
     # ----------------------------------------------------------------- transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -91,8 +140,6 @@ class PolicyLayer(CacheLayerMixin):
         if n <= 0:
             return
         if not self.contiguous:
-            from .errors import CacheMisuseError
-
             raise CacheMisuseError(
                 "crop() cannot undo tokens of a compressed layer (they may already be evicted); "
                 "assisted/speculative decoding needs the 'full' policy"
@@ -137,25 +184,23 @@ class PolicyLayer(CacheLayerMixin):
         return self.pos[:, :, : self.length]
 
     def local_positions(self) -> torch.Tensor:
-        pad = self.owner.pad.view(-1, 1, 1)
-        pos = self.pos_view()
-        return torch.where(pos >= pad, pos - pad, torch.full_like(pos, -1))
+        return self.rows.local(self.pos_view())
 
     def valid_counts(self) -> list[int]:
         """Valid tokens per row, from the host where it can be (a device read drains the GPU's queue):
         a contiguous layer's are the tokens after each row's padding, a compacted one tracks them."""
         if self.valid_host is not None:
             return list(self.valid_host)
-        if self.contiguous and self.owner.pad_host is not None:
-            return [max(0, self.total_seen - p) for p in self.owner.pad_host]
+        if self.contiguous and self.rows.pad_host is not None:
+            return [max(0, n) for n in self.rows.seen(self.total_seen)]
         return self.valid_mask()[:, 0].sum(-1).tolist()
 
     def valid_mask(self) -> torch.Tensor:
-        return self.pos_view() >= self.owner.pad.view(-1, 1, 1)
+        return self.rows.valid(self.pos_view())
 
     def _grow(self, needed: int) -> None:
         """Reallocate to hold ``needed`` slots plus the policy's headroom (rare, amortised)."""
-        new_cap = needed + self.owner.headroom(self.layer_idx)
+        new_cap = needed + self.headroom
         b, h, _, d = self.keys.shape
         for name, fill in (("keys", None), ("values", None), ("pos", -1), ("acc", 0.0)):
             old = getattr(self, name)
@@ -193,7 +238,7 @@ class PolicyLayer(CacheLayerMixin):
             # first fill: adopt the tensors as the buffer (no copy); growth happens on decode
             self.keys, self.values = key_states.contiguous(), value_states.contiguous()
             self.pos = new_pos.contiguous()
-            if self.owner.policy.signals.accumulated_attention:
+            if self.track_attention:
                 self.acc = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
             self.length = q
         else:
@@ -212,8 +257,6 @@ class PolicyLayer(CacheLayerMixin):
         return self.keys_view(), self.values_view()
 
     def _check_compatible(self, key_states: torch.Tensor) -> None:
-        from .errors import CacheMisuseError
-
         held, given = self.keys.shape, key_states.shape
         if given[0] != held[0]:
             raise CacheMisuseError(
@@ -232,27 +275,14 @@ class PolicyLayer(CacheLayerMixin):
 
         Rows keeping fewer than ``K`` get their surplus slots marked invalid (pos = -1), so the
         tensor stays rectangular but attention ignores them. ``start``: the first slot that moves,
-        when the caller has read it already (:func:`first_moved_slot`; reading it here waits for the
-        device).
+        when the caller has read it already (:func:`~kvpolicy.core.selection.first_moved_slot`;
+        reading it here waits for the device).
         """
         k = index.shape[2]
-        new_cap = k + self.owner.headroom(self.layer_idx)
         b, h, _, d = self.keys.shape
         index = index.expand(b, h, k)
         idx4 = index.unsqueeze(-1).expand(b, h, k, d)
-        slack = self.capacity - k
-        if self.static:
-            if slack < 0:
-                raise AssertionError("static layer asked to hold more than its capacity")  # pragma: no cover
-            keys, values, pos, acc = self.keys, self.values, self.pos, self.acc
-        elif slack < 0 or slack > 2 * self.owner.headroom(self.layer_idx):
-            # a right-sized buffer (the prefill case, or a budget that grew), and the old one is freed
-            keys = self.keys.new_empty(b, h, new_cap, d)
-            values = self.values.new_empty(b, h, new_cap, d)
-            pos = self.pos.new_full((b, h, new_cap), -1)
-            acc = None if self.acc is None else self.acc.new_zeros(b, h, new_cap)
-        else:  # in-place compaction: the usual decode case
-            keys, values, pos, acc = self.keys, self.values, self.pos, self.acc
+        keys, values, pos, acc = self._compaction_target(k)
         if keys is not self.keys or self.contiguous:
             # a new buffer; or a first compaction, whose evictions spread over the whole prompt, so
             # that reading the first moved slot back (waiting for the device) would save almost nothing
@@ -272,13 +302,27 @@ class PolicyLayer(CacheLayerMixin):
         for row, count in enumerate(keep_counts):
             if count < k:
                 pos[row, :, count:k] = -1
-        if self.static:  # attention reads every slot of a static layer: stale ones must be invalid
-            pos[:, :, k:] = -1
         self.valid_host = [min(count, k) for count in keep_counts]
         self.keys, self.values, self.pos, self.acc = keys, values, pos, acc
         self.length = k
         self.since_compress = 0
         self.contiguous = False
+
+    def _compaction_target(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The buffers a compaction to ``kept`` slots writes into: a right-sized new set when the old
+        one is too small or would waste more than twice the headroom (the prefill case: the evicted
+        memory is really returned), else the current buffers, compacted in place."""
+        slack = self.capacity - kept
+        if 0 <= slack <= 2 * self.headroom:
+            return self.keys, self.values, self.pos, self.acc
+        b, h, _, d = self.keys.shape
+        new_cap = kept + self.headroom
+        return (
+            self.keys.new_empty(b, h, new_cap, d),
+            self.values.new_empty(b, h, new_cap, d),
+            self.pos.new_full((b, h, new_cap), -1),
+            None if self.acc is None else self.acc.new_zeros(b, h, new_cap),
+        )
 
     # ----------------------------------------------------------------- signals
     def query_positions(self, q: int, device: torch.device) -> torch.Tensor:
@@ -303,41 +347,35 @@ class PolicyLayer(CacheLayerMixin):
                 old, qpos = old.expand(b, old.shape[-1]), qpos.expand(b, q)
             self.qwin_pos = torch.cat([old, qpos], dim=-1)[..., -window:]
 
-    def _attention_probs(self, queries: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+    def _attention_probs(self, queries: torch.Tensor, qpos: torch.Tensor, whole: bool = False) -> torch.Tensor:
         """Softmax attention ``[B, H_kv, G, Q, L]`` (float32; ``G`` query heads per KV head) of ``queries``.
 
         Costed by memory traffic, since the probabilities are far larger than the queries: the
         scaling goes on the few queries, the logits stay in the cache's dtype until the softmax
-        writes float32, and callers sum over ``G`` and ``Q`` in one reduction.
+        writes float32, and callers sum over ``G`` and ``Q`` in one reduction. ``whole``: over every
+        slot of the buffer (a compiled step's fixed shape; unused slots are invalid), not the ones in use.
         """
-        keys = self.keys_view()
+        keys, pos = (self.keys, self.pos) if whole else (self.keys_view(), self.pos_view())
         b, hkv, L, d = keys.shape
         hq = queries.shape[1]
         g = hq // hkv
         qq = (queries.float() * self.scaling).to(keys.dtype).reshape(b, hkv, g, queries.shape[2], d)
         logits = torch.einsum("bhgqd,bhld->bhgql", qq, keys)
-        pos = self.pos_view()
-        valid = (pos >= self.owner.pad.view(-1, 1, 1)).unsqueeze(2).unsqueeze(2)  # [B,H,1,1,L]
+        valid = self.rows.valid(pos).unsqueeze(2).unsqueeze(2)  # [B,H,1,1,L]
         qpos = qpos.view(-1 if qpos.dim() == 2 else 1, 1, 1, qpos.shape[-1], 1)  # [Q] or per row [B, Q]
         causal = pos.unsqueeze(2).unsqueeze(2) <= qpos
         logits = logits.masked_fill(~(valid & causal), float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         return probs.nan_to_num_(nan=0.0)  # a pad query attends to nothing
 
-    def ring_positions(self) -> torch.Tensor:
-        """Absolute position of the query in each slot of the static ring (slot = position % window);
-        -1 for a slot no query has filled yet (a prompt shorter than the window)."""
-        w, last = self.qring.shape[2], self.total_seen - 1
-        slot = torch.arange(w, device=self.qring.device)
-        pos = last - ((last - slot) % w)
-        return torch.where(pos >= self.ring_start, pos, torch.full_like(pos, -1))
-
-    def window_attention(self, weights: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
-        if self.static and self.qring is not None:  # the static decode path's ring of queries
-            self.qwin, self.qwin_pos = self.qring, self.ring_positions()
+    def recorded_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recent queries ``[B, Hq, W, D]`` and their absolute positions (``[W]`` or ``[B, W]``)."""
         if self.qwin is None:
             raise RuntimeError("no queries recorded: the policy must declare a query window in its signals")
-        queries, qpos = self.qwin, self.qwin_pos
+        return self.qwin, self.qwin_pos
+
+    def window_attention(self, weights: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
+        queries, qpos = self.recorded_queries()
         if num_queries is not None:
             queries, qpos = queries[:, :, -num_queries:], qpos[..., -num_queries:]
         w = queries.shape[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.cache import PolicyCache
+from ..core.cache import CACHE_SETTINGS, PolicyCache
 from ..core.config import PolicyConfig
 
 
@@ -12,7 +12,8 @@ def _convenience(policy_name: str, doc: str) -> type[PolicyCache]:
     def __init__(self, config: PolicyConfig | dict | None = None, **overrides: Any) -> None:
         from ..core.registry import policy_class
 
-        PolicyCache.__init__(self, policy_class(policy_name)(config, **overrides))
+        settings = {k: overrides.pop(k) for k in CACHE_SETTINGS if k in overrides}
+        PolicyCache.__init__(self, policy_class(policy_name)(config, **overrides), **settings)
 
     return type(
         f"{policy_name}Cache",

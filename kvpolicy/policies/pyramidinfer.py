@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from ..core.config import PolicyConfig
 from ..core.policy import CachePolicy, LayerView, Plan, Signals, per_row
+from ..core.rows import PerRow
 from ..core.schedule import DecayStrategy, decay_ratio, pyramid_context_lengths
 from .attention_scored import max_pool
 
@@ -166,10 +167,10 @@ class PyramidInferPolicy(CachePolicy):
     def _plan_prefill(self, view: LayerView) -> Plan | None:
         c = self.config
         windows = [self.recent_window(n, c.prefill_recent_ratio) for n in view.seen]
-        view.state["frontier"] = [n - w for n, w in zip(view.seen, windows)]
+        view.state["frontier"] = PerRow(n - w for n, w in zip(view.seen, windows))
         # decoding's recent window per row depends on the prompt alone: computed once here, not at
         # every decode step of every layer (a per-row Python loop in the static path's hot loop)
-        view.state["gen_window"] = [self.recent_window(n, c.gen_recent_ratio) for n in view.prompt_len]
+        view.state["gen_window"] = PerRow(self.recent_window(n, c.gen_recent_ratio) for n in view.prompt_len)
         keep = [self.context_budgets(n - w)[view.layer_idx] + w for n, w in zip(view.seen, windows)]
         if all(k >= n for k, n in zip(keep, view.seen)):
             return None
@@ -198,7 +199,7 @@ class PyramidInferPolicy(CachePolicy):
         scores = torch.where(in_group, attn, torch.full_like(attn, float("inf")))
         evict = group - self.group_keep(view.layer_idx)
         keep = [v - evict if d else v for v, d in zip(valid, due)]
-        view.state["frontier"] = [f + group if d else f for f, d in zip(frontier, due)]
+        view.state["frontier"] = PerRow(f + group if d else f for f, d in zip(frontier, due))
         return Plan(keep=keep, scores=scores, sinks=0, recent=0)
 
 

@@ -1,0 +1,187 @@
+"""The static layer kind: a compressed layer frozen into buffers of fixed shape and address.
+
+Why: an eager decode step of a 7B model is bound by per-step launch overhead (about 90 ms on
+an H100 whatever the batch), and a compiled *full* static cache beats any eager compressed
+cache. To compile the step (``torch.compile``, CUDA graphs) every tensor it touches must keep
+its shape and address, and it may read no Python number that changes from step to step. So a
+static layer holds ``kept + reserve`` slots; the step writes its key/value at the layer's
+``slot`` tensor and attends over the whole buffer under a validity mask; and between steps,
+eagerly, the host counters advance and the policy's plan gathers the kept slots in place
+(``PolicyCache.begin_step``). Plans therefore see exactly what the eager path's plans see after
+the same token's attention, so both paths keep the same tokens (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import masks
+from .attention_hook import attend_masked
+from .errors import CacheMisuseError
+from .layer_store import PolicyLayer
+
+
+class StaticPolicyLayer(PolicyLayer):
+    """One layer of a compiled decode step. Build it with :meth:`freeze` from a prefilled
+    :class:`PolicyLayer`; :meth:`thaw` gives the dynamic kind back (for a further prefill)."""
+
+    is_compileable = True
+
+    slot: torch.Tensor  # [1]: where the next key goes (== length, on the device)
+    next_pos: torch.Tensor  # [1]: the absolute position of the next token (== total_seen)
+    qring: torch.Tensor | None = None  # recent queries, slot = position % window
+    ring_start = 0  # the first position the ring holds
+    shared = False  # every KV head keeps the same positions: one mask row serves all heads
+    window: int | None = None  # sliding-window size of this layer (None: global attention)
+
+    @classmethod
+    def freeze(cls, layer: PolicyLayer, capacity: int, query_window: int, shared: bool, window: int | None):
+        """A static copy of ``layer`` with room for ``capacity`` slots and a ring of ``query_window``
+        recent queries (0: none). The dynamic layer's buffers are released."""
+        self = cls.__new__(cls)
+        self.__dict__.update(layer.__dict__)
+        self.shared, self.window = shared, window
+        b, h, _, d = layer.keys.shape
+        n = layer.length
+        self.keys = layer.keys.new_zeros(b, h, capacity, d)
+        self.values = layer.values.new_zeros(b, h, capacity, d)
+        self.pos = layer.pos.new_full((b, h, capacity), -1)
+        self.keys[:, :, :n] = layer.keys_view()
+        self.values[:, :, :n] = layer.values_view()
+        self.pos[:, :, :n] = layer.pos_view()
+        if layer.acc is not None:
+            self.acc = layer.acc.new_zeros(b, h, capacity)
+            self.acc[:, :, :n] = layer.acc[:, :, :n]
+        self.valid_host = layer.valid_counts()
+        recorded = min(query_window, layer.qwin.shape[2]) if query_window and layer.qwin is not None else 0
+        self.qring = None
+        if recorded:
+            self.qring = layer.qwin.new_zeros(b, layer.qwin.shape[1], query_window, d)
+            self.ring_start = layer.total_seen - recorded
+            qpos = layer.qwin_pos[..., -recorded:]
+            if qpos.dim() == 2:  # per-row positions (prune-hidden prefill): the recent window agrees
+                qpos = qpos.max(0).values
+            self.qring.index_copy_(2, qpos % query_window, layer.qwin[:, :, -recorded:])
+        self.qwin = self.qwin_pos = None
+        self.contiguous = False
+        device = self.keys.device
+        self.slot = torch.full((1,), n, dtype=torch.long, device=device)
+        self.next_pos = torch.full((1,), layer.total_seen, dtype=torch.long, device=device)
+        self._mark_static()
+        layer.keys = layer.values = layer.pos = layer.acc = layer.qwin = None
+        return self
+
+    def _mark_static(self) -> None:
+        for t in (self.keys, self.values, self.pos, self.acc, self.qring, self.slot, self.next_pos):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+
+    def thaw(self) -> PolicyLayer:
+        """The dynamic kind holding the same slots and recent queries."""
+        layer = PolicyLayer.__new__(PolicyLayer)
+        layer.__dict__.update(self.__dict__)
+        for name in ("slot", "next_pos", "qring", "ring_start", "shared", "window"):
+            layer.__dict__.pop(name, None)
+        n = self.length
+        layer.keys, layer.values, layer.pos = self.keys[:, :, :n], self.values[:, :, :n], self.pos[:, :, :n]
+        layer.acc = None if self.acc is None else self.acc[:, :, :n]
+        if self.qring is not None:  # the ring in slot order, as a window in time order
+            ring, pos = self.recorded_queries()
+            order = pos.argsort()
+            order = order[pos[order] >= 0]
+            layer.qwin, layer.qwin_pos = ring[:, :, order], pos[order]
+        return layer
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` slots: new buffers, so the next compiled step re-records its graph."""
+        b, h, old, d = self.keys.shape
+        for name, fill in (("keys", 0), ("values", 0), ("pos", -1), ("acc", 0)):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            new = t.new_full((b, h, capacity, d) if t.dim() == 4 else (b, h, capacity), fill)
+            new[:, :, :old] = t
+            setattr(self, name, new)
+        self._mark_static()
+
+    # ----------------------------------------------------------------- inside the compiled step
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[2] != 1:
+            raise CacheMisuseError(
+                "a compiled decode step takes one token per row; the cache thaws its layers for longer inputs"
+            )
+        b, h = key_states.shape[:2]
+        self.keys.index_copy_(2, self.slot, key_states)
+        self.values.index_copy_(2, self.slot, value_states)
+        self.pos.index_copy_(2, self.slot, self.next_pos.view(1, 1, 1).expand(b, h, 1))
+        self.slot.add_(1)
+        self.next_pos.add_(1)
+        return self.keys, self.values
+
+    def attend(self, fn: Callable, impl: str, module: Any, query, key, value, args: tuple, kwargs: dict):
+        """This step's attention over the whole buffer, under the layer's own mask (transformers'
+        mask, built for slot ``i`` holding token ``i``, is dropped)."""
+        if impl not in ("sdpa", "eager"):
+            raise CacheMisuseError(
+                f"attention implementation {impl!r} takes no arbitrary mask, which the compiled decode step "
+                "needs; load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        if args:
+            args = args[1:]
+        else:
+            kwargs.pop("attention_mask", None)
+        qpos = self.next_pos - 1  # update() has run: the token being decoded
+        pos = self.pos[:, :1] if self.shared else self.pos
+        allowed = masks.allowed(pos, self.rows.pad, qpos.view(1, 1, 1, 1), self.window)
+        if self.qring is not None:
+            self.qring.index_copy_(2, qpos % self.qring.shape[2], query)
+        if self.acc is not None:  # H2O: this token's attention, added to every slot's running score
+            probs = self._attention_probs(query, qpos, whole=True)
+            self.acc.add_(probs.sum(dim=(2, 3)) / probs.shape[2])
+        return attend_masked(fn, impl, module, query, key, value, allowed, None, args, kwargs)
+
+    # ----------------------------------------------------------------- between steps (eager)
+    def settle(self, steps: int) -> None:
+        """Count on the host the ``steps`` tokens compiled steps appended since the last call."""
+        self.length += steps
+        self.total_seen += steps
+        self.since_compress += steps
+        if self.valid_host is not None:
+            self.valid_host = [n + steps for n in self.valid_host]
+
+    def recorded_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.qring is None:
+            return super().recorded_queries()
+        w, last = self.qring.shape[2], self.total_seen - 1
+        slot = torch.arange(w, device=self.qring.device)
+        pos = last - ((last - slot) % w)
+        return self.qring, torch.where(pos >= self.ring_start, pos, torch.full_like(pos, -1))
+
+    def _compaction_target(self, kept: int):
+        if kept > self.capacity:
+            raise AssertionError("static layer asked to hold more than its capacity")  # pragma: no cover
+        return self.keys, self.values, self.pos, self.acc
+
+    def compact(self, index: torch.Tensor, keep_counts: list[int], start: int | None = None) -> None:
+        super().compact(index, keep_counts, start)
+        self.pos[:, :, self.length :] = -1  # attention reads every slot: stale ones must be invalid
+        if self.acc is not None:
+            self.acc[:, :, self.length :] = 0.0
+        self.slot.fill_(self.length)
+
+    def _rows(self, fn) -> None:
+        """Move rows in place where the batch keeps its size (a compiled step holds the addresses)."""
+        self.valid_host = None
+        for name in ("keys", "values", "pos", "acc", "qring"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            moved = fn(t)
+            if moved.shape == t.shape:
+                t.copy_(moved)
+            else:
+                setattr(self, name, moved)
+        self._mark_static()
