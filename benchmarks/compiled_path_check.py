@@ -3,11 +3,14 @@
 For each policy, one left-padded batch of random prompts (300-600 tokens by default, so the
 policies compress) goes through
 
-* ``model.generate`` with the policy's ``PolicyCache`` (eager: one ordinary forward per step), and
-* ``kvpolicy.generation.generate_static`` with ``compile=True`` (on CUDA ``mode="reduce-overhead"``:
-  the step replays a CUDA graph; on CPU inductor without CUDA graphs),
+* ``model.generate`` with the policy's cache made with ``compiled_decode=False`` (the eager path: one
+  ordinary forward per step, the policy compressing inside it): the reference;
+* plain ``model.generate`` with the policy's cache as users pass it: on CUDA transformers compiles the
+  decode step (``mode="reduce-overhead"``: the step replays a CUDA graph) over the cache's frozen
+  layers (columns ``gen_*``);
+* ``kvpolicy.generation.generate_static`` with ``compile=True`` (``fullgraph=True``; columns ``static_*``),
 
-both greedy, ``--steps`` tokens, with every step's logits kept. The model is a random Llama-shaped
+all greedy, ``--steps`` tokens, with every step's logits kept. The model is a random Llama-shaped
 model built from its config (hidden 1024, 8 layers, 16 query / 4 KV heads, vocab 32000).
 
 float32: the tokens must be equal at every step and both paths must keep the same positions in
@@ -57,6 +60,7 @@ POLICIES: dict[str, tuple[str, dict[str, Any]]] = {
     "pyramidinfer_54_floor": ("pyramidinfer_54_floor", {}),
     "snapkv-0.5": ("snapkv", {"compression_ratio": 0.5}),
     "streamingllm-0.5": ("streamingllm", {"compression_ratio": 0.5}),
+    "h2o-0.5": ("h2o", {"compression_ratio": 0.5, "evict_every": 8}),
 }
 
 
@@ -106,18 +110,54 @@ def same_kept_positions(eager_cache: kvpolicy.PolicyCache, static_cache: kvpolic
     return True
 
 
+def greedy_generate(model, inputs, cache, steps: int, compile_config=None, disable_compile: bool = False):
+    extra = {"compile_config": compile_config} if compile_config is not None else {}
+    with torch.no_grad():
+        return model.generate(**inputs, **{kvpolicy.cache_argument(model): cache}, max_new_tokens=steps,
+                              min_new_tokens=steps, do_sample=False, pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True, disable_compile=disable_compile, **extra)
+
+
+def agreement(eager, other, other_cache, eager_cache, width: int) -> dict[str, Any]:
+    """How a path's tokens, logits and kept positions compare with the eager path's."""
+    a, b = eager.sequences[:, width:], other.sequences[:, width:]
+    differs = (a != b).any(0).nonzero().flatten().tolist() if a.shape == b.shape else [0]
+    first_div = differs[0] if differs else None
+    upto = len(eager.logits) if first_div is None else first_div + 1
+    diffs = [(x - y).abs().max().item() for x, y in zip(eager.logits[:upto], other.logits[:upto])]
+    margin = None
+    if first_div is not None and first_div < len(eager.logits):
+        row = int((a[:, first_div] != b[:, first_div]).nonzero()[0])
+        top2 = eager.logits[first_div][row].topk(2).values
+        margin = float(top2[0] - top2[1])
+    return {
+        "tokens_equal": first_div is None,
+        "first_divergence_step": first_div,
+        "max_logit_diff": max(diffs) if diffs else None,
+        "logit_diff_per_step": diffs,
+        "margin_at_divergence": margin,
+        "same_kept_positions": first_div is None and same_kept_positions(eager_cache, other_cache),
+    }
+
+
 def compare(label: str, model, inputs: dict[str, torch.Tensor], steps: int, compile_step: bool,
             prefill_chunk: int | None, device: str) -> dict[str, Any]:
     name, overrides = policy_spec(label)
-    cache = kvpolicy.make_cache(name, **overrides)
+    cache = kvpolicy.make_cache(name, compiled_decode=False, **overrides)
     sync(device)
     start = time.perf_counter()
-    with torch.no_grad():
-        eager = model.generate(**inputs, **{kvpolicy.cache_argument(model): cache}, max_new_tokens=steps,
-                               min_new_tokens=steps, do_sample=False, pad_token_id=0, output_logits=True,
-                               return_dict_in_generate=True)
+    eager = greedy_generate(model, inputs, cache, steps)
     sync(device)
     eager_s = time.perf_counter() - start
+
+    # plain generate, the cache as users pass it; on a CPU dry run the frozen layers step eagerly
+    on_gpu = device.startswith("cuda")
+    gen_cache = kvpolicy.make_cache(name, **({} if on_gpu else {"compiled_decode": True}), **overrides)
+    start = time.perf_counter()
+    gen = greedy_generate(model, inputs, gen_cache, steps, disable_compile=not compile_step)
+    sync(device)
+    gen_s = time.perf_counter() - start
+
     start = time.perf_counter()
     static = generate_static(model, inputs["input_ids"], inputs["attention_mask"], policy=name, max_new_tokens=steps,
                              prefill_batch_size=prefill_chunk, compile=compile_step, output_logits=True, **overrides)
@@ -125,47 +165,34 @@ def compare(label: str, model, inputs: dict[str, torch.Tensor], steps: int, comp
     static_s = time.perf_counter() - start
 
     width = inputs["input_ids"].shape[1]
-    a, b = eager.sequences[:, width:], static.sequences[:, width:]
-    differs = (a != b).any(0).nonzero().flatten().tolist() if a.shape == b.shape else [0]
-    first_div = differs[0] if differs else None
-    upto = len(eager.logits) if first_div is None else first_div + 1
-    diffs = [(x - y).abs().max().item() for x, y in zip(eager.logits[:upto], static.logits[:upto])]
-    margin = None
-    if first_div is not None and first_div < len(eager.logits):
-        row = int((a[:, first_div] != b[:, first_div]).nonzero()[0])
-        top2 = eager.logits[first_div][row].topk(2).values
-        margin = float(top2[0] - top2[1])
     seen = len(cache.layers) * sum(cache.seen_tokens())
-    return {
-        "policy": label,
-        "policy_name": name,
-        "overrides": overrides,
-        "steps": steps,
-        "tokens_equal": first_div is None,
-        "first_divergence_step": first_div,
-        "max_logit_diff": max(diffs) if diffs else None,
-        "logit_diff_per_step": diffs,
-        "margin_at_divergence": margin,
-        "same_kept_positions": first_div is None and same_kept_positions(cache, static.cache),
+    row: dict[str, Any] = {"policy": label, "policy_name": name, "overrides": overrides, "steps": steps,
+                           "gen_frozen": gen_cache.is_frozen()}
+    row.update({f"gen_{k}": v for k, v in agreement(eager, gen, gen_cache, cache, width).items()})
+    row.update(agreement(eager, static, static.cache, cache, width))
+    row.update({
         "kv_fraction_kept": sum(map(sum, cache.valid_tokens_per_layer())) / seen if seen else None,
         "eager_s": eager_s,
-        "static_s": static_s,  # includes the compile of the first call with this shape
-    }
+        "generate_s": gen_s,  # includes the compile of the first call with this shape
+        "static_s": static_s,  # likewise
+    })
+    return row
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["policy", "tokens", "first_div", "max_dlogit", "margin", "kept", "kv", "eager_s", "static_s"]
+    cols = ["policy", "path", "tokens", "first_div", "max_dlogit", "margin", "kept", "kv", "seconds"]
     print("  ".join(f"{c:>22}" if i == 0 else f"{c:>10}" for i, c in enumerate(cols)))
     for r in rows:
-        cells = [
-            r["policy"], str(r["tokens_equal"]),
-            "-" if r["first_divergence_step"] is None else r["first_divergence_step"],
-            "-" if r["max_logit_diff"] is None else f"{r['max_logit_diff']:.2e}",
-            "-" if r["margin_at_divergence"] is None else f"{r['margin_at_divergence']:.2e}",
-            str(r["same_kept_positions"]), "-" if r["kv_fraction_kept"] is None else f"{r['kv_fraction_kept']:.3f}",
-            f"{r['eager_s']:.2f}", f"{r['static_s']:.2f}",
-        ]
-        print("  ".join(f"{c:>22}" if i == 0 else f"{c:>10}" for i, c in enumerate(cells)), flush=True)
+        for path, prefix, seconds in (("generate", "gen_", "generate_s"), ("static", "", "static_s")):
+            cells = [
+                r["policy"], path, str(r[prefix + "tokens_equal"]),
+                "-" if r[prefix + "first_divergence_step"] is None else r[prefix + "first_divergence_step"],
+                "-" if r[prefix + "max_logit_diff"] is None else f"{r[prefix + 'max_logit_diff']:.2e}",
+                "-" if r[prefix + "margin_at_divergence"] is None else f"{r[prefix + 'margin_at_divergence']:.2e}",
+                str(r[prefix + "same_kept_positions"]),
+                "-" if r["kv_fraction_kept"] is None else f"{r['kv_fraction_kept']:.3f}", f"{r[seconds]:.2f}",
+            ]
+            print("  ".join(f"{c:>22}" if i == 0 else f"{c:>10}" for i, c in enumerate(cells)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [compare(label, model, inputs, args.steps, not args.no_compile, args.prefill_chunk, args.device)
             for label in labels]
     print_table(rows)
-    failed = [r["policy"] for r in rows if not (r["tokens_equal"] and r["same_kept_positions"])]
+    failed = [f"{r['policy']} ({path})" for r in rows for path, prefix in (("generate", "gen_"), ("static", ""))
+              if not (r[prefix + "tokens_equal"] and r[prefix + "same_kept_positions"])]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = run_meta(["compiled_path_check.py", *argv] if argv is not None else None, **settings)

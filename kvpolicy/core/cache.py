@@ -44,7 +44,8 @@ class PolicyCache(Cache):
     cache as it does for transformers' static cache. After the prompt's forward every layer is
     frozen into a fixed-shape buffer (:class:`~kvpolicy.core.static_layer.StaticPolicyLayer`) of
     ``kept + decode_reserve`` slots (fewer where the policy bounds its growth); a layer that fills
-    up is re-sized (the graph re-records once). Between steps the policy's plan runs eagerly, so
+    up is re-sized by half again at least (the step re-compiles once per re-size: set
+    ``decode_reserve`` to the tokens you generate to size the buffers once). Between steps the policy's plan runs eagerly, so
     the tokens kept are those of the eager path. ``compiled_decode``: None (default) freezes on a
     GPU only, True always (also on CPU, where the frozen step runs eagerly unless compiled),
     False never (every step eager, as ``DynamicCache``).
@@ -302,7 +303,9 @@ class PolicyCache(Cache):
         self._settle()
         for layer in self.layers:
             if layer.length >= layer.capacity:
-                layer.grow(layer.length + self._growth(layer))
+                # by half again at least: each re-size re-compiles the step (transformers compiles with
+                # static shapes), so a long generation must take few of them
+                layer.grow(max(layer.length + self._growth(layer), layer.capacity * 3 // 2))
         self._pending = 1
 
     def attend(self, fn, impl: str, module: Any, query, key, value, args: tuple, kwargs: dict):
