@@ -45,10 +45,10 @@ class PolicyCache(Cache):
     frozen into a fixed-shape buffer (:class:`~kvpolicy.core.static_layer.StaticPolicyLayer`) of
     ``kept + decode_reserve`` slots (fewer where the policy bounds its growth); a layer that fills
     up is re-sized by half again at least (the step re-compiles once per re-size: set
-    ``decode_reserve`` to the tokens you generate to size the buffers once). Between steps the policy's plan runs eagerly, so
-    the tokens kept are those of the eager path. ``compiled_decode``: None (default) freezes on a
-    GPU only, True always (also on CPU, where the frozen step runs eagerly unless compiled),
-    False never (every step eager, as ``DynamicCache``).
+    ``decode_reserve`` to the tokens you generate to size the buffers once). Between steps the
+    policy's plan runs eagerly, so the tokens kept are those of the eager path.
+    ``compiled_decode``: None (default) freezes on a GPU only, True always (also on CPU, where the
+    frozen step runs eagerly unless compiled), False never (every step eager, as ``DynamicCache``).
     """
 
     def __init__(
