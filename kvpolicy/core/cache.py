@@ -439,7 +439,7 @@ class PolicyCache(Cache):
         if plan is not None:
             self._apply(layer, plan, seen)
         if prefill and layer_idx == self._last_compressible():
-            self.rows.prompt_len = seen
+            self.rows.prompt_len = list(seen)
         if prefill and layer.qwin is not None:  # keep only what decoding will use
             if signals.decode_query_window == 0:
                 layer.qwin = layer.qwin_pos = None

@@ -98,6 +98,12 @@ class LayerView:
         return len(self.seen)
 
     @property
+    def step(self) -> int:
+        """Columns the layer has been given, pads included: the same number for every row, so one
+        comparison tells how far decoding has gone (per-row loops cost at every layer and step)."""
+        return self.layer.total_seen
+
+    @property
     def length(self) -> int:
         """Slots in use (the same for every row and head; unused ones are invalid)."""
         return self.layer.length

@@ -9,7 +9,7 @@ shape: a cache is a thin list of layers) and the core free of import cycles.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ class Rows:
     pad: torch.Tensor | None = None
     pad_host: list[int] | None = None
     prompt_len: list[int] | None = None
+    _seen_memo: tuple | None = field(default=None, repr=False, compare=False)
 
     def clear(self) -> None:
         self.pad = self.pad_host = self.prompt_len = None
@@ -41,8 +42,13 @@ class Rows:
         return -1 if self.pad_host is None else len(self.pad_host)
 
     def seen(self, total_seen: int) -> list[int]:
-        """Real (non-pad) tokens each row has given a layer that was given ``total_seen`` columns."""
-        return [total_seen - p for p in self.pad_host]
+        """Real (non-pad) tokens each row has given a layer that was given ``total_seen`` columns.
+        (Every layer asks with the same number at each step: the last answer is kept; callers must
+        not modify it.)"""
+        memo = self._seen_memo
+        if memo is None or memo[0] != total_seen or memo[1] is not self.pad_host:
+            memo = self._seen_memo = (total_seen, self.pad_host, [total_seen - p for p in self.pad_host])
+        return memo[2]
 
     def local(self, pos: torch.Tensor) -> torch.Tensor:
         """Row-local positions of absolute slot positions ``pos`` ``[B, H, L]``; -1 for pads and empty slots."""

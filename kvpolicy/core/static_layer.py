@@ -81,9 +81,10 @@ class StaticPolicyLayer(PolicyLayer):
 
     def thaw(self) -> PolicyLayer:
         """The dynamic kind holding the same slots and recent queries."""
+        self.valid_counts()  # fold in the counts settle() deferred
         layer = PolicyLayer.__new__(PolicyLayer)
         layer.__dict__.update(self.__dict__)
-        for name in ("slot", "next_pos", "qring", "ring_start", "shared", "window"):
+        for name in ("slot", "next_pos", "qring", "ring_start", "shared", "window", "_valid_shift"):
             layer.__dict__.pop(name, None)
         n = self.length
         layer.keys, layer.values, layer.pos = self.keys[:, :, :n], self.values[:, :, :n], self.pos[:, :, :n]
@@ -149,8 +150,14 @@ class StaticPolicyLayer(PolicyLayer):
         self.length += steps
         self.total_seen += steps
         self.since_compress += steps
-        if self.valid_host is not None:
-            self.valid_host = [n + steps for n in self.valid_host]
+        self._valid_shift = getattr(self, "_valid_shift", 0) + steps  # added when asked (valid_counts)
+
+    def valid_counts(self) -> list[int]:
+        shift = getattr(self, "_valid_shift", 0)
+        if shift and self.valid_host is not None:
+            self.valid_host = [n + shift for n in self.valid_host]
+        self._valid_shift = 0
+        return super().valid_counts()
 
     def recorded_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.qring is None:

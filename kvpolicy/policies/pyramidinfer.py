@@ -171,6 +171,7 @@ class PyramidInferPolicy(CachePolicy):
         # decoding's recent window per row depends on the prompt alone: computed once here, not at
         # every decode step of every layer (a per-row Python loop in the static path's hot loop)
         view.state["gen_window"] = PerRow(self.recent_window(n, c.gen_recent_ratio) for n in view.prompt_len)
+        self._note_next_due(view)
         keep = [self.context_budgets(n - w)[view.layer_idx] + w for n, w in zip(view.seen, windows)]
         if all(k >= n for k, n in zip(keep, view.seen)):
             return None
@@ -183,9 +184,12 @@ class PyramidInferPolicy(CachePolicy):
     def _plan_decode(self, view: LayerView) -> Plan | None:
         c = self.config
         group = c.exceed_length_to_compress
+        if view.step < view.state.get("next_due_step", 0):
+            return None  # no row can be due yet: skip the per-row check (it runs for every layer, every step)
         frontier: list[int] = view.state["frontier"]
         due = [s - w - f >= group for s, w, f in zip(view.seen, view.state["gen_window"], frontier)]
         if not any(due):
+            self._note_next_due(view)
             return None
         local = view.positions  # [B, H, L], -1 invalid
         if self.shared_positions:  # every head holds the same positions: select once per row
@@ -200,7 +204,16 @@ class PyramidInferPolicy(CachePolicy):
         evict = group - self.group_keep(view.layer_idx)
         keep = [v - evict if d else v for v, d in zip(valid, due)]
         view.state["frontier"] = PerRow(f + group if d else f for f, d in zip(frontier, due))
+        self._note_next_due(view)
         return Plan(keep=keep, scores=scores, sinks=0, recent=0)
+
+    def _note_next_due(self, view: LayerView) -> None:
+        """The step (``view.step``) at which the first row's next decode group fills: plans before it
+        return at once. Rows moving (beam search) can only make the true first step later, so the note
+        stays a safe lower bound."""
+        group = self.config.exceed_length_to_compress
+        wait = min(w + f + group - s for s, w, f in zip(view.seen, view.state["gen_window"], view.state["frontier"]))
+        view.state["next_due_step"] = view.step + max(wait, 0)
 
 
 def distance_weights(windows: list[int], newest: float, device: torch.device) -> torch.Tensor:
