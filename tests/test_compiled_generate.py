@@ -194,3 +194,21 @@ def test_a_frozen_cache_continues_with_a_longer_input():
                    new_tokens=4, do_sample=False)
     got = run(model, {"input_ids": more}, cache, compiled=True, new_tokens=4, do_sample=False)
     assert torch.equal(got, expected)
+
+
+def test_beam_search_over_frozen_layers():
+    """transformers does not compile beam search; it runs eagerly over the frozen layers, which move
+    their rows in place at every reorder: the beams of a DynamicCache with ``full``."""
+    model = tiny_model("llama", "sdpa")
+    inputs = batch([30, 24])
+    settings = dict(num_beams=3, num_return_sequences=2, do_sample=False, early_stopping=True)
+    expected = run(model, inputs, DynamicCache(config=model.config), compiled=False, **settings)
+    cache = kvpolicy.make_cache("full", compiled_decode=True)
+    got = run(model, inputs, cache, compiled=True, **settings)
+    assert cache.is_frozen()
+    assert torch.equal(got, expected)
+    eager = kvpolicy.make_cache("pyramidinfer", compiled_decode=False, **POLICIES["pyramidinfer"])
+    frozen = kvpolicy.make_cache("pyramidinfer", compiled_decode=True, **POLICIES["pyramidinfer"])
+    assert torch.equal(run(model, inputs, frozen, compiled=True, **settings),
+                       run(model, inputs, eager, compiled=False, **settings))
+    assert frozen.kv_tokens_per_layer() == eager.kv_tokens_per_layer()
