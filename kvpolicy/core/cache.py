@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from . import attention_hook, compiled_step, hidden_pruning, masks
-from .errors import CacheMisuseError, ConfigError, UnsupportedModelError
+from .errors import CacheMisuseError, ConfigError
 from .layer_store import PolicyLayer, first_moved_slot
 from .policy import CachePolicy, LayerView, Plan
 from .rows import Rows, concat_states
@@ -80,7 +80,7 @@ class PolicyCache(Cache):
         self._model_ref: weakref.ref | None = None
         self._policy_state: dict[int, dict] = {}
         self._setup_done = False
-        self._hidden: hidden_pruning.Layout | None = None  # set during a prune-hidden prefill
+        self._pruner: hidden_pruning.HiddenPruner | None = None  # the prune-hidden prefill, while it runs
 
     # ----------------------------------------------------------------- per-row facts
     @property
@@ -131,16 +131,8 @@ class PolicyCache(Cache):
         if not self.layers:
             attention_hook.install()
         layer = self._layer(layer_idx)
-        hidden = self._hidden
-        cut: dict[str, Any] = {}
-        if hidden is not None and layer_idx > 0:  # prune-hidden prefill: the tokens this layer was given
-            if hidden.layer != layer_idx:
-                raise UnsupportedModelError(
-                    f"decoder layer {layer_idx} ran without kvpolicy cutting its inputs (its forward bypasses the "
-                    "adapter's decoder-layer class); use prefill_mode='cache_only'"
-                )
-            if hidden.pos is not None:
-                cut = {"positions": hidden.pos, "width": hidden.width}
+        pruner = self._pruning()
+        cut = pruner.cut(layer_idx) if pruner is not None else {}  # prune-hidden: the tokens this layer was given
         keys, values = layer.append(key_states, value_states, **cut)
         attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
         return keys, values
@@ -208,7 +200,8 @@ class PolicyCache(Cache):
 
     def reset(self) -> None:
         """Empty the cache so it can serve a new prompt (or another model)."""
-        hidden_pruning.stop(self)
+        hidden_pruning.stop(self._pruner)
+        self._pruner = None
         for layer in self.layers:
             layer.reset()
         self.layers = []
@@ -365,7 +358,7 @@ class PolicyCache(Cache):
         if self.policy.prunes_hidden_states:
             self._adapter.check_prune_hidden(config)
             hidden_pruning.install(self._adapter.decoder_layer_class(module))
-            self._config = config
+        self._config = config
         self.policy.setup(num_layers, compressible)
         self._num_layers = num_layers
         self._compressible = compressible
@@ -393,7 +386,10 @@ class PolicyCache(Cache):
         if self.rows.pad is None:
             self.rows.read_padding(mask, query.shape[0], query.device)
         if layer_idx == 0 and self.prompt_len is None and self.policy.prunes_hidden_states:
-            hidden_pruning.start(self, layer.total_seen)
+            hidden_pruning.stop(self._pruner)
+            self._pruner = hidden_pruning.start(
+                hidden_pruning.HiddenPruner(self._adapter, self._config, self._num_layers, layer.total_seen)
+            )
         if layer.contiguous:
             return mask
         if impl not in ("sdpa", "eager"):
@@ -406,9 +402,10 @@ class PolicyCache(Cache):
     def _allowed(self, layer: PolicyLayer, query: torch.Tensor) -> torch.Tensor:
         pos = layer.pos_view()  # [B, H, L]
         q = query.shape[2]
-        if self._hidden is not None and self._hidden.pos is not None:  # prune-hidden prefill: per row
+        pruner = self._pruning()
+        if pruner is not None and pruner.layout.pos is not None:  # prune-hidden prefill: per row
             pos = pos[:, :1]  # every head holds the same tokens: one mask row set serves all heads
-            qpos = self._hidden.columns.view(pos.shape[0], 1, q, 1)  # empty slots query as the last token
+            qpos = pruner.layout.columns.view(pos.shape[0], 1, q, 1)  # empty slots query as the last token
         else:
             qpos = layer.query_positions(q, pos.device).view(1, 1, q, 1)
         return masks.allowed(pos, self.rows.pad, qpos, self._windows[layer.layer_idx])
@@ -417,6 +414,9 @@ class PolicyCache(Cache):
         layer = self.layers[layer_idx]
         if layer.compressible:
             self._after_layer_attention(layer, query)
+        pruner = self._pruning()
+        if pruner is not None:  # what the next decoder layer's inputs are cut to
+            pruner.layer_done(None if layer.contiguous else layer.pos_view())
         if layer_idx == self._num_layers - 1 and self.prompt_len is not None and self._decodes_static():
             self._freeze()  # the prompt (or a continuation of it) is in: decode over fixed-shape layers
 
@@ -427,7 +427,8 @@ class PolicyCache(Cache):
         prefill = self.prompt_len is None
         new = query.shape[2]
         seen = self._seen_real(layer)
-        qpos = None if self._hidden is None else self._hidden.pos  # per row in a prune-hidden prefill
+        pruner = self._pruning()
+        qpos = None if pruner is None else pruner.query_positions()  # per row in a prune-hidden prefill
         if prefill:
             window = signals.prefill_query_window(max(seen))
             layer.record_queries(query, max(window, signals.decode_query_window), qpos)
@@ -460,33 +461,10 @@ class PolicyCache(Cache):
             state=self._policy_state.setdefault(layer.layer_idx, {}),
         )
 
-    def _enter_decoder_layer(self, decoder_layer: Any, inputs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Prune-hidden prefill: cut decoder layer ``l``'s inputs to the tokens layer ``l - 1`` kept.
-
-        Called by the decoder-layer wrapper (``hidden_pruning.install``) with the layer's inputs by
-        parameter name; returns them cut, and whether this is the model's last decoder layer.
-        """
-        idx, config = self._adapter.layer_index(decoder_layer)
-        hidden = self._hidden
-        if idx is None or config is not self._config or idx == 0:
-            return inputs, False
-        hidden.layer = idx
-        prev = self.layers[idx - 1]
-        index = None
-        if not prev.contiguous:  # layer idx-1 was given or kept a subset: the next layer gets its kept tokens
-            pos = prev.pos_view()
-            if not bool((pos == pos[:, :1]).all()):
-                raise CacheMisuseError(
-                    "prefill_mode='prune_hidden' needs every KV head of a layer to keep the same tokens "
-                    f"(policy {self.policy.name!r} kept different ones per head); use head_aggregation='layer'"
-                )
-            kept = hidden_pruning.kept_layout(pos[:, 0], hidden.width)
-            if hidden.pos is None or not torch.equal(kept, hidden.pos):
-                index = hidden_pruning.hidden_index(hidden.pos, kept, hidden.width)
-                hidden.pos, hidden.memo = kept, {}
-        if hidden.pos is not None:
-            inputs = self._adapter.slice_layer_inputs(inputs, index, hidden)
-        return inputs, idx == self._num_layers - 1
+    def _pruning(self) -> hidden_pruning.HiddenPruner | None:
+        """The prune-hidden prefill in progress, if any."""
+        pruner = self._pruner
+        return pruner if pruner is not None and pruner.running else None
 
     def _last_compressible(self) -> int:
         idx = [i for i, c in enumerate(self._compressible) if c]

@@ -34,7 +34,7 @@ import torch
 
 _MARK = "__kvpolicy_prune_wrapped__"
 
-#: the cache running a prune-hidden prefill in this context (a weak reference), if any
+#: the prune-hidden prefill running in this context (a weak reference to its HiddenPruner), if any
 ACTIVE: contextvars.ContextVar[weakref.ref | None] = contextvars.ContextVar("kvpolicy_prune", default=None)
 _running = 0  # prefills in progress in the process; a plain int so an idle wrapper costs one check
 
@@ -89,21 +89,85 @@ def gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx)
 
 
-def start(cache: Any, width: int) -> None:
-    global _running
-    if cache._hidden is None:
-        _running += 1
-    cache._hidden = Layout(width=width)
-    ACTIVE.set(weakref.ref(cache))
+class HiddenPruner:
+    """One prune-hidden prefill, the object the cache asks: which tokens a layer's inputs hold, and
+    how to cut a decoder layer's inputs to what the layer below it kept.
+
+    The cache tells it what each layer kept (:meth:`layer_done`, after the layer's compression);
+    the decoder-layer wrapper asks it to cut the next layer's inputs (:meth:`enter`). It holds no
+    reference to the cache.
+    """
+
+    def __init__(self, adapter: Any, config: Any, num_layers: int, width: int):
+        self.adapter, self.config, self.num_layers = adapter, config, num_layers
+        self.layout = Layout(width=width)
+        self.running = True
+        self._kept: torch.Tensor | None = None  # [B, H, L] positions the last finished layer kept; None: all
+
+    def cut(self, layer_idx: int) -> dict[str, Any]:
+        """What ``PolicyLayer.append`` needs to store layer ``layer_idx``'s keys at their true positions."""
+        layout = self.layout
+        if layer_idx == 0 or not self.running:
+            return {}
+        if layout.layer != layer_idx:
+            from .errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"decoder layer {layer_idx} ran without kvpolicy cutting its inputs (its forward bypasses the "
+                "adapter's decoder-layer class); use prefill_mode='cache_only'"
+            )
+        return {} if layout.pos is None else {"positions": layout.pos, "width": layout.width}
+
+    def query_positions(self) -> torch.Tensor | None:
+        """Absolute positions ``[B, q]`` of the current queries (-1: a surplus slot); None while all are there."""
+        return self.layout.pos if self.running else None
+
+    def layer_done(self, kept_positions: torch.Tensor | None) -> None:
+        """Layer finished (compressed): ``kept_positions`` ``[B, H, L]``, or None when it holds every token."""
+        self._kept = kept_positions
+
+    def enter(self, decoder_layer: Any, inputs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Cut decoder layer ``l``'s inputs to the tokens layer ``l - 1`` kept; returns them, and whether
+        this is the model's last decoder layer (the prefill then ends)."""
+        idx, config = self.adapter.layer_index(decoder_layer)
+        layout = self.layout
+        if idx is None or config is not self.config or idx == 0:
+            return inputs, False
+        layout.layer = idx
+        index = None
+        pos = self._kept
+        if pos is not None:  # layer idx-1 was given or kept a subset: the next layer gets its kept tokens
+            if not bool((pos == pos[:, :1]).all()):
+                from .errors import CacheMisuseError
+
+                raise CacheMisuseError(
+                    "prefill_mode='prune_hidden' needs every KV head of a layer to keep the same tokens "
+                    "(this policy kept different ones per head); use head_aggregation='layer'"
+                )
+            kept = kept_layout(pos[:, 0], layout.width)
+            if layout.pos is None or not torch.equal(kept, layout.pos):
+                index = hidden_index(layout.pos, kept, layout.width)
+                layout.pos, layout.memo = kept, {}
+        if layout.pos is not None:
+            inputs = self.adapter.slice_layer_inputs(inputs, index, layout)
+        return inputs, idx == self.num_layers - 1
 
 
-def stop(cache: Any) -> None:
+def start(pruner: HiddenPruner) -> HiddenPruner:
     global _running
-    if cache._hidden is not None:
-        _running = max(0, _running - 1)
-        cache._hidden = None
+    _running += 1
+    ACTIVE.set(weakref.ref(pruner))
+    return pruner
+
+
+def stop(pruner: HiddenPruner | None) -> None:
+    global _running
+    if pruner is None or not pruner.running:
+        return
+    pruner.running = False
+    _running = max(0, _running - 1)
     ref = ACTIVE.get()
-    if ref is not None and ref() in (cache, None):
+    if ref is not None and ref() in (pruner, None):
         ACTIVE.set(None)
 
 
@@ -123,16 +187,16 @@ def install(layer_cls: type) -> None:
         if not _running:
             return fn(self, *args, **kwargs)
         ref = ACTIVE.get()
-        cache = ref() if ref is not None else None
-        if cache is None or cache._hidden is None:
+        pruner = ref() if ref is not None else None
+        if pruner is None or not pruner.running:
             return fn(self, *args, **kwargs)
         inputs = dict(zip(names, args), **kwargs)
-        inputs, last = cache._enter_decoder_layer(self, inputs)
+        inputs, last = pruner.enter(self, inputs)
         try:
             return fn(self, **inputs)
         finally:
             if last:
-                stop(cache)
+                stop(pruner)
 
     setattr(forward, _MARK, True)
     layer_cls.forward = forward
