@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--context", type=int, help="tokens of the ppl prefix and agreement prompts (overrides --sizes)")
         p.add_argument("--max-new-tokens", type=int, help="tokens generated per agreement prompt (overrides --sizes)")
         p.add_argument("--batch-size", type=int, help="sequences per forward (default: 1)")
+        p.add_argument("--question", choices=["in-prompt", "after-context"], default="in-prompt",
+                       help="needle task: compress the prompt with the question in it (default), or compress "
+                            "the document alone and ask the question after it on the same cache")
         p.add_argument("--seed", type=int, help="seed of the inputs (default: 0)")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -136,6 +139,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens,
         ppl_prefix=args.context,
         agreement_prompt_tokens=args.context,
+        question=args.question.replace("-", "_"),
     )
     return {"tasks": task_names, "specs": specs, "sizes": sizes}
 

@@ -367,3 +367,30 @@ def test_real_model_compare(tmp_path, monkeypatch, capsys):
     assert abs(h2o["kv_reduction"] - 0.54) < 0.02 and abs(h2o["kv_reduction_prefill"] - 0.54) < 0.02, h2o
     assert h2o["ppl_ratio"] == pytest.approx(h2o["ppl"] / full["ppl"], rel=1e-12)
     assert h2o["ppl_ratio"] < REAL_H2O_PPL_RATIO_BOUND, h2o["ppl_ratio"]
+
+
+def test_compare_question_after_context(tiny_model_dir, tmp_path):
+    """``--question after-context``: the needle document is compressed alone and the question continues
+    the cache; snapkv (prompt-only compression) then halves the document and keeps every question token."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "rows.json"
+    argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--tasks", "needle", "--policies",
+            "snapkv", "--ratio", "0.5", "--question", "after-context", "--json", str(out), "--quiet"]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    report.validate_results(data, ["needle"])
+    assert data["meta"]["sizes"]["question"] == "after_context"
+    needle = NeedleTask()
+    needle.prepare(AutoTokenizer.from_pretrained(tiny_model_dir), PRESETS["tiny"].replace(question="after_context"))
+    last = needle.samples[-1]
+    c, q = len(last["context"]), len(last["question"])
+    assert last["ids"] == last["context"] + last["question"] and q > 3
+    by = {r["label"]: r for r in data["rows"]}
+    assert by["full"]["layer_tokens_prefill"] == [c + q] * TINY_LAYERS
+    assert by["snapkv@0.5"]["layer_tokens_prefill"] == [c - int(c * 0.5) + q] * TINY_LAYERS
+
+
+def test_bad_question_position_is_refused(capsys):
+    assert main(["compare", "--question", "before"]) == 2
+    assert "--question" in capsys.readouterr().err

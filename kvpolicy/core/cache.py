@@ -485,6 +485,21 @@ class PolicyCache(Cache):
         )
 
     # ----------------------------------------------------------------- row chunks
+    def copy(self) -> PolicyCache:
+        """An independent copy of this cache, its kept keys and values and its policy's state included.
+
+        Compress once, ask many: fill a cache with a context alone (``kvpolicy.prefill`` or a forward),
+        then give each question its own copy to continue, since ``generate`` appends to the cache it is
+        given::
+
+            kvpolicy.prefill(model, context_ids, context_mask, cache)
+            for question in questions:
+                ids = torch.cat([context_ids, question], 1)
+                model.generate(input_ids=ids, **{kvpolicy.cache_argument(model): cache.copy()}, ...)
+        """
+        self._settle()
+        return copy.deepcopy(self)
+
     def empty_copy(self, **settings: Any) -> PolicyCache:
         """A new, empty cache with a copy of this one's policy and settings (``settings`` override them)."""
         kwargs = {"compiled_decode": self.compiled_decode, "decode_reserve": self.decode_reserve, **settings}

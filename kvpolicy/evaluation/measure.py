@@ -67,14 +67,27 @@ class Meter:
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(
-        self, model: Any, inputs: dict[str, torch.Tensor], cache: Any, new_tokens: int, pad_id: int
+        self, model: Any, inputs: dict[str, torch.Tensor], cache: Any, new_tokens: int, pad_id: int,
+        context: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Greedy ``generate`` of exactly ``new_tokens`` tokens; returns them ``[B, new_tokens]``.
 
         Prefill time is the time to the first logits; the rest is decode (``new_tokens - 1``
         forwards per row), read by a logits processor that also samples the cache's footprint.
+        ``context``: the leading columns of ``inputs``, run through the cache first on their own (the
+        policy compresses them without seeing the rest, the question), timed as part of prefill;
+        ``generate`` then continues the cache with the remaining columns.
         """
         stats = SequenceStats(prefill_tokens=int(inputs["attention_mask"].sum()))
+        before = 0.0
+        if context is not None:
+            width = context["input_ids"].shape[1]
+            if not torch.equal(inputs["input_ids"][:, :width], context["input_ids"]):
+                raise ValueError("context must be the leading columns of inputs")
+            start = time.perf_counter()
+            positions = (context["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+            model(**context, position_ids=positions, use_cache=True, **{cache_argument(model): cache})
+            before = time.perf_counter() - start
         meter = self
 
         class _Clock(LogitsProcessor):
@@ -102,7 +115,7 @@ class Meter:
             logits_processor=LogitsProcessorList([clock]),
         )
         end = time.perf_counter()
-        stats.prefill_s = clock.first - start
+        stats.prefill_s = before + clock.first - start
         stats.decode_s = end - clock.first
         stats.decode_tokens = (clock.calls - 1) * inputs["input_ids"].shape[0]
         self._at_end(stats, cache)

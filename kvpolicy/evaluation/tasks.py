@@ -44,11 +44,22 @@ class EvalSizes:
     agreement_prompts: int = 2
     agreement_prompt_tokens: int = 2048
     max_new_tokens: int = 24
+    # needle: where the question is. "in_prompt": one prompt, compressed with the question in it;
+    # "after_context": the document is compressed alone, then the question continues the cache
+    # (compress once, ask many)
+    question: str = "in_prompt"
 
     def replace(self, **changes: Any) -> EvalSizes:
         data = asdict(self)
         data.update({k: v for k, v in changes.items() if v is not None})
         return EvalSizes(**data)
+
+    def __post_init__(self) -> None:
+        if self.question not in QUESTION_POSITIONS:
+            raise ValueError(f"question must be one of {', '.join(QUESTION_POSITIONS)}, not {self.question!r}")
+
+
+QUESTION_POSITIONS = ("in_prompt", "after_context")
 
 
 PRESETS: dict[str, EvalSizes] = {
@@ -131,6 +142,21 @@ def _chat_ids(tokenizer: Any, user: str) -> list[int]:
     return tokenizer(user + "\nAnswer:", add_special_tokens=True)["input_ids"]
 
 
+def _chat_split_ids(tokenizer: Any, context: str, question: str) -> tuple[list[int], list[int]]:
+    """The one-turn chat prompt of ``context + question``, as the tokens up to the end of the context
+    and the tokens from the question on (the chat template's closing and answer header included)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": context + question}], add_generation_prompt=True, tokenize=False
+        )
+    else:
+        text = (tokenizer.bos_token or "") + context + question + "\nAnswer:"
+    cut = text.rindex(question)
+    first = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
+    rest = tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
+    return list(first), list(rest)
+
+
 def _left_pad(rows: list[list[int]], pad_id: int, device: Any) -> dict[str, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -160,15 +186,28 @@ class NeedleTask(Task):
             where = min(len(paras), max(0, round(depth * len(paras))))
             needle = f"The secret passkey is {secret}. Remember it: the secret passkey is {secret}."
             body = "\n\n".join(paras[:where] + [needle] + paras[where:])
-            user = f"Below is an extract from a novel. A secret passkey is hidden in it.\n\n{body}\n\n{self.QUESTION}"
-            self.samples.append({"ids": _chat_ids(tokenizer, user), "secret": secret, "length": length, "depth": depth})
+            document = f"Below is an extract from a novel. A secret passkey is hidden in it.\n\n{body}\n\n"
+            sample = {"secret": secret, "length": length, "depth": depth}
+            if sizes.question == "in_prompt":
+                sample["ids"] = _chat_ids(tokenizer, document + self.QUESTION)
+            else:
+                sample["context"], sample["question"] = _chat_split_ids(tokenizer, document, self.QUESTION)
+                sample["ids"] = sample["context"] + sample["question"]
+            self.samples.append(sample)
 
     def run(self, model: Any, new_cache: CacheFactory, meter: Meter, reference: Any) -> TaskResult:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         correct, details = 0, []
         for group in _batches(self.samples, self.sizes.batch_size):
-            inputs = _left_pad([s["ids"] for s in group], pad, model.device)
-            out = meter.generate(model, inputs, new_cache(), self.sizes.needle_answer_tokens, pad)
+            context = None
+            if self.sizes.question == "after_context":
+                context = _left_pad([s["context"] for s in group], pad, model.device)
+                question = torch.tensor([s["question"] for s in group], device=model.device)  # the same text
+                inputs = {"input_ids": torch.cat([context["input_ids"], question], 1),
+                          "attention_mask": torch.cat([context["attention_mask"], torch.ones_like(question)], 1)}
+            else:
+                inputs = _left_pad([s["ids"] for s in group], pad, model.device)
+            out = meter.generate(model, inputs, new_cache(), self.sizes.needle_answer_tokens, pad, context=context)
             for s, row in zip(group, out.tolist()):
                 answer = self.tokenizer.decode(row, skip_special_tokens=True)
                 found = re.search(r"\d+", answer)
