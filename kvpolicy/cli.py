@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                        + (f"; default {SWEEP_RATIOS}" if name == "sweep" else ""))
         p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks (default: {DEFAULT_TASKS})")
         p.add_argument("--sizes", default="sweep" if name == "sweep" else "small",
-                       help="size preset: tiny, small, sweep, large (default: %(default)s)")
+                       help="size preset: tiny, small, sweep, needle, large (default: %(default)s)")
         p.add_argument("--context", type=int, help="tokens of the ppl prefix and agreement prompts (overrides --sizes)")
         p.add_argument("--max-new-tokens", type=int, help="tokens generated per agreement prompt (overrides --sizes)")
         p.add_argument("--batch-size", type=int, help="sequences per forward (default: 1)")
