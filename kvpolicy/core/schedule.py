@@ -75,3 +75,73 @@ def linear_budgets(total_budget: int, num_layers: int, beta: float, floor: int) 
         value = bottom - (bottom - top) * layer / (num_layers - 1)
         out.append(max(int(round(value)), floor))
     return out
+
+
+def pyramid_profile(
+    num_layers: int, final_ratio: float, strategy: DecayStrategy, downsample_interval: int = 1
+) -> list[float]:
+    """The pyramid's shape: each layer's share of the context, 1.0 at layer 0, non-increasing.
+
+    The ratios compound exactly as in :func:`pyramid_context_lengths` (layer ``l + 1`` gets
+    ``p_l * r_l`` when ``l % downsample_interval == 0``, else ``p_l``), without its rounding and
+    without its floor: :func:`scaled_context_lengths` applies a floor of its own.
+    """
+    profile = [1.0]
+    p = 1.0
+    for layer in range(num_layers - 1):
+        if layer % downsample_interval == 0:
+            p *= decay_ratio(layer, num_layers, final_ratio, strategy)
+        profile.append(p)
+    return profile
+
+
+def scaled_context_lengths(context_length: int, profile: list[float], scale: float, floor: int) -> list[int]:
+    """Context tokens per layer of the pyramid ``profile`` scaled by ``scale``:
+    ``int(scale * context_length * p_l)`` clipped to ``[min(floor, context_length), context_length]``.
+
+    Every count is non-decreasing in ``scale`` (what makes :func:`solve_context_scale`'s bisection
+    valid) and, like ``profile``, non-increasing with depth. Unclipped layers keep the profile's
+    proportions to within rounding: the shape is scaled, not changed.
+    """
+    low = min(floor, context_length)
+    return [min(context_length, max(low, int(scale * context_length * p))) for p in profile]
+
+
+def solve_context_scale(
+    context_length: int, profile: list[float], floor: int, target: float, iterations: int = 100
+) -> float:
+    """The scale whose :func:`scaled_context_lengths` sum is nearest ``target`` context tokens.
+
+    The sum is a non-decreasing step function of the scale (steps of a few tokens at most), so
+    a bisection finds it; it runs over ``log(scale)`` because a steep profile's deep layers
+    need scales of ``1 / p_l``, far above 1. A target outside what the floor (every layer at
+    ``min(floor, context_length)``) and the full context (every layer at ``context_length``)
+    allow is clipped to the nearer end: the scale returned then gives that end.
+    """
+    if context_length <= 0 or max(profile, default=0.0) <= 0.0:
+        return 0.0  # no context, or no layer with a share of it: every scale gives the floor
+
+    def total(scale: float) -> int:
+        return sum(scaled_context_lengths(context_length, profile, scale, floor))
+
+    smallest = min((p for p in profile if p > 0.0), default=1.0)
+    lo = 0.5 / (context_length * max(profile))  # every int(...) is 0: each layer at its floor
+    hi = 2.0 / smallest  # every layer with p > 0 at the whole context
+    total_lo, total_hi = total(lo), total(hi)
+    if target <= total_lo:
+        return lo
+    if target >= total_hi:
+        return hi
+    log_lo, log_hi = math.log(lo), math.log(hi)  # invariant: total(lo) < target <= total(hi)
+    for _ in range(iterations):
+        mid = (log_lo + log_hi) / 2
+        got = total(math.exp(mid))
+        if got < target:
+            log_lo, total_lo = mid, got
+        else:
+            log_hi, total_hi = mid, got
+            if got == target:
+                break
+        if log_hi - log_lo < 1e-12:  # the scales left differ by less than any count can tell
+            break
+    return math.exp(log_lo) if target - total_lo < total_hi - target else math.exp(log_hi)

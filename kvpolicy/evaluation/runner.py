@@ -44,8 +44,11 @@ class PolicySpec:
 
 
 def takes_ratio(policy: str) -> bool:
-    """Whether a policy has a ``compression_ratio`` setting (the budget policies do)."""
-    return "compression_ratio" in policy_class(policy).config_class.model_fields
+    """Whether a sweep sets the policy's ``compression_ratio``: the budget policies, whose ratio has a
+    default. A policy where it is opt-in (PyramidInfer: default None, its own schedule otherwise) runs
+    with its own settings, unless its preset (``config``) sets a ratio."""
+    field = policy_class(policy).config_class.model_fields.get("compression_ratio")
+    return field is not None and field.default is not None
 
 
 def check_ratio(ratio: float) -> float:

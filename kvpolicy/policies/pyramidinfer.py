@@ -14,7 +14,14 @@ from pydantic import Field, model_validator
 from ..core.config import PolicyConfig
 from ..core.policy import CachePolicy, LayerView, Plan, Signals, per_row
 from ..core.rows import PerRow
-from ..core.schedule import DecayStrategy, decay_ratio, pyramid_context_lengths
+from ..core.schedule import (
+    DecayStrategy,
+    decay_ratio,
+    pyramid_context_lengths,
+    pyramid_profile,
+    scaled_context_lengths,
+    solve_context_scale,
+)
 from .attention_scored import max_pool
 
 
@@ -55,6 +62,27 @@ class PyramidInferConfig(PolicyConfig):
         description="'cache_only': every layer sees the whole prompt, only the cache is pruned (exact prompt "
         "forward); 'prune_hidden': tokens a layer drops at prefill are not computed by deeper layers (reference)",
     )
+    # ours: a target for the prompt's KV instead of hand-tuned budgets (None: the schedule above as is)
+    compression_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description="ours: share of the prompt's KV removed at prefill, summed over all layers; the pyramid's "
+        "shape is kept and scaled to meet it at each prompt length (None: off)",
+    )
+    budget: int | None = Field(
+        None, ge=1,
+        description="ours: mean prompt tokens kept per layer at prefill (the same scaling as compression_ratio; "
+        "None: off)",
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if self.compression_ratio is not None and self.budget is not None:
+            raise ValueError(
+                f"compression_ratio ({self.compression_ratio}) and budget ({self.budget}) are two ways to set the "
+                "same target; give one: compression_ratio (share of the prompt's KV removed over all layers) or "
+                "budget (mean prompt tokens kept per layer)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_token_set_per_layer(self):
@@ -66,6 +94,13 @@ class PyramidInferConfig(PolicyConfig):
             )
         return self
 
+
+#: the settings that set a target for the prompt's KV: given alone, ``PyramidCache`` still picks the
+#: shape by depth (``DEPTH_PRESETS``) and scales it to the target
+TARGET_FIELDS = frozenset({"compression_ratio", "budget"})
+
+#: prompt lengths whose per-layer counts a policy remembers (the oldest are forgotten first)
+MEMO_LENGTHS = 4096
 
 #: Reference presets by model depth, for ``PyramidCache()`` with no arguments (the same values
 #: as configs/pyramidinfer_*.yaml; a test keeps them equal).
@@ -89,14 +124,23 @@ class PyramidInferPolicy(CachePolicy):
     config_class = PyramidInferConfig
 
     def __init__(self, config=None, **overrides):
-        self.auto = config is None and not overrides
+        # no shape settings given (a target alone is not one): the shape is picked by depth at setup
+        self.auto = config is None and set(overrides) <= TARGET_FIELDS
         super().__init__(config, **overrides)
         self.preset_name: str | None = None
+        #: prompt length -> share of the prompt's KV the solved schedule removes (target mode only;
+        #: below the target where the target is out of reach at that length, see prefill_keep)
+        self.solved: dict[int, float] = {}
+        self._keep_memo: dict[int, list[int]] = {}
+        self._memo_config: PyramidInferConfig | None = None
 
     def setup(self, num_layers: int, compressible: list[bool]) -> None:
         super().setup(num_layers, compressible)
         if self.auto:
-            self.preset_name, self.config = preset_for_depth(num_layers)
+            self.preset_name, preset = preset_for_depth(num_layers)
+            targets = {k: getattr(self.config, k) for k in TARGET_FIELDS}
+            self.config = PyramidInferConfig(**{**preset.model_dump(), **targets})
+        self._memo_config = None  # depth or layers changed: per-length counts are recomputed
 
     @property
     def prunes_hidden_states(self) -> bool:
@@ -113,16 +157,70 @@ class PyramidInferPolicy(CachePolicy):
             decode_query_window=c.gen_query_window,
         )
 
+    def context_floor(self, context_length: int) -> int:
+        c = self.config
+        return max(c.min_context_length, int(c.min_context_ratio * context_length))
+
     def context_budgets(self, context_length: int) -> list[int]:
+        """The reference schedule: context tokens per layer (no target; see :meth:`prefill_keep`)."""
         c = self.config
         return pyramid_context_lengths(
             context_length,
             self.num_layers,
             c.prefill_decay_ratio,
             c.prefill_decay_strategy,
-            max(c.min_context_length, int(c.min_context_ratio * context_length)),
+            self.context_floor(context_length),
             c.layerwise_downsample_interval,
         )
+
+    @property
+    def has_target(self) -> bool:
+        return self.config.compression_ratio is not None or self.config.budget is not None
+
+    def prefill_keep(self, prompt_len: int) -> list[int]:
+        """Prompt tokens each layer keeps after the prefill of a ``prompt_len``-token prompt, by layer
+        index (a layer the policy may not compress keeps them all).
+
+        Without a target: ``context_budgets(n - w)[l] + w``, the reference schedule. With
+        ``compression_ratio`` or ``budget``: ``C_l + w`` with ``C_l`` the pyramid's shape
+        (:func:`pyramid_profile`) scaled by the one factor that removes the target share of the
+        prompt over all layers (:func:`solve_context_scale`), the floor clipping each layer. Where
+        the recent window and the floor keep more than the target allows, the scale is clipped to
+        the nearest reachable end and ``solved[prompt_len]`` records the share actually removed.
+
+        Computed once per distinct prompt length (``plan`` asks once per layer and row).
+        """
+        if self._memo_config is not self.config:  # settings or depth changed since the last call
+            self._keep_memo, self.solved, self._memo_config = {}, {}, self.config
+        keep = self._keep_memo.get(prompt_len)
+        if keep is None:
+            keep = self._keep_memo[prompt_len] = self._solve_keep(prompt_len)
+            if len(self._keep_memo) > MEMO_LENGTHS:
+                oldest = next(iter(self._keep_memo))
+                del self._keep_memo[oldest]
+                self.solved.pop(oldest, None)
+        return keep
+
+    def _solve_keep(self, n: int) -> list[int]:
+        c = self.config
+        layers = self.num_layers
+        w = self.recent_window(n, c.prefill_recent_ratio)
+        context = n - w
+        if not self.has_target:
+            return [b + w for b in self.context_budgets(context)]
+        kept_total = min(c.budget, n) * layers if c.budget is not None else (1.0 - c.compression_ratio) * layers * n
+        on = [layer for layer in range(layers) if self.compressible[layer]]
+        profile = pyramid_profile(layers, c.prefill_decay_ratio, c.prefill_decay_strategy,
+                                  c.layerwise_downsample_interval)
+        floor = self.context_floor(context)
+        # what the target leaves for the compressible layers' context once their recent windows and the
+        # other layers (which keep everything) are counted
+        target = kept_total - len(on) * w - (layers - len(on)) * n
+        scale = solve_context_scale(context, [profile[layer] for layer in on], floor, target)
+        lengths = scaled_context_lengths(context, profile, scale, floor)
+        keep = [lengths[layer] + w if self.compressible[layer] else n for layer in range(layers)]
+        self.solved[n] = 1.0 - sum(keep) / (layers * n)
+        return keep
 
     def group_keep(self, layer_idx: int) -> int:
         """Tokens kept of each decode-time group of ``exceed_length_to_compress``."""
@@ -172,7 +270,7 @@ class PyramidInferPolicy(CachePolicy):
         # every decode step of every layer (a per-row Python loop in the static path's hot loop)
         view.state["gen_window"] = PerRow(self.recent_window(n, c.gen_recent_ratio) for n in view.prompt_len)
         self._note_next_due(view)
-        keep = [self.context_budgets(n - w)[view.layer_idx] + w for n, w in zip(view.seen, windows)]
+        keep = [self.prefill_keep(n)[view.layer_idx] for n in view.seen]
         if all(k >= n for k, n in zip(keep, view.seen)):
             return None
         w_max = max(windows)
