@@ -165,10 +165,14 @@ def test_compiled_path_check_dry_run(tmp_path):
     code = module.main(["--tiny", "--device", "cpu", "--no-compile", "--steps", "4", "--json", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
-    assert [r["policy"] for r in data["rows"]] == ["full", "pyramidinfer_54_floor", "snapkv-0.5", "streamingllm-0.5"]
+    assert [r["policy"] for r in data["rows"]] == [
+        "full", "pyramidinfer_54_floor", "snapkv-0.5", "streamingllm-0.5", "h2o-0.5"
+    ]
     for row in data["rows"]:
-        assert row["tokens_equal"] and row["same_kept_positions"] and row["max_logit_diff"] <= COMPILED_TOL
-        assert len(row["logit_diff_per_step"]) == 4
+        for path in ("", "gen_"):  # generate_static, and plain generate over the frozen layers
+            assert row[path + "tokens_equal"] and row[path + "same_kept_positions"], (row["policy"], path)
+            assert row[path + "max_logit_diff"] <= COMPILED_TOL and len(row[path + "logit_diff_per_step"]) == 4
+        assert row["gen_frozen"]
     assert all(r["kv_fraction_kept"] < 1 for r in data["rows"][1:])  # the policies compressed
     meta = data["meta"]
     assert meta["versions"]["torch"] and meta["versions"]["transformers"] and "commit" in meta
