@@ -87,9 +87,12 @@ CASES = {
     "snapkv-both": ("snapkv", dict(BUDGET, kernel_size=3, compress="both", evict_every=2), True),
     "pyramidkv": ("pyramidkv", dict(BUDGET, kernel_size=3), False),
     "random": ("random", dict(BUDGET, evict_every=2), True),
+    "tova": ("tova", BUDGET, True),
+    "knorm": ("knorm", BUDGET, False),
+    "knorm-both": ("knorm", dict(BUDGET, compress="both", evict_every=2), True),
 }
 #: policies whose plan protects ``sink_size`` first and ``window_size`` newest tokens (BudgetPolicy)
-BUDGETED = {"h2o", "streamingllm", "snapkv", "pyramidkv", "random"}
+BUDGETED = {"h2o", "streamingllm", "snapkv", "pyramidkv", "random", "tova", "knorm"}
 #: for test_an_unpadded_row_holding_masked_slots_matches_the_oracle only
 GROUPS8 = ("pyramidinfer", dict(PYRAMID, exceed_length_to_compress=8), True)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from ..core.registry import hookimpl
 from .attention_scored import H2OPolicy, PyramidKVPolicy, SnapKVPolicy
 from .budget import BudgetConfig, BudgetPolicy
+from .knorm import KnormConfig, KnormPolicy
 from .pyramidinfer import PyramidInferConfig, PyramidInferPolicy
 from .simple import FullPolicy, RandomPolicy, StreamingLLMPolicy
+from .tova import TOVAConfig, TOVAPolicy
 
 BUILTIN_POLICIES = [
     FullPolicy,
@@ -16,6 +18,8 @@ BUILTIN_POLICIES = [
     SnapKVPolicy,
     PyramidKVPolicy,
     RandomPolicy,
+    TOVAPolicy,
+    KnormPolicy,
 ]
 
 
@@ -30,11 +34,15 @@ __all__ = [
     "BudgetPolicy",
     "FullPolicy",
     "H2OPolicy",
+    "KnormConfig",
+    "KnormPolicy",
     "PyramidInferConfig",
     "PyramidInferPolicy",
     "PyramidKVPolicy",
     "RandomPolicy",
     "SnapKVPolicy",
     "StreamingLLMPolicy",
+    "TOVAConfig",
+    "TOVAPolicy",
     "kvpolicy_policies",
 ]
