@@ -394,3 +394,17 @@ def test_compare_question_after_context(tiny_model_dir, tmp_path):
 def test_bad_question_position_is_refused(capsys):
     assert main(["compare", "--question", "before"]) == 2
     assert "--question" in capsys.readouterr().err
+
+
+def test_a_policy_at_one_ratio():
+    from kvpolicy.evaluation.runner import build_specs
+
+    specs = build_specs(["pyramidinfer@0.5", "snapkv"], [0.3])
+    assert [s.label for s in specs] == ["full", "pyramidinfer@0.5", "snapkv@0.3"]
+    assert specs[1].settings == {"compression_ratio": 0.5}
+    from kvpolicy import ConfigError
+
+    with pytest.raises(ConfigError, match="name@ratio"):
+        build_specs(["snapkv@half"], [0.3])
+    with pytest.raises(ConfigError, match="outside"):
+        build_specs(["snapkv@1.5"], [0.3])

@@ -61,7 +61,9 @@ def build_specs(policies: list[str], ratios: list[float], config: str | None = N
     """One spec per policy and ratio (ratio-free policies once), ``full`` first; all validated.
 
     ``config`` (a preset name or file) gives the settings of the policy it names; its own
-    ``compression_ratio`` or ``budget``, if set, wins over ``ratios`` for that policy.
+    ``compression_ratio`` or ``budget``, if set, wins over ``ratios`` for that policy. A name
+    ``policy@ratio`` runs that policy at that ``compression_ratio`` alone (e.g. ``pyramidinfer@0.5``,
+    whose ratio is opt-in and so not swept).
     """
     preset: dict[str, Any] = {}
     if config:
@@ -74,6 +76,16 @@ def build_specs(policies: list[str], ratios: list[float], config: str | None = N
         names.append(preset_policy)
     specs: list[PolicySpec] = []
     for name in names:
+        if "@" in name:  # one policy at one ratio
+            policy, _, ratio_text = name.partition("@")
+            try:
+                ratio = float(ratio_text)
+            except ValueError:
+                raise ConfigError(f"{name!r}: write a policy at a ratio as name@ratio, e.g. pyramidinfer@0.5") from None
+            check_ratio(ratio)
+            policy_class(policy)
+            specs.append(PolicySpec(policy, {"compression_ratio": ratio}, ratio))
+            continue
         policy_class(name)  # unknown names fail here, before any model work
         base = dict(preset) if name == preset_policy else {}
         fixed = "compression_ratio" in base or "budget" in base
