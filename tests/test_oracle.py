@@ -100,13 +100,7 @@ MODELS = pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 ATTN = pytest.mark.parametrize("attn", ["eager", "sdpa"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: on a shared 2-core machine, intra-op threads cost 3-4x the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 @functools.cache

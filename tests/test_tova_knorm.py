@@ -33,13 +33,7 @@ LENGTHS = [40, 25, 33]  # left-padded: pads 0, 15, 7
 CLASSES = {"tova": (TOVAPolicy, TOVAConfig), "knorm": (KnormPolicy, KnormConfig)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads only cost time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def decode(model, cache, inputs, steps: int, each=None):
