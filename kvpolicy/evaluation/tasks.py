@@ -67,7 +67,7 @@ PRESETS: dict[str, EvalSizes] = {
                       agreement_prompts=1, agreement_prompt_tokens=96, max_new_tokens=6, needle_answer_tokens=4),
     "small": EvalSizes(),
     "sweep": EvalSizes(needle_samples=4, agreement_prompts=1, max_new_tokens=32),
-    "needle": EvalSizes(needle_samples=20, needle_lengths=(1024, 2048), needle_depths=(0.1, 0.3, 0.5, 0.7, 0.9)),
+    "needle": EvalSizes(needle_samples=12, needle_lengths=(1024,), needle_depths=(0.1, 0.3, 0.5, 0.7)),
     "large": EvalSizes(ppl_docs=4, ppl_prefix=4096, ppl_tokens=256, needle_samples=12,
                        needle_lengths=(1024, 2048, 4096, 6144), needle_depths=(0.1, 0.5, 0.9),
                        agreement_prompts=4, agreement_prompt_tokens=4096, max_new_tokens=64),
