@@ -10,6 +10,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 import kvpolicy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,3 +162,33 @@ def test_needle_probe_results_meta():
     assert data["rows"] == rows and meta["prompt_lengths"] == [1636, 1740] and meta["needle_seed"] == 7
     assert meta["argv"] == ["benchmarks/needle_probe.py", *argv]
     assert meta["command"].endswith("""full 'snapkv:{"compression_ratio":0.54}'""")  # pasteable into a shell
+
+
+def test_plot_batches_draws_every_policy(tmp_path):
+    rows = [{"policy": "a", "batch": 8, "generated_tokens_per_s": 10.0},
+            {"policy": "a", "batch": 16, "oom": True},
+            {"policy": "b", "batch": 8, "generated_tokens_per_s": 12.0}]
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    first.write_text(json.dumps({"meta": {}, "rows": rows}))
+    second.write_text(json.dumps({"meta": {}, "rows": [{"policy": "b", "batch": 8, "generated_tokens_per_s": 14.0}]}))
+    module = _script("plot_batches")
+    assert module.load_rows([first, second])["b"][8]["generated_tokens_per_s"] == 14.0  # the later file wins
+    out = tmp_path / "plot.png"
+    assert module.main([str(first), str(second), "--out", str(out)]) == 0
+    assert out.stat().st_size > 5_000
+
+
+def test_question_position_report(tmp_path):
+    def results(mode, accuracies):
+        rows = [{"label": label, "needle_accuracy": acc, "kv_reduction_prefill": 0.5} for label, acc in accuracies]
+        path = tmp_path / f"{mode}.json"
+        path.write_text(json.dumps({"meta": {"sizes": {"question": mode}}, "rows": rows}))
+        return path
+
+    module = _script("report_question_position")
+    text = module.table(module.rows_of([results("in_prompt", [("full", 0.8), ("snapkv@0.5", 0.8)])], "in_prompt"),
+                        module.rows_of([results("after_context", [("full", 0.8), ("snapkv@0.5", 0.2)])],
+                                       "after_context"))
+    assert "| `snapkv@0.5` | 50% / 50% | 0.80 | 100% | 0.20 | 25% |" in text
+    with pytest.raises(SystemExit, match="in_prompt"):
+        module.rows_of([tmp_path / "in_prompt.json"], "after_context")
