@@ -200,13 +200,19 @@ class PolicyLayer(CacheLayerMixin):
 
     def _grow(self, needed: int) -> None:
         """Reallocate to hold ``needed`` slots plus the policy's headroom (rare, amortised)."""
-        new_cap = needed + self.headroom
+        self._reallocate(needed + self.headroom)
+
+    def _reallocate(self, capacity: int, zero_kv: bool = False) -> None:
+        """New buffers of ``capacity`` slots holding the slots in use; the rest empty (position -1).
+        ``zero_kv``: zero the empty keys/values too (a static layer attends over every slot, and
+        uninitialised memory may hold NaNs that a mask does not cancel)."""
         b, h, _, d = self.keys.shape
-        for name, fill in (("keys", None), ("values", None), ("pos", -1), ("acc", 0.0)):
+        for name, fill in (("keys", 0.0 if zero_kv else None), ("values", 0.0 if zero_kv else None), ("pos", -1),
+                           ("acc", 0.0)):
             old = getattr(self, name)
             if old is None:
                 continue
-            shape = (b, h, new_cap, d) if old.dim() == 4 else (b, h, new_cap)
+            shape = (b, h, capacity, d) if old.dim() == 4 else (b, h, capacity)
             new = old.new_empty(shape) if fill is None else old.new_full(shape, fill)
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)

@@ -98,14 +98,7 @@ class StaticPolicyLayer(PolicyLayer):
 
     def grow(self, capacity: int) -> None:
         """Room for ``capacity`` slots: new buffers, so the next compiled step re-records its graph."""
-        b, h, old, d = self.keys.shape
-        for name, fill in (("keys", 0), ("values", 0), ("pos", -1), ("acc", 0)):
-            t = getattr(self, name)
-            if t is None:
-                continue
-            new = t.new_full((b, h, capacity, d) if t.dim() == 4 else (b, h, capacity), fill)
-            new[:, :, :old] = t
-            setattr(self, name, new)
+        self._reallocate(capacity, zero_kv=True)
         self._mark_static()
 
     # ----------------------------------------------------------------- inside the compiled step
