@@ -16,6 +16,8 @@ one machine::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import statistics
@@ -32,6 +34,7 @@ sys.path.append(str(Path(__file__).resolve().parent))
 from throughput import build_model, run_meta, sync  # noqa: E402
 
 import kvpolicy  # noqa: E402
+from kvpolicy.compiled_parts import compiled_parts  # noqa: E402
 from kvpolicy.generation import generate_static  # noqa: E402
 
 
@@ -49,6 +52,73 @@ def count_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def measured_rates(size: int = 8192, reps: int = 10) -> dict[str, float]:
+    """The ceilings a floor is taken against, measured on this card: a bf16 ``size``-cubed matrix
+    product on random data and a 4 GiB device copy (bytes read plus written), each the mean of
+    ``reps`` after three warm-ups."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    src = torch.empty(2 ** 31, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+
+    def mean_s(fn) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / reps
+
+    matmul = mean_s(functools.partial(torch.matmul, a, b))
+    copy = mean_s(functools.partial(dst.copy_, src))
+    rates = {"matmul_flop_per_s": 2 * size ** 3 / matmul, "copy_bytes_per_s": 2 * src.numel() * 2 / copy}
+    torch.cuda.empty_cache()
+    return rates
+
+
+def prefill_flops(config, tokens: int) -> float:
+    """One row's prefill FLOPs: 2 per weight per token for every linear layer of the decoder (the
+    lm_head runs on the last position only: ``logits_to_keep=1``), plus causal attention's two
+    products, 2 x T^2/2 x head_dim x query heads each, per layer."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = config.num_key_value_heads * head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter
+    linear = 2 * per_layer * layers * tokens
+    attention = 2 * 2 * (tokens * tokens / 2) * head_dim * config.num_attention_heads * layers
+    return float(linear + attention)
+
+
+#: kernel name fragments -> kind, first match wins (cuBLAS/CUTLASS GEMMs, the SDPA kernels)
+_KINDS = (("attention", ("flash", "fmha", "attention", "cudnn")),
+          ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "wgmma")))
+
+
+def kernel_times(forward) -> dict[str, float]:
+    """Device milliseconds of one ``forward`` by kernel kind, and its ten costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    per_kernel: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = event.device_time_total / 1000 if hasattr(event, "device_time_total") else event.cuda_time_total / 1000
+        name = event.name.lower()
+        kind = next((k for k, parts in _KINDS if any(p in name for p in parts)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        per_kernel[event.name[:80]] = per_kernel.get(event.name[:80], 0.0) + ms
+    top = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10])
+    return {**kinds, "total": sum(kinds.values()), "top": top}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama2-7b")
@@ -61,17 +131,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default="dynamic,full,pyramidinfer_54_floor",
                     help="'dynamic' (transformers' DynamicCache) and kvpolicy policy/preset names")
     ap.add_argument("--label", default="")
+    ap.add_argument("--floor", action="store_true",
+                    help="measure the card's bf16 matrix rate and copy bandwidth, and set each forward against "
+                         "its compute floor (FLOPs over the measured rate)")
+    ap.add_argument("--compile", choices=("none", "parts", "model"), default="none",
+                    help="parts: kvpolicy.compiled_parts (each decoder layer's MLP and norms and the family's RoPE "
+                         "compiled: the code that never sees the cache), as prefill(compile=True) runs it; "
+                         "model: the whole forward (transformers' DynamicCache only: a reference point)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="profile one forward per cache: device time by kernel kind (matmul, attention, other)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     model = build_model(args.shape, args.device, getattr(torch, args.dtype))
     arg = kvpolicy.cache_argument(model)
+    if args.compile == "model":
+        model.forward = torch.compile(model.forward, dynamic=False)
     ids = torch.randint(3, model.config.vocab_size, (args.rows, args.prompt), device=args.device)
     mask = torch.ones_like(ids)
     rows = []
+    floor = {}
+    if args.floor and args.device.startswith("cuda"):
+        floor = measured_rates()
+        floor["flop_per_row"] = prefill_flops(model.config, args.prompt)
+        floor["floor_ms_per_row"] = 1000 * floor["flop_per_row"] / floor["matmul_flop_per_s"]
+        print(json.dumps(floor), flush=True)
     for name in args.policies.split(","):
         def forward(name: str = name) -> None:  # bound now, though it is only called in this iteration
             cache = DynamicCache() if name == "dynamic" else kvpolicy.make_cache(name)
-            with torch.no_grad():
+            parts = compiled_parts(model) if args.compile == "parts" else contextlib.nullcontext()
+            with torch.no_grad(), parts:
                 model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **{arg: cache})
 
         forward()  # warm-up
@@ -87,10 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         row = {"cache": name, "rows": args.rows, "prompt": args.prompt, "forward_ms": 1000 * statistics.median(times),
                "forward_ms_all": [1000 * t for t in times], "syncs_per_forward": count_syncs(forward)}
         row["ms_per_row"] = row["forward_ms"] / args.rows
+        if floor:
+            row["x_floor"] = row["ms_per_row"] / floor["floor_ms_per_row"]
+        if args.kernels and args.device.startswith("cuda"):
+            row["kernel_ms"] = kernel_times(forward)
         if args.chunks and name != "dynamic":
             batch = ids.repeat(args.chunks, 1)
-            generate_static(model, batch, policy=name, max_new_tokens=1, prefill_batch_size=args.rows)  # warm-up
-            res = generate_static(model, batch, policy=name, max_new_tokens=1, prefill_batch_size=args.rows)
+            compile_prefill = args.compile == "parts"
+            generate_static(model, batch, policy=name, max_new_tokens=1, prefill_batch_size=args.rows,
+                            compile_prefill=compile_prefill)  # warm-up
+            res = generate_static(model, batch, policy=name, max_new_tokens=1, prefill_batch_size=args.rows,
+                                  compile_prefill=compile_prefill)
             row["static_prefill_ms_per_row"] = 1000 * res.prefill_seconds / batch.shape[0]
             del res
             gc.collect()
@@ -99,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     # run_meta's block (argv, commit and dirty flag, versions, machine and threads, date) plus the
     # keys this script always wrote
     full_argv = sys.argv if argv is None else ["benchmarks/prefill_overhead.py", *argv]
-    meta = run_meta(full_argv, label=args.label,
+    meta = run_meta(full_argv, label=args.label, floor=floor or None,
                     device=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
                     torch=torch.__version__, transformers=transformers.__version__, shape=args.shape, dtype=args.dtype)
     if args.json:

@@ -99,6 +99,9 @@ STATIC_POLICIES: dict[str, Any] = {
         lambda: kvpolicy.make_cache("pyramidinfer_54_floor", prefill_mode="prune_hidden"),
     "streamingllm-static": lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16),
     "snapkv-static": lambda: kvpolicy.make_cache("snapkv", compression_ratio=0.54),
+    # long generations: the whole sequence capped at 1024 slots (sinks and recent window / heavy hitters)
+    "streamingllm-1024-static": lambda: kvpolicy.make_cache("streamingllm", budget=1024, evict_every=16),
+    "h2o-1024-static": lambda: kvpolicy.make_cache("h2o", budget=1024, evict_every=16),
 }
 POLICIES.update({name: "static" for name in STATIC_POLICIES})
 
@@ -189,6 +192,11 @@ def run_once(
     mask = torch.ones_like(ids)
     common = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
     compile_options = options.get("compile", True)
+    # hf-static over a long generation: time ``steps`` tokens on a cache sized for all ``new`` (its step
+    # attends over the whole buffer whatever the position, so its cost does not change along the way)
+    steps = options.get("hf_static_steps")
+    projected = POLICIES[policy] is None and bool(steps) and steps < new
+    hf_cache: list = []
 
     def generate(tokens: int, profile: dict | None = None):
         """-> (total seconds, prefill seconds, cache or None, sequences)"""
@@ -199,13 +207,23 @@ def run_once(
             start = time.perf_counter()
             res = generate_static(model, ids, mask, policy=STATIC_POLICIES[policy], max_new_tokens=tokens,
                                   prefill_batch_size=options.get("prefill_chunk"), compile=compile_options,
-                                  profile=profile)
+                                  profile=profile, compile_prefill=options.get("compile_prefill", False))
             sync(device)
             return time.perf_counter() - start, res.prefill_seconds, res.cache, res.sequences
         if POLICIES[policy] == "generate":
-            return generate_through_generate(model, policy, ids, mask, tokens, device, options.get("prefill_chunk"))
+            return generate_through_generate(model, policy, ids, mask, tokens, device, options.get("prefill_chunk"),
+                                             options.get("compile_prefill", False))
         context = contextlib.nullcontext()
-        if POLICIES[policy] is None:
+        if POLICIES[policy] is None and projected:
+            from transformers import StaticCache
+
+            kwargs.update(max_new_tokens=steps, min_new_tokens=steps)
+            if not hf_cache:  # one cache for the warm-up and the timed call, as generate keeps its own: the
+                # recorded CUDA graphs hold the first cache's buffers, so a second one would double the memory
+                hf_cache.append(StaticCache(config=model.config, max_cache_len=prompt + new))
+            hf_cache[0].reset()
+            kwargs[kvpolicy.cache_argument(model)] = hf_cache[0]
+        elif POLICIES[policy] is None:
             kwargs["cache_implementation"] = "static"
         elif POLICIES[policy] == "kvpress":
             cache = DynamicCache()
@@ -230,8 +248,12 @@ def run_once(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     total_s, prefill_s, cache, out = generate(new)
-    assert out.shape[1] == prompt + new
+    measured = steps if projected else new
+    assert out.shape[1] == prompt + measured
     decode_s = max(total_s - prefill_s, 1e-9)
+    step_s = decode_s / (measured - 1)
+    if projected:  # the whole generation, from the measured prefill and step
+        total_s = prefill_s + step_s * (new - 1)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     held = kv_bytes(cache) if cache is not None else None
     used = kv_bytes(cache, allocated=False) if cache is not None else None
@@ -251,17 +273,20 @@ def run_once(
         "new_tokens": new,
         "prefill_s": prefill_s,
         "total_s": total_s,
-        "decode_step_ms": 1000 * decode_s / (new - 1),
+        "decode_step_ms": 1000 * step_s,
+        **({"projected_from_steps": measured} if projected else {}),
         "generated_tokens_per_s": batch * new / total_s,
         "peak_memory_bytes": peak,
         "kv_bytes_per_seq": None if held is None else held / batch,
         "kv_bytes_used_per_seq": None if used is None else used / batch,
-        **({"prefill_chunk": options.get("prefill_chunk")} if POLICIES[policy] in ("static", "generate") else {}),
+        **({"prefill_chunk": options.get("prefill_chunk"), "compile_prefill": options.get("compile_prefill", False)}
+           if POLICIES[policy] in ("static", "generate") else {}),
         **extra,
     }
 
 
-def generate_through_generate(model, policy: str, ids, mask, tokens: int, device: str, chunk: int | None):
+def generate_through_generate(model, policy: str, ids, mask, tokens: int, device: str, chunk: int | None,
+                              compile_prefill: bool = False):
     """Plain ``model.generate`` on a kvpolicy cache (its decode step compiled by transformers); over
     ``chunk`` rows, the prompt first goes through ``kvpolicy.prefill`` in chunks of rows and ``generate``
     continues from the prompt's greedy next token. -> (total s, prefill s, cache, sequences)"""
@@ -275,7 +300,8 @@ def generate_through_generate(model, policy: str, ids, mask, tokens: int, device
     start = time.perf_counter()
     with torch.no_grad():
         if chunk and ids.shape[0] > chunk:
-            first = kvpolicy.prefill(model, ids, mask, cache, rows=chunk).argmax(-1, keepdim=True)
+            first = kvpolicy.prefill(model, ids, mask, cache, rows=chunk, compile=compile_prefill)
+            first = first.argmax(-1, keepdim=True)
             ids, mask, tokens = torch.cat([ids, first], 1), torch.cat([mask, torch.ones_like(first)], 1), tokens - 1
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
                              **{kvpolicy.cache_argument(model): cache}, **kwargs)
@@ -368,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-batch", type=int, default=32,
                     help="at this fixed batch, static policies also time the compiled step vs the eager re-compression")
     ap.add_argument("--no-compile", action="store_true", help="static policies: run the static step eagerly")
+    ap.add_argument("--hf-static-steps", type=int, default=None,
+                    help="hf-static: generate only this many tokens on a static cache sized for --new-tokens and "
+                         "project the whole generation from the measured prefill and step (a long generation "
+                         "that would not fit the time limit); the row says projected_from_steps")
+    ap.add_argument("--compile-prefill", action="store_true",
+                    help="kvpolicy's chunked prefill runs its cache-free parts compiled (prefill(compile=True))")
     ap.add_argument("--search-up", type=int, default=3, help="max 10%% steps up in the largest-batch search")
     ap.add_argument("--press-ratio", type=float, default=0.54, help="compression ratio of the kvpress-* policies")
     ap.add_argument("--json", type=Path)
@@ -411,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         for policy in policies:
             probes = []
             options = {"prefill_chunk": args.prefill_chunk, "compile": not args.no_compile,
+                       "compile_prefill": args.compile_prefill, "hf_static_steps": args.hf_static_steps,
                        "press_ratio": args.press_ratio}
             for batch in [int(b) for b in args.batch_sizes.split(",")]:
                 result = try_run(model, policy, batch, prompt, args.new_tokens, args.device,

@@ -192,3 +192,39 @@ def test_question_position_report(tmp_path):
     assert "| `snapkv@0.5` | 50% / 50% | 0.80 | 100% | 0.20 | 25% |" in text
     with pytest.raises(SystemExit, match="in_prompt"):
         module.rows_of([tmp_path / "in_prompt.json"], "after_context")
+
+
+def test_throughput_script_long_context_dry_run(tmp_path):
+    """The long-context settings of issue #16 on the tiny shape: a budget-capped policy holds at most
+    its budget whatever the generation's length, the chunked prefill runs compiled, and hf-static's
+    projection is its measured prefill plus (new - 1) measured steps."""
+    module = throughput_script()
+    out = tmp_path / "long.json"
+    new, steps = 40, 6
+    code = module.main(
+        ["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-lens", str(PROMPT),
+         "--new-tokens", str(new), "--batch-sizes", "2", "--profile-batch", "0", "--prefill-chunk", "1", "--no-compile",
+         "--compile-prefill", "--hf-static-steps", str(steps),
+         "--policies", "hf-static,streamingllm-1024-static,full-static", "--json", str(out)]
+    )
+    assert code == 0
+    hf, capped, full = json.loads(out.read_text())["rows"]
+    assert hf["projected_from_steps"] == steps and "projected_from_steps" not in capped
+    total = hf["prefill_s"] + hf["decode_step_ms"] / 1000 * (new - 1)
+    assert hf["total_s"] == pytest.approx(total) and hf["generated_tokens_per_s"] == pytest.approx(2 * new / total)
+    assert capped["compile_prefill"] is True
+    # the prompt (200) plus 39 generated tokens stay under the 1024-slot budget: all held, as full holds them
+    assert capped["kv_bytes_used_per_seq"] == full["kv_bytes_used_per_seq"] == (PROMPT + new - 1) * BYTES_PER_TOKEN
+
+
+def test_prefill_flops_by_hand():
+    """prefill_overhead.prefill_flops on the Llama-3-8B shape, the floor the long-context section quotes:
+    per layer q/o 4096x4096 each, k/v 4096x1024 each, MLP 3 x 4096x14336 = 218,103,808 weights, x32
+    layers = 6.98e9; 2 FLOP per weight per token over 8192 tokens = 1.1433e14; causal attention
+    2 products x 2 x 8192^2/2 x 128 x 32 heads x 32 layers = 1.7592e13; total 1.3194e14."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**throughput_script().SHAPES["llama3-8b"])
+    flops = _script("prefill_overhead").prefill_flops(config, 8192)
+    assert flops == 2 * 218_103_808 * 32 * 8192 + 2 * 2 * (8192 * 8192 // 2) * 128 * 32 * 32
+    assert flops == pytest.approx(1.3194e14, rel=1e-4)
