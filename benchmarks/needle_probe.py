@@ -7,7 +7,8 @@ Prints, per variant, codes found out of 6 and the KV reduction (1 - kept / seen 
 ``--json`` also writes them with the run's ``meta`` block (command and argv, git commit with a
 dirty flag, versions, machine and threads, date: ``kvpolicy.provenance.run_meta``) and the
 prompt lengths and seed; ``--seed`` builds another set of 6 prompts (other passages, codes and
-depths; the tests use seed 7).
+depths; the tests use seed 7); ``--hay-tokens N`` sets the haystack's length (default 1550; 7700
+makes prompts of about 7.8k tokens, near SmolLM2's 8192 limit).
 """
 
 from __future__ import annotations
@@ -34,18 +35,20 @@ def results(rows: list[dict], argv: list[str], lengths: list[int], seed: int) ->
 def main(argv: list[str]) -> int:
     args = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\nusage: needle_probe.py [--json PATH] [--seed N] POLICY[:JSON] ... "
-              "(POLICY: a policy or preset name, or a YAML file)")
+        print(__doc__.strip() + "\n\nusage: needle_probe.py [--json PATH] [--seed N] [--hay-tokens N] "
+              "POLICY[:JSON] ... (POLICY: a policy or preset name, or a YAML file)")
         return 0 if argv else 2
-    out_path, seed = None, 7
-    while argv[:1] in (["--json"], ["--seed"]):
+    out_path, seed, hay_tokens = None, 7, 1550
+    while argv[:1] in (["--json"], ["--seed"], ["--hay-tokens"]):
         if argv[0] == "--json":
             out_path = Path(argv[1])
-        else:
+        elif argv[0] == "--seed":
             seed = int(argv[1])
+        else:
+            hay_tokens = int(argv[1])
         argv = argv[2:]
     model, tokenizer = load_model()
-    inputs, answers, lengths = needles.build(tokenizer, seed=seed)
+    inputs, answers, lengths = needles.build(tokenizer, hay_tokens=hay_tokens, seed=seed)
     print("prompt lengths", lengths)
     rows = []
     for spec in argv:
