@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from . import attention_hook, compiled_step, hidden_pruning, masks
+from . import attention_hook, compiled_step, hidden_pruning, masks, parallel
 from .errors import CacheMisuseError, ConfigError
 from .layer_store import PolicyLayer, first_moved_slot
 from .policy import CachePolicy, LayerView, Plan
@@ -81,6 +81,7 @@ class PolicyCache(Cache):
         self._policy_state: dict[int, dict] = {}
         self._setup_done = False
         self._pruner: hidden_pruning.HiddenPruner | None = None  # the prune-hidden prefill, while it runs
+        self._parallel: parallel.TensorParallel | None = None  # this rank's KV heads under tensor parallelism
 
     # ----------------------------------------------------------------- per-row facts
     @property
@@ -210,6 +211,7 @@ class PolicyCache(Cache):
         self._model_ref = None
         self._policy_state = {}
         self._setup_done = False
+        self._parallel = None
 
     def _move_rows(self, fn) -> None:
         """Re-index every per-row record: the layers, padding, prompt lengths, and the values the
@@ -336,7 +338,7 @@ class PolicyCache(Cache):
         for layer in self.layers:
             if layer.compressible:
                 seen = self._seen_real(layer)
-                plan = self.policy.plan(self._view(layer, seen, steps, prefill=False))
+                plan = self._plan(self._view(layer, seen, steps, prefill=False))
                 if plan is not None and (sel := self._select(layer, plan, seen)) is not None:
                     due.append((layer, sel))
         if due:  # one read of the device for all layers (each read drains the queue)
@@ -379,9 +381,10 @@ class PolicyCache(Cache):
     def _before_attention(self, layer_idx: int, module: Any, query: torch.Tensor, mask: Any, impl: str):
         """The mask this layer's attention must use: ``mask`` itself while slot ``i`` holds token ``i``,
         else the layer's own, boolean ``[B, H_kv or 1, Q, L]`` (one row per KV head, or one for all)."""
+        layer = self.layers[layer_idx]
         if not self._setup_done:
             self._bind(module)
-        layer = self.layers[layer_idx]
+            self._parallel = parallel.detect(module, layer.keys.shape[1])
         self._check_model(layer, module)
         if self.rows.pad is None:
             self.rows.read_padding(mask, query.shape[0], query.device)
@@ -436,7 +439,7 @@ class PolicyCache(Cache):
             layer.record_queries(query, signals.decode_query_window, qpos)
         if signals.accumulated_attention:
             layer.accumulate_attention(query, qpos)
-        plan = policy.plan(self._view(layer, seen, new, prefill))
+        plan = self._plan(self._view(layer, seen, new, prefill))
         if plan is not None:
             self._apply(layer, plan, seen)
         if prefill and layer_idx == self._last_compressible():
@@ -459,7 +462,27 @@ class PolicyCache(Cache):
             prompt_len=seen if prefill else self.prompt_len,
             new_tokens=new_tokens,
             state=self._policy_state.setdefault(layer.layer_idx, {}),
+            parallel=self._parallel,
         )
+
+    def _plan(self, view: LayerView) -> Plan | None:
+        """The policy's plan for ``view``; under tensor parallelism, refuses one score row per layer that
+        was not merged across the ranks (each rank would keep other tokens, see ``core/parallel.py``)."""
+        plan = self.policy.plan(view)
+        if (
+            view.parallel is not None
+            and plan is not None
+            and plan.scores is not None
+            and plan.scores.shape[1] == 1
+            and not view.heads_reduced
+        ):
+            raise CacheMisuseError(
+                f"policy {self.policy.name!r} gave one score per slot for all heads of layer {view.layer_idx}, "
+                f"computed from the {view.layer.keys.shape[1]} of {view.kv_heads} KV heads this rank holds under "
+                "tensor parallelism, so each rank would keep other tokens. Merge heads with "
+                "view.mean_over_heads(scores), which reduces across the ranks"
+            )
+        return plan
 
     def _pruning(self) -> hidden_pruning.HiddenPruner | None:
         """The prune-hidden prefill in progress, if any."""
@@ -516,7 +539,7 @@ class PolicyCache(Cache):
             raise CacheMisuseError("the row chunks were made with different policies")
         if any(c.prompt_len is None or len(c.layers) != len(first.layers) for c in chunks):
             raise CacheMisuseError("adopt() takes caches that have been through one prompt forward")
-        for name in ("_adapter", "_windows", "_num_layers", "_compressible", "_setup_done"):
+        for name in ("_adapter", "_windows", "_num_layers", "_compressible", "_setup_done", "_parallel"):
             setattr(self, name, getattr(first, name))
         self.policy.setup(first._num_layers, first._compressible)
         self.rows.pad = torch.cat([c.rows.pad for c in chunks])

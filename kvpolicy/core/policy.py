@@ -20,6 +20,7 @@ from .config import PolicyConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer_store import PolicyLayer
+    from .parallel import TensorParallel
 
 Phase = Literal["prefill", "decode"]
 
@@ -68,7 +69,8 @@ class Plan:
 
     ``keep``: tokens to keep per batch row (clipped to what the row holds). ``scores``: one
     float per kept slot, ``[B, H_kv, L]`` to select per KV head or ``[B, 1, L]`` for one token
-    set shared by all heads of the layer — higher is kept first; ``None`` means "keep by
+    set shared by all heads of the layer (merge heads with ``LayerView.mean_over_heads``, which is
+    right under tensor parallelism too) — higher is kept first; ``None`` means "keep by
     recency". ``sinks``/``recent``: leading and trailing tokens of each row (row-local
     positions) that must survive whatever the scores say; the cache clips them to each row's
     ``keep`` (recent window first), so a small budget is never exceeded to honour them.
@@ -92,6 +94,11 @@ class LayerView:
     prompt_len: list[int]  # real prompt tokens per row (set at prefill)
     new_tokens: int  # tokens appended by this forward
     state: dict[str, Any] = field(default_factory=dict)  # the policy's own per-layer scratch
+    #: this rank's share of the layer's KV heads under tensor parallelism (``core/parallel.py``); None: all
+    parallel: TensorParallel | None = None
+    #: set by mean_over_heads; a policy whose one-row scores need no merging (the same on every rank: from
+    #: positions alone, say) sets it itself, else the cache refuses them under tensor parallelism
+    heads_reduced: bool = field(default=False, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -143,6 +150,30 @@ class LayerView:
 
     def accumulated_attention(self) -> torch.Tensor:
         return self.layer.accumulated_attention()
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads of the whole layer; more than ``keys.shape[1]`` under tensor parallelism, where this
+        process holds heads ``head_offset .. head_offset + keys.shape[1]`` of them."""
+        return self.layer.keys.shape[1] if self.parallel is None else self.parallel.total
+
+    @property
+    def head_offset(self) -> int:
+        """Index among the layer's ``kv_heads`` of this process's first KV head (0 without parallelism)."""
+        return 0 if self.parallel is None else self.parallel.offset
+
+    def mean_over_heads(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[B, H_kv, L]`` per-head scores -> ``[B, 1, L]``, their mean over every KV head of the layer:
+        the way for a policy that keeps one token set per layer to merge its heads.
+
+        Under tensor parallelism this process holds some of the heads: the scores of all ranks are
+        gathered and averaged in head order, so every rank keeps the same tokens, the ones a single
+        process would (``core/parallel.py``). Without it, ``scores.mean(dim=1, keepdim=True)``.
+        """
+        self.heads_reduced = True
+        if self.parallel is None:
+            return scores.mean(dim=1, keepdim=True)
+        return self.parallel.mean_over_heads(scores)
 
 
 class CachePolicy(ABC):
