@@ -252,9 +252,9 @@ class PyramidInferPolicy(CachePolicy):
             worst = max(worst, peak)
         return worst
 
-    def _aggregate(self, scores: torch.Tensor) -> torch.Tensor:
+    def _aggregate(self, view: LayerView, scores: torch.Tensor) -> torch.Tensor:
         if self.config.head_aggregation == "layer":
-            return scores.mean(dim=1, keepdim=True)
+            return view.mean_over_heads(scores)  # across tensor-parallel ranks too
         return scores
 
     def plan(self, view: LayerView) -> Plan | None:
@@ -276,7 +276,7 @@ class PyramidInferPolicy(CachePolicy):
         w_max = max(windows)
         weights = distance_weights(windows, c.distance_weight, view.device)
         votes = view.window_attention(weights=weights, num_queries=w_max)
-        scores = self._aggregate(max_pool(votes, c.pool_kernel))
+        scores = self._aggregate(view, max_pool(votes, c.pool_kernel))
         return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=windows)
 
     def _plan_decode(self, view: LayerView) -> Plan | None:
@@ -297,7 +297,7 @@ class PyramidInferPolicy(CachePolicy):
         start = [f if d else 1 << 40 for f, d in zip(frontier, due)]
         start_t = per_row(start, local.device)
         in_group = (local >= start_t) & (local < start_t + group)
-        attn = self._aggregate(max_pool(view.window_attention(), c.pool_kernel)).expand_as(local)
+        attn = self._aggregate(view, max_pool(view.window_attention(), c.pool_kernel)).expand_as(local)
         scores = torch.where(in_group, attn, torch.full_like(attn, float("inf")))
         evict = group - self.group_keep(view.layer_idx)
         keep = [v - evict if d else v for v, d in zip(valid, due)]

@@ -48,9 +48,11 @@ class RandomPolicy(BudgetPolicy):
 
     def scores(self, view: LayerView):
         """Each token draws one random score when it arrives, from a table keyed by its row-local
-        position, so a padded row gets the same subset as the same row run alone."""
+        position, so a padded row gets the same subset as the same row run alone. The table has a
+        column per KV head of the whole layer, of which this process reads its own heads' (under tensor
+        parallelism a rank holds some of them), so every rank keeps what one process would."""
         local = view.positions
-        heads = local.shape[1]
+        heads = view.kv_heads
         table: torch.Tensor = view.state.get("table", torch.empty(0, heads))
         need = int(local.max()) + 1
         while table.shape[0] < need:
@@ -59,5 +61,5 @@ class RandomPolicy(BudgetPolicy):
             table = torch.cat([table, torch.rand(self._CHUNK, heads, generator=gen)])
         view.state["table"] = table
         table = table.to(local.device)
-        head_idx = torch.arange(heads, device=local.device).view(1, -1, 1)
+        head_idx = torch.arange(view.head_offset, view.head_offset + local.shape[1], device=local.device).view(1, -1, 1)
         return table[local.clamp(min=0), head_idx.expand_as(local)]

@@ -36,5 +36,5 @@ class TOVAPolicy(BudgetPolicy):
 
     def scores(self, view: LayerView) -> torch.Tensor:
         # [B, H_kv, L], each KV head's query group already averaged; groups are equal, so the mean
-        # over KV heads is the mean over every query head of the layer
-        return view.window_attention(num_queries=1).mean(dim=1, keepdim=True)
+        # over KV heads is the mean over every query head of the layer (across tensor-parallel ranks too)
+        return view.mean_over_heads(view.window_attention(num_queries=1))
