@@ -1,0 +1,207 @@
+"""The cases of tests/test_tensor_parallel.py, and the script that runs them under tensor parallelism.
+
+Run by the test as ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/tp_worker.py
+MODEL_DIR OUT`` (gloo, CPU): each rank loads the saved tiny model with transformers' tensor
+parallelism (``kvpolicy.core.parallel.from_pretrained_kwargs``), runs every case of :data:`CASES`
+through :func:`run_case`, and rank 0 saves the results with the kept positions of all ranks gathered
+into whole layers. The test runs the same :func:`run_case` in one process on the same weights and
+compares.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from typing import Any
+
+import torch
+
+import kvpolicy
+
+NEW = 10
+LENGTHS = [40, 31]  # two rows, the second left-padded
+
+#: settings under which each built-in policy compresses the test's short prompts, prefill and decode
+SETTINGS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "pyramidinfer": dict(prefill_recent_ratio=0.2, prefill_decay_ratio=0.5, min_context_length=4,
+                         exceed_length_to_compress=4, gen_recent_ratio=0.1, pool_kernel=3),
+    "h2o": dict(compression_ratio=0.5, window_size=4, sink_size=2),
+    "streamingllm": dict(budget=14, sink_size=2),
+    "snapkv": dict(compression_ratio=0.5, window_size=4, kernel_size=3, compress="both"),
+    "pyramidkv": dict(compression_ratio=0.5, window_size=4, kernel_size=3, beta=4.0),
+    "random": dict(compression_ratio=0.5, window_size=4),
+    "tova": dict(compression_ratio=0.5),
+    "knorm": dict(compression_ratio=0.5, compress="both"),
+}
+
+#: policies whose layers keep one token set for all heads from head-merged scores: these, and only
+#: these, reduce across the tensor-parallel ranks
+SHARED_SCORES = {"pyramidinfer", "tova"}
+
+
+def cases() -> list[dict[str, Any]]:
+    """Every built-in policy through plain ``generate`` (eager steps), then the variants: per-KV-head
+    PyramidInfer, prune-hidden prefill, the frozen (static) decode path, row-chunked prefill, sampling,
+    and a deliberately broken reduction (the comparison must see it)."""
+    out = [dict(name=p, policy=p, settings=SETTINGS.get(p, {})) for p in kvpolicy.available_policies()]
+    pyr = SETTINGS["pyramidinfer"]
+    out += [
+        dict(name="pyramidinfer-kv_head", policy="pyramidinfer", settings=dict(pyr, head_aggregation="kv_head")),
+        dict(name="pyramidinfer-prune_hidden", policy="pyramidinfer", settings=dict(pyr, prefill_mode="prune_hidden")),
+        dict(name="pyramidinfer-top_p", policy="pyramidinfer", settings=pyr, sampling=True),
+    ]
+    for p in ("pyramidinfer", "tova", "h2o", "snapkv", "full"):
+        out.append(dict(name=f"{p}-static", policy=p, settings=SETTINGS[p], compiled_decode=True))
+    for p in ("pyramidinfer", "h2o"):
+        out.append(dict(name=f"{p}-rows", policy=p, settings=SETTINGS[p], compiled_decode=True, rows=1))
+    out.append(dict(name="pyramidinfer-broken", policy="pyramidinfer", settings=pyr, broken="reduced"))
+    out.append(dict(name="pyramidinfer-unmerged", policy="pyramidinfer", settings=pyr, broken="unmerged"))
+    return out
+
+
+def batch(vocab: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    width = max(LENGTHS)
+    ids = torch.zeros(len(LENGTHS), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(LENGTHS):
+        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class CollectiveCounter:
+    """Counts ``torch.distributed`` collectives called from kvpolicy's own modules (the model's own
+    all-reduces under tensor parallelism are not counted)."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "reduce",
+             "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter",
+             "barrier", "send", "recv", "isend", "irecv")
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        self.calls: Counter[str] = Counter()
+        for module in (dist, c10d):
+            for name in self.NAMES:
+                fn = getattr(module, name, None)
+                if fn is not None and not getattr(fn, "_counted", False):
+                    setattr(module, name, self._wrap(name, fn))
+
+    def _wrap(self, name: str, fn):
+        def counted(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("kvpolicy"):
+                self.calls[name] += 1
+            return fn(*args, **kwargs)
+
+        counted._counted = True
+        return counted
+
+    def take(self) -> int:
+        total = sum(self.calls.values())
+        self.calls.clear()
+        return total
+
+
+def _local_mean(self, scores: torch.Tensor) -> torch.Tensor:
+    """``LayerView.mean_over_heads`` as a rank-local mean that claims to be merged: what a missing
+    reduction would keep."""
+    self.heads_reduced = True
+    return scores.mean(dim=1, keepdim=True)
+
+
+def _unmerged_mean(self, scores: torch.Tensor) -> torch.Tensor:
+    """A policy merging heads by itself (``scores.mean(dim=1)``): the cache must refuse it under
+    tensor parallelism."""
+    return scores.mean(dim=1, keepdim=True)
+
+
+def run_case(model, case: dict[str, Any]) -> dict[str, Any]:
+    """Greedy (or seeded top-p) generation of ``NEW`` tokens: the new tokens, and this process's kept
+    positions ``[B, H_kv here, L]`` of every layer."""
+    from kvpolicy.core.policy import LayerView
+
+    inputs = batch(model.config.vocab_size)
+    cache = kvpolicy.make_cache(case["policy"], compiled_decode=case.get("compiled_decode", False),
+                                **case["settings"])
+    arg = kvpolicy.cache_argument(model)
+    sampling = dict(do_sample=True, top_p=0.9, temperature=0.8) if case.get("sampling") else dict(do_sample=False)
+    saved = LayerView.mean_over_heads
+    if case.get("broken"):
+        LayerView.mean_over_heads = _local_mean if case["broken"] == "reduced" else _unmerged_mean
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            ids, mask, new = inputs["input_ids"], inputs["attention_mask"], NEW
+            if case.get("rows"):
+                nxt = kvpolicy.prefill(model, ids, mask, cache, rows=case["rows"]).argmax(-1, keepdim=True)
+                ids, mask, new = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1), NEW - 1
+            out = model.generate(input_ids=ids, attention_mask=mask, **{arg: cache}, max_new_tokens=new,
+                                 min_new_tokens=new, pad_token_id=0, **sampling)
+    except kvpolicy.CacheMisuseError as err:
+        return {"error": str(err), "tokens": torch.zeros(0), "kept": []}
+    finally:
+        LayerView.mean_over_heads = saved
+    tokens = out[:, inputs["input_ids"].shape[1] :]
+    kept = [cache.kept_positions(i).clone() for i in range(len(cache.layers))]
+    return {"tokens": tokens, "kept": kept, "frozen": cache.is_frozen()}
+
+
+def check_mean_over_heads(parallel) -> bool:
+    """The reduction alone: ranks' slices of one ``[B, H, L]`` tensor (with ties) averaged across ranks
+    equal, bit for bit, the one-process mean of the whole tensor, on every rank."""
+    gen = torch.Generator().manual_seed(3)
+    full = torch.rand(3, parallel.total, 50, generator=gen) ** 3  # a wide range of magnitudes
+    full[:, :, 10:20] = 0.25  # exact ties
+    mine = full[:, parallel.offset : parallel.offset + parallel.local]
+    return torch.equal(parallel.mean_over_heads(mine), full.mean(dim=1, keepdim=True))
+
+
+def main(model_dir: str, out_file: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from kvpolicy.core import parallel
+
+    torch.set_num_threads(1)
+    logging.disable_progress_bar()
+    dist.init_process_group("gloo")  # transformers takes the initialised group
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
+                                                 **parallel.from_pretrained_kwargs()).eval()
+    counter = CollectiveCounter()
+    results: dict[str, Any] = {"world": dist.get_world_size()}
+    for case in cases():
+        res = run_case(model, case)
+        res["collectives"] = counter.take()
+        kept = []
+        for local in res["kept"]:  # the ranks hold consecutive KV heads: gather into whole layers
+            parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, local.contiguous())
+            kept.append(torch.cat(parts, dim=1))
+        res["kept"] = kept
+        if "error" in res:
+            results[case["name"]] = res
+            continue
+        tokens = [torch.empty_like(res["tokens"]) for _ in range(dist.get_world_size())]
+        dist.all_gather(tokens, res["tokens"].contiguous())
+        res["ranks_agree"] = all(torch.equal(t, tokens[0]) for t in tokens)
+        results[case["name"]] = res
+    cache = kvpolicy.make_cache("pyramidinfer", **SETTINGS["pyramidinfer"])
+    kvpolicy.prefill(model, *batch(model.config.vocab_size).values(), cache)
+    layer_parallel = cache._parallel
+    results["parallel"] = None if layer_parallel is None else dict(
+        size=layer_parallel.size, local=layer_parallel.local, total=layer_parallel.total, rank=layer_parallel.rank)
+    results["heads_per_rank"] = cache.layers[0].keys.shape[1]
+    exact = torch.tensor([int(check_mean_over_heads(layer_parallel))])
+    dist.all_reduce(exact, op=dist.ReduceOp.MIN)  # on every rank
+    results["mean_over_heads_exact"] = bool(exact.item())
+    if dist.get_rank() == 0:
+        torch.save(results, out_file)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
