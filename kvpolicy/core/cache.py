@@ -474,6 +474,9 @@ class PolicyCache(Cache):
             and plan is not None
             and plan.scores is not None
             and plan.scores.shape[1] == 1
+            # one row for several heads here, or for a policy whose heads share tokens (with one KV head per
+            # rank a per-head policy's scores have one row too)
+            and (view.layer.keys.shape[1] > 1 or self.policy.shared_positions)
             and not view.heads_reduced
         ):
             raise CacheMisuseError(
