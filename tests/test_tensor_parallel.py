@@ -10,6 +10,7 @@ policies that merge heads into one score per slot may call a collective.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import kvpolicy
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.tensor_parallel]
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -33,18 +34,25 @@ CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_l
               eos_token_id=2)
 
 
+def torchrun(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+            str(ROOT / script), *args]
+
+
+def worker_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error",
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(results of the 2-process run, results of one process), case by case."""
     path = tmp_path_factory.mktemp("tp")
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(path / "model")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = path / "tp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(ROOT / "tests" / "tp_worker.py"), str(path / "model"), str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = torchrun("tests/tp_worker.py", str(path / "model"), str(out))
+    proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:  # the one-process reference, while the ranks run
         model = AutoModelForCausalLM.from_pretrained(path / "model", dtype=torch.float32,
                                                      attn_implementation="sdpa").eval()
@@ -113,3 +121,36 @@ def test_scores_merged_without_the_reduction_are_refused(runs):
     parallel, alone = runs
     assert "view.mean_over_heads(scores)" in parallel["pyramidinfer-unmerged"]["error"]
     assert "error" not in alone["pyramidinfer-unmerged"]
+
+
+def test_throughput_tp_dry_run(tmp_path):
+    """benchmarks/throughput_tp.py on the tiny shape (2 ranks, gloo): every rank shards the model (each
+    holds about half the weights), rank 0 alone prints and writes, the KV bytes are per GPU, and the
+    score reductions are counted where heads merge only."""
+    out = tmp_path / "tp.json"
+    policies = ["hf-dynamic", "hf-static", "pyramidinfer-floor-generate", "h2o-budget-generate", "tova-budget-generate"]
+    prompt, new = 100, 18  # past PyramidInfer's 64-token floor and its first decode group
+    proc = subprocess.run(
+        torchrun("benchmarks/throughput_tp.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+                 "--prompt-lens", str(prompt), "--new-tokens", str(new), "--batch-sizes", "2", "--no-compile",
+                 "--budget", "48", "--policies", ",".join(policies), "--json", str(out)),
+        env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    data = json.loads(out.read_text())
+    meta, rows = data["meta"], {r["policy"]: r for r in data["rows"]}
+    assert list(rows) == policies
+    assert meta["tp_size"] == WORLD and "--budget 48" in meta["command"]
+    assert meta["params_per_rank"] < 0.55 * meta["params"]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == len(policies)  # rank 0 prints, the other rank is silent
+    # the tiny shape: 4 layers, 2 KV heads of 16 dims, one per rank, float32; transformers' cache holds
+    # every token the generation fed back
+    per_gpu_token = 4 * 1 * 16 * 4 * 2
+    assert rows["hf-dynamic"]["kv_bytes_per_seq"] == (prompt + new - 1) * per_gpu_token
+    # at most the budget and the tokens of one eviction period
+    assert rows["h2o-budget-generate"]["kv_bytes_used_per_seq"] <= (48 + 15) * per_gpu_token
+    assert rows["h2o-budget-generate"]["reduction_calls"] == 0
+    assert rows["tova-budget-generate"]["reduction_calls"] > 0
+    assert rows["pyramidinfer-floor-generate"]["reduction_calls"] > 0
+    for row in rows.values():
+        assert row["tp_size"] == WORLD and row["generated_tokens_per_s"] > 0
