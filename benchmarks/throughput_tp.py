@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def build(shape, device, dtype):
         model = build_model(shape, device, dtype)
-        built.update(params_per_rank=_local_numel(model), params=sum(p.numel() for p in model.parameters()))
+        with torch.device("meta"):  # the whole model's count (transformers 5.2's shards are plain tensors)
+            whole = type(model)(model.config)
+        built.update(params_per_rank=_local_numel(model), params=sum(p.numel() for p in whole.parameters()))
         return model
 
     def run_meta(_argv: list[str] | None = None, **extra: Any) -> dict[str, Any]:
