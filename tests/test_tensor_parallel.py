@@ -2,10 +2,10 @@
 
 One launch of ``tests/tp_worker.py`` under ``torch.distributed.run`` runs every case (each built-in
 policy through ``generate``, and the variants: per-KV-head PyramidInfer, prune-hidden prefill, the
-frozen decode path, row-chunked prefill, top-p sampling); meanwhile this process runs the same cases
-on the same weights alone. Under parallelism each rank holds half the KV heads; the tokens must equal
-one process's, and each layer's kept positions, the ranks' heads put together, too. Only the
-policies that merge heads into one score per slot may call a collective.
+frozen decode path, eager and compiled, row-chunked prefill, top-p sampling); meanwhile this process
+runs the same cases on the same weights alone. Under parallelism each rank holds half the KV heads;
+the tokens must equal one process's, and each layer's kept positions, the ranks' heads put together,
+too. Only the policies that merge heads into one score per slot may call a collective.
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ def test_tokens_and_kept_positions_equal_one_process(runs, name):
     for layer, (g, w) in enumerate(zip(got["kept"], want["kept"])):
         assert torch.equal(g, w), f"layer {layer}: kept positions differ under tensor parallelism"
     assert got["frozen"] == want["frozen"]
+    if name.endswith("-compiled"):  # the decode step ran as a compiled graph, in either run
+        assert got["graphs"] >= 1 and want["graphs"] >= 1
     if not name.startswith("full"):  # the case really evicts (else equality would prove little)
         seen = tp_worker.LENGTHS[0] + tp_worker.NEW - 1
         assert min(int((w[0] >= 0).sum(-1).max()) for w in want["kept"]) < seen

@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
 import kvpolicy
 
@@ -42,8 +43,9 @@ SHARED_SCORES = {"pyramidinfer", "tova"}
 
 def cases() -> list[dict[str, Any]]:
     """Every built-in policy through plain ``generate`` (eager steps), then the variants: per-KV-head
-    PyramidInfer, prune-hidden prefill, the frozen (static) decode path, row-chunked prefill, sampling,
-    and a deliberately broken reduction (the comparison must see it)."""
+    PyramidInfer, prune-hidden prefill, the frozen (static) decode path run eagerly and compiled
+    (dynamo's ``eager`` backend, forced on the CPU as tests/test_compiled_generate.py does), row-chunked
+    prefill, sampling, and deliberately broken reductions (the comparison must see them)."""
     out = [dict(name=p, policy=p, settings=SETTINGS.get(p, {})) for p in kvpolicy.available_policies()]
     pyr = SETTINGS["pyramidinfer"]
     out += [
@@ -53,6 +55,9 @@ def cases() -> list[dict[str, Any]]:
     ]
     for p in ("pyramidinfer", "tova", "h2o", "snapkv", "full"):
         out.append(dict(name=f"{p}-static", policy=p, settings=SETTINGS[p], compiled_decode=True))
+    # the step traced by dynamo as one graph, the model's all-reduces included, and the reductions between steps
+    out.append(dict(name="pyramidinfer-compiled", policy="pyramidinfer", settings=pyr, compiled_decode=True,
+                    compiled=True))
     for p in ("pyramidinfer", "h2o"):
         out.append(dict(name=f"{p}-rows", policy=p, settings=SETTINGS[p], compiled_decode=True, rows=1))
     out.append(dict(name="pyramidinfer-broken", policy="pyramidinfer", settings=pyr, broken="reduced"))
@@ -73,7 +78,8 @@ def batch(vocab: int) -> dict[str, torch.Tensor]:
 
 class CollectiveCounter:
     """Counts ``torch.distributed`` collectives called from kvpolicy's own modules (the model's own
-    all-reduces under tensor parallelism are not counted)."""
+    all-reduces under tensor parallelism are not counted). Calls traced into a compiled step are not seen;
+    kvpolicy's plans, where reductions happen, run eagerly between steps."""
 
     NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "reduce",
              "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter",
@@ -92,6 +98,8 @@ class CollectiveCounter:
 
     def _wrap(self, name: str, fn):
         def counted(*args, **kwargs):
+            if torch.compiler.is_compiling():  # inside a traced step (the model's own all-reduce): invisible
+                return fn(*args, **kwargs)
             if sys._getframe(1).f_globals.get("__name__", "").startswith("kvpolicy"):
                 self.calls[name] += 1
             return fn(*args, **kwargs)
@@ -128,6 +136,13 @@ def run_case(model, case: dict[str, Any]) -> dict[str, Any]:
                                 **case["settings"])
     arg = kvpolicy.cache_argument(model)
     sampling = dict(do_sample=True, top_p=0.9, temperature=0.8) if case.get("sampling") else dict(do_sample=False)
+    if case.get("compiled"):
+        from transformers import CompileConfig
+
+        config = CompileConfig(backend="eager", fullgraph=True)
+        config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+        sampling["compile_config"] = config
+    graphs = counters["stats"]["unique_graphs"]
     saved = LayerView.mean_over_heads
     if case.get("broken"):
         LayerView.mean_over_heads = _local_mean if case["broken"] == "reduced" else _unmerged_mean
@@ -146,7 +161,8 @@ def run_case(model, case: dict[str, Any]) -> dict[str, Any]:
         LayerView.mean_over_heads = saved
     tokens = out[:, inputs["input_ids"].shape[1] :]
     kept = [cache.kept_positions(i).clone() for i in range(len(cache.layers))]
-    return {"tokens": tokens, "kept": kept, "frozen": cache.is_frozen()}
+    return {"tokens": tokens, "kept": kept, "frozen": cache.is_frozen(),
+            "graphs": counters["stats"]["unique_graphs"] - graphs}
 
 
 def check_mean_over_heads(parallel) -> bool:
