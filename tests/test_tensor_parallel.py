@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,30 @@ def test_throughput_tp_dry_run(tmp_path):
     assert rows["pyramidinfer-floor-generate"]["reduction_calls"] > 0
     for row in rows.values():
         assert row["tp_size"] == WORLD and row["generated_tokens_per_s"] > 0
+
+
+def test_the_docs_example_gives_one_process_tokens(tmp_path, capsys):
+    """docs/tensor-parallel.md's runnable example, under torchrun (2 ranks) and alone: the same tokens,
+    and each rank holds half the KV heads and half the bytes."""
+    text = (ROOT / "docs" / "tensor-parallel.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "LlamaConfig(" in b)
+    script = tmp_path / "tp_example.py"
+    script.write_text(code)
+    proc = subprocess.run(torchrun(str(script)), env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    exec(compile(code, "<doc example>", "exec"), {})
+    alone = capsys.readouterr().out.splitlines()
+    lines = proc.stdout.splitlines()
+    assert [t for t in lines if t.startswith("tokens")] == [alone[0]]
+    ranks = sorted(t for t in lines if t.startswith("rank"))
+    assert [t.split(":")[0] for t in ranks] == ["rank 0", "rank 1"]
+
+    def kept(line: str) -> str:
+        return re.search(r"per layer (\[.*?\])", line).group(1)
+
+    def kv_bytes(line: str) -> int:
+        return int(re.search(r"(\d+) bytes", line).group(1))
+
+    for t in ranks:
+        assert "2 of 4 KV heads" in t and kept(t) == kept(alone[1])
+        assert kv_bytes(t) * WORLD == kv_bytes(alone[1])
