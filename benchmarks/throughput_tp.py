@@ -29,6 +29,10 @@ writes. Options are throughput.py's (``--help`` lists them) plus the few below. 
   ``pyramidinfer-floor-gen40-generate`` is ``pyramidinfer_54_floor`` with decode groups keeping less
   (``gen_compress_ratio=0.4``, preset: 0.8); ``tova-budget-generate`` (``--budget`` tokens per layer)
   reduces its scores across the ranks at every layer of every step, the reduction's worst case.
+* ``--warmup-tokens N`` shortens the untimed warm-up call of kvpolicy caches through ``generate`` (their
+  frozen buffers do not depend on the call's length, so the timed call replays the step the warm-up
+  compiled): a long generation is not decoded twice. ``hf-static``'s cache is sized by the call's length,
+  so its warm-up stays whole.
 * Each row records ``tp_size`` and the score reductions (``reduction_calls``, elements gathered); at
   ``--profile-batch`` a second, synchronised run times them (``reduction_ms_per_step``: their time over
   the decode steps, to set beside ``decode_step_ms``).
@@ -111,6 +115,7 @@ def try_run(model, policy, batch, prompt, new, device, options=None):
 
     torch.manual_seed(1000 + batch)
     parallel.STATS.reset()
+    WARMUP["pending"] = True
     result = ORIGINAL["try_run"](model, policy, batch, prompt, new, device, options)
     if agree(result is None):
         return None
@@ -122,6 +127,7 @@ def try_run(model, policy, batch, prompt, new, device, options=None):
         torch.manual_seed(1000 + batch)
         parallel.STATS.reset()
         parallel.STATS.timing = True
+        WARMUP["pending"] = True
         try:
             timed = ORIGINAL["try_run"](model, policy, batch, prompt, new, device, options)
         finally:
@@ -129,6 +135,19 @@ def try_run(model, policy, batch, prompt, new, device, options=None):
         if not agree(timed is None):
             result["reduction_ms_per_step"] = 1000 * agree(parallel.STATS.seconds) / (new - 1)
     return result
+
+
+WARMUP = {"tokens": 0, "pending": False}  # --warmup-tokens, and whether the next generate call is a run's warm-up
+
+
+def generate_through_generate(model, policy, ids, mask, tokens, device, chunk):
+    """throughput.generate_through_generate, its run's warm-up call shortened to ``--warmup-tokens``: the
+    frozen buffers are sized by ``decode_reserve`` (the run's new tokens), not by the call's length, so a
+    short warm-up compiles and records the very step the timed call replays."""
+    if WARMUP["pending"] and WARMUP["tokens"]:
+        tokens = min(tokens, WARMUP["tokens"])
+    WARMUP["pending"] = False
+    return ORIGINAL["generate_through_generate"](model, policy, ids, mask, tokens, device, chunk)
 
 
 def register_policies(new_tokens: int, budget: int) -> None:
@@ -163,6 +182,9 @@ ORIGINAL: dict[str, Any] = {}
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
     ap.add_argument("--budget", type=int, default=512, help="tokens per layer and head of the *-budget-* labels")
+    ap.add_argument("--warmup-tokens", type=int, default=0,
+                    help="kvpolicy caches through generate: tokens of each run's untimed warm-up call (0: as many "
+                         "as the timed call, as throughput.py)")
     ap.add_argument("--timeout-min", type=float, default=20.0,
                     help="how long a rank waits in a collective before the run is aborted")
     given = sys.argv[1:] if argv is None else list(argv)
@@ -191,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ORIGINAL.setdefault("try_run", throughput.try_run)
     ORIGINAL.setdefault("run_meta", throughput.run_meta)
     ORIGINAL.setdefault("build_model", throughput.build_model)
+    ORIGINAL.setdefault("generate_through_generate", throughput.generate_through_generate)
+    WARMUP["tokens"] = ours.warmup_tokens
     built: dict[str, int] = {}
 
     def build(shape, device, dtype):
@@ -206,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                                     kv_bytes="per GPU (each rank holds its KV heads)", **built, **extra)
 
     throughput.try_run, throughput.run_meta, throughput.build_model = try_run, run_meta, build
+    throughput.generate_through_generate = generate_through_generate
     args = list(rest)
     if rank != 0 and "--json" in args:  # rank 0 writes
         i = args.index("--json")
@@ -217,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         throughput.try_run, throughput.run_meta, throughput.build_model = (
             ORIGINAL["try_run"], ORIGINAL["run_meta"], ORIGINAL["build_model"])
+        throughput.generate_through_generate = ORIGINAL["generate_through_generate"]
         if quiet:
             quiet.close()
     dist.barrier()

@@ -136,7 +136,7 @@ def test_throughput_tp_dry_run(tmp_path):
     proc = subprocess.run(
         torchrun("benchmarks/throughput_tp.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
                  "--prompt-lens", str(prompt), "--new-tokens", str(new), "--batch-sizes", "2", "--no-compile",
-                 "--budget", "48", "--policies", ",".join(policies), "--json", str(out)),
+                 "--budget", "48", "--warmup-tokens", "4", "--policies", ",".join(policies), "--json", str(out)),
         env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     data = json.loads(out.read_text())
