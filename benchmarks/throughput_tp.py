@@ -16,7 +16,8 @@ writes. Options are throughput.py's (``--help`` lists them) plus the few below. 
   output evenly; 32,000 already is). On a CPU (dry runs) the model is saved by rank 0 and loaded from
   that checkpoint instead, which transformers 5.2 needs there.
 * **The ranks agree**: every run's prompts and sampling are seeded alike on every rank; a run that runs
-  out of memory on any rank counts as out of memory on all; a run's peak memory is the largest rank's.
+  out of memory on any rank counts as out of memory on all; a run's peak memory, and the memory the
+  model holds, are the largest rank's.
   So the largest-batch search takes the same steps everywhere. (Ranks of one group allocate the same
   sizes in the same order, so they run out of memory at the same allocation; if one did not, the other
   would wait in a collective: ``--timeout-min`` bounds that wait.)
@@ -137,6 +138,14 @@ def try_run(model, policy, batch, prompt, new, device, options=None):
     return result
 
 
+class AgreedMemory(list):
+    """throughput.BASE_MEMORY (the bytes the model holds, set once it is built) as the largest rank's: the
+    largest-batch search predicts from it, and every rank must predict the same batch."""
+
+    def __setitem__(self, index, value):
+        super().__setitem__(index, int(agree(value)))
+
+
 WARMUP = {"tokens": 0, "pending": False}  # --warmup-tokens, and whether the next generate call is a run's warm-up
 
 
@@ -231,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     throughput.try_run, throughput.run_meta, throughput.build_model = try_run, run_meta, build
     throughput.generate_through_generate = generate_through_generate
+    throughput.BASE_MEMORY = AgreedMemory(throughput.BASE_MEMORY)
     args = list(rest)
     if rank != 0 and "--json" in args:  # rank 0 writes
         i = args.index("--json")
@@ -243,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         throughput.try_run, throughput.run_meta, throughput.build_model = (
             ORIGINAL["try_run"], ORIGINAL["run_meta"], ORIGINAL["build_model"])
         throughput.generate_through_generate = ORIGINAL["generate_through_generate"]
+        throughput.BASE_MEMORY = list(throughput.BASE_MEMORY)
         if quiet:
             quiet.close()
     dist.barrier()
