@@ -149,14 +149,14 @@ class AgreedMemory(list):
 WARMUP = {"tokens": 0, "pending": False}  # --warmup-tokens, and whether the next generate call is a run's warm-up
 
 
-def generate_through_generate(model, policy, ids, mask, tokens, device, chunk):
+def generate_through_generate(model, policy, ids, mask, tokens, *args, **kwargs):
     """throughput.generate_through_generate, its run's warm-up call shortened to ``--warmup-tokens``: the
     frozen buffers are sized by ``decode_reserve`` (the run's new tokens), not by the call's length, so a
     short warm-up compiles and records the very step the timed call replays."""
     if WARMUP["pending"] and WARMUP["tokens"]:
         tokens = min(tokens, WARMUP["tokens"])
     WARMUP["pending"] = False
-    return ORIGINAL["generate_through_generate"](model, policy, ids, mask, tokens, device, chunk)
+    return ORIGINAL["generate_through_generate"](model, policy, ids, mask, tokens, *args, **kwargs)
 
 
 def register_policies(new_tokens: int, budget: int) -> None:

@@ -136,7 +136,8 @@ def test_throughput_tp_dry_run(tmp_path):
     proc = subprocess.run(
         torchrun("benchmarks/throughput_tp.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
                  "--prompt-lens", str(prompt), "--new-tokens", str(new), "--batch-sizes", "2", "--no-compile",
-                 "--budget", "48", "--warmup-tokens", "4", "--policies", ",".join(policies), "--json", str(out)),
+                 "--budget", "48", "--warmup-tokens", "4", "--hf-static-steps", "8", "--policies", ",".join(policies),
+                 "--json", str(out)),
         env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     data = json.loads(out.read_text())
@@ -155,6 +156,7 @@ def test_throughput_tp_dry_run(tmp_path):
     assert rows["h2o-budget-generate"]["reduction_calls"] == 0
     assert rows["tova-budget-generate"]["reduction_calls"] > 0
     assert rows["pyramidinfer-floor-generate"]["reduction_calls"] > 0
+    assert rows["hf-static"]["projected_from_steps"] == 8  # timed over 8 steps of a cache sized for all 18
     for row in rows.values():
         assert row["tp_size"] == WORLD and row["generated_tokens_per_s"] > 0
 
