@@ -97,7 +97,8 @@ def test_tokens_and_kept_positions_equal_one_process(runs, name):
         assert got["graphs"] >= 1 and want["graphs"] >= 1
     if not name.startswith("full"):  # the case really evicts (else equality would prove little)
         seen = tp_worker.LENGTHS[0] + tp_worker.NEW - 1
-        assert min(int((w[0] >= 0).sum(-1).max()) for w in want["kept"]) < seen
+        assert min(int((w[0] >= 0).sum(-1).max()) for w in want["kept"]) < seen, (
+            f"{name} evicted nothing: give it settings under which it compresses in tests/tp_worker.SETTINGS")
 
 
 @pytest.mark.parametrize("name", CASES)
