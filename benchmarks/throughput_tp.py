@@ -34,9 +34,11 @@ writes. Options are throughput.py's (``--help`` lists them) plus the few below. 
   frozen buffers do not depend on the call's length, so the timed call replays the step the warm-up
   compiled): a long generation is not decoded twice. ``hf-static``'s cache is sized by the call's length,
   so its warm-up stays whole.
-* Each row records ``tp_size`` and the score reductions (``reduction_calls``, elements gathered); at
-  ``--profile-batch`` a second, synchronised run times them (``reduction_ms_per_step``: their time over
-  the decode steps, to set beside ``decode_step_ms``).
+* Each row records ``tp_size`` and the score reductions by phase (``reduction_calls``, elements gathered;
+  ``reduction_scope`` says whether they cover the timed call alone, as for the ``-generate`` labels, or
+  the warm-up too). At ``--profile-batch`` a second, synchronised run times them:
+  ``reduction_prefill_ms`` (the prompt's) and ``reduction_ms_per_step`` (the decode steps', over their
+  number, to set beside ``decode_step_ms``).
 """
 
 from __future__ import annotations
@@ -114,27 +116,30 @@ def try_run(model, policy, batch, prompt, new, device, options=None):
     everywhere, the largest rank's peak memory; and the score reductions counted (timed at the profile batch)."""
     from kvpolicy.core import parallel
 
+    stats = parallel.STATS
     torch.manual_seed(1000 + batch)
-    parallel.STATS.reset()
-    WARMUP["pending"] = True
+    stats.reset()
+    WARMUP["pending"], TIMED_ONLY[0] = True, False
     result = ORIGINAL["try_run"](model, policy, batch, prompt, new, device, options)
     if agree(result is None):
         return None
-    calls, elements = parallel.STATS.calls, parallel.STATS.elements
     if result.get("peak_memory_bytes") is not None:
         result["peak_memory_bytes"] = int(agree(result["peak_memory_bytes"]))
-    result.update(tp_size=tp_size(), reduction_calls=calls, reduction_elements=elements)
-    if (options or {}).get("profile") and calls:
+    result.update(tp_size=tp_size(), reduction_calls=dict(stats.calls), reduction_elements=dict(stats.elements),
+                  reduction_scope="timed call" if TIMED_ONLY[0] else "warm-up and timed calls")
+    if (options or {}).get("profile") and stats.calls:
         torch.manual_seed(1000 + batch)
-        parallel.STATS.reset()
-        parallel.STATS.timing = True
-        WARMUP["pending"] = True
+        stats.reset()
+        stats.timing = True
+        WARMUP["pending"], TIMED_ONLY[0] = True, False
         try:
             timed = ORIGINAL["try_run"](model, policy, batch, prompt, new, device, options)
         finally:
-            parallel.STATS.timing = False
+            stats.timing = False
         if not agree(timed is None):
-            result["reduction_ms_per_step"] = 1000 * agree(parallel.STATS.seconds) / (new - 1)
+            seconds = {phase: agree(s) for phase, s in sorted(stats.seconds.items())}
+            result["reduction_prefill_ms"] = 1000 * seconds.get("prefill", 0.0)
+            result["reduction_ms_per_step"] = 1000 * seconds.get("decode", 0.0) / (new - 1)
     return result
 
 
@@ -146,6 +151,7 @@ class AgreedMemory(list):
         super().__setitem__(index, int(agree(value)))
 
 
+TIMED_ONLY = [False]  # whether the reductions counted cover the timed call alone (generate labels)
 WARMUP = {"tokens": 0, "pending": False}  # --warmup-tokens, and whether the next generate call is a run's warm-up
 
 
@@ -153,8 +159,14 @@ def generate_through_generate(model, policy, ids, mask, tokens, *args, **kwargs)
     """throughput.generate_through_generate, its run's warm-up call shortened to ``--warmup-tokens``: the
     frozen buffers are sized by ``decode_reserve`` (the run's new tokens), not by the call's length, so a
     short warm-up compiles and records the very step the timed call replays."""
-    if WARMUP["pending"] and WARMUP["tokens"]:
-        tokens = min(tokens, WARMUP["tokens"])
+    from kvpolicy.core import parallel
+
+    if WARMUP["pending"]:
+        if WARMUP["tokens"]:
+            tokens = min(tokens, WARMUP["tokens"])
+    else:  # the timed call: the reductions are counted from here
+        parallel.STATS.reset()
+        TIMED_ONLY[0] = True
     WARMUP["pending"] = False
     return ORIGINAL["generate_through_generate"](model, policy, ids, mask, tokens, *args, **kwargs)
 

@@ -137,8 +137,8 @@ def test_throughput_tp_dry_run(tmp_path):
     proc = subprocess.run(
         torchrun("benchmarks/throughput_tp.py", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
                  "--prompt-lens", str(prompt), "--new-tokens", str(new), "--batch-sizes", "2", "--no-compile",
-                 "--budget", "48", "--warmup-tokens", "4", "--hf-static-steps", "8", "--policies", ",".join(policies),
-                 "--json", str(out)),
+                 "--profile-batch", "2", "--budget", "48", "--warmup-tokens", "4", "--hf-static-steps", "8",
+                 "--policies", ",".join(policies), "--json", str(out)),
         env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     data = json.loads(out.read_text())
@@ -154,9 +154,12 @@ def test_throughput_tp_dry_run(tmp_path):
     assert rows["hf-dynamic"]["kv_bytes_per_seq"] == (prompt + new - 1) * per_gpu_token
     # at most the budget and the tokens of one eviction period
     assert rows["h2o-budget-generate"]["kv_bytes_used_per_seq"] <= (48 + 15) * per_gpu_token
-    assert rows["h2o-budget-generate"]["reduction_calls"] == 0
-    assert rows["tova-budget-generate"]["reduction_calls"] > 0
-    assert rows["pyramidinfer-floor-generate"]["reduction_calls"] > 0
+    assert rows["h2o-budget-generate"]["reduction_calls"] == {}
+    tova, pyramid = rows["tova-budget-generate"], rows["pyramidinfer-floor-generate"]
+    # the timed call alone: TOVA at each layer of the prompt's forward and of the new - 1 decode forwards
+    assert tova["reduction_calls"] == {"prefill": 4, "decode": 4 * (new - 1)}
+    assert tova["reduction_scope"] == "timed call" and pyramid["reduction_calls"]["prefill"] > 0
+    assert tova["reduction_ms_per_step"] > 0 and pyramid["reduction_prefill_ms"] > 0  # --profile-batch 2
     assert rows["hf-static"]["projected_from_steps"] == 8  # timed over 8 steps of a cache sized for all 18
     for row in rows.values():
         assert row["tp_size"] == WORLD and row["generated_tokens_per_s"] > 0

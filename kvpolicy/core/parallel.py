@@ -44,17 +44,22 @@ def use_group(group: Any) -> None:
 
 @dataclass
 class ReductionStats:
-    """What the score reductions of this process cost: calls and elements gathered always (free);
-    ``seconds`` only with ``timing=True``, which synchronises the device around each call (for a
-    benchmark's breakdown, not for speed)."""
+    """What the score reductions of this process cost, by phase (``"prefill"``, ``"decode"``): calls and
+    elements gathered always (free); seconds only with ``timing=True``, which synchronises the device
+    around each call (for a benchmark's breakdown, not for speed)."""
 
-    calls: int = 0
-    elements: int = 0
-    seconds: float = 0.0
+    calls: dict[str, int] = field(default_factory=dict)
+    elements: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
     timing: bool = False
 
     def reset(self) -> None:
-        self.calls, self.elements, self.seconds = 0, 0, 0.0
+        self.calls, self.elements, self.seconds = {}, {}, {}
+
+    def add(self, phase: str, elements: int, seconds: float) -> None:
+        self.calls[phase] = self.calls.get(phase, 0) + 1
+        self.elements[phase] = self.elements.get(phase, 0) + elements
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
 
 #: process-wide counters of :meth:`TensorParallel.mean_over_heads`
@@ -75,7 +80,6 @@ class TensorParallel:
     size: int
     local: int
     total: int
-    _buffers: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def offset(self) -> int:
@@ -85,10 +89,10 @@ class TensorParallel:
     def __deepcopy__(self, memo: dict) -> TensorParallel:
         return self
 
-    def mean_over_heads(self, scores: torch.Tensor) -> torch.Tensor:
+    def mean_over_heads(self, scores: torch.Tensor, phase: str = "decode") -> torch.Tensor:
         """``scores`` ``[B, local, L]`` (this rank's heads) -> ``[B, 1, L]``, the mean over all ``total``
         heads, bit for bit what ``full.mean(dim=1, keepdim=True)`` gives on one process holding every
-        head's scores ``full``, and the same on every rank."""
+        head's scores ``full``, and the same on every rank. ``phase`` files the call in :data:`STATS`."""
         import torch.distributed as dist
 
         started = _clock(scores) if STATS.timing else 0.0
@@ -99,10 +103,7 @@ class TensorParallel:
         # [size * B, h, L] in rank order -> [B, size * h, L] in head order (rank r holds heads r*h .. r*h+h-1)
         full = gathered.view(self.size, b, h, length).transpose(0, 1).reshape(b, self.size * h, length)
         out = full.mean(dim=1, keepdim=True)
-        STATS.calls += 1
-        STATS.elements += gathered.numel()
-        if STATS.timing:
-            STATS.seconds += _clock(out) - started
+        STATS.add(phase, gathered.numel(), _clock(out) - started if STATS.timing else 0.0)
         return out
 
 

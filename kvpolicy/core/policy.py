@@ -173,7 +173,7 @@ class LayerView:
         self.heads_reduced = True
         if self.parallel is None:
             return scores.mean(dim=1, keepdim=True)
-        return self.parallel.mean_over_heads(scores)
+        return self.parallel.mean_over_heads(scores, self.phase)
 
 
 class CachePolicy(ABC):
