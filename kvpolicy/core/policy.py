@@ -113,6 +113,16 @@ class LayerView:
         return self.layer.keys_view()
 
     @property
+    def values(self) -> torch.Tensor:
+        """The kept values ``[B, H_kv, L, D]`` (slots as in :attr:`keys`)."""
+        return self.layer.values_view()
+
+    @property
+    def scaling(self) -> float:
+        """The layer's attention scaling (the factor on ``q . k`` before the softmax)."""
+        return self.layer.scaling
+
+    @property
     def device(self) -> torch.device:
         """Where the layer's tensors live: build per-plan tensors there (a host tensor copied in waits
         for the device)."""
@@ -143,6 +153,23 @@ class LayerView:
 
     def accumulated_attention(self) -> torch.Tensor:
         return self.layer.accumulated_attention()
+
+    def recorded_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored queries ``[B, H_q, W, D]`` (as attention received them: after RoPE and any q-norm) and
+        their row-local positions ``[B, W]`` (-1: a pad or an empty slot). Their order is not time order on
+        the compiled path (a ring); the positions say which is which."""
+        queries, qpos = self.layer.recorded_queries()
+        b, w = queries.shape[0], queries.shape[2]
+        qpos = qpos.expand(b, w) if qpos.dim() == 1 else qpos
+        pad = self.layer.rows.pad.view(-1, 1)
+        return queries, torch.where((qpos >= pad) & (qpos >= 0), qpos - pad, torch.full_like(qpos, -1))
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``cos``, ``sin`` ``[B, P, D_rot]`` of this layer's RoPE at ``positions`` ``[B, P]``, as the
+        model computes them (see :mod:`kvpolicy.core.rope`, whose ``rotate``/``unrotate`` apply them)."""
+        from . import rope
+
+        return rope.cos_sin(self.layer.module_ref(), positions)
 
 
 class CachePolicy(ABC):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..core.registry import hookimpl
 from .attention_scored import H2OPolicy, PyramidKVPolicy, SnapKVPolicy
 from .budget import BudgetConfig, BudgetPolicy
+from .expected_attention import ExpectedAttentionConfig, ExpectedAttentionPolicy
 from .knorm import KnormConfig, KnormPolicy
 from .pyramidinfer import PyramidInferConfig, PyramidInferPolicy
 from .simple import FullPolicy, RandomPolicy, StreamingLLMPolicy
@@ -20,6 +21,7 @@ BUILTIN_POLICIES = [
     RandomPolicy,
     TOVAPolicy,
     KnormPolicy,
+    ExpectedAttentionPolicy,
 ]
 
 
@@ -32,6 +34,8 @@ __all__ = [
     "BUILTIN_POLICIES",
     "BudgetConfig",
     "BudgetPolicy",
+    "ExpectedAttentionConfig",
+    "ExpectedAttentionPolicy",
     "FullPolicy",
     "H2OPolicy",
     "KnormConfig",
