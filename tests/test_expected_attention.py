@@ -39,11 +39,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 @functools.cache
 def peaked(kv_heads: int = 2, family: str = "llama", partial: float = 1.0):
     """The tiny shape, initialised 5x wider (peaked attention, so scores differ clearly); ``partial``:
-    Phi-3's ``partial_rotary_factor`` (RoPE on the first share of each head's dimensions only)."""
+    Phi-3's ``partial_rotary_factor`` (RoPE on the first share of each head's dimensions only);
+    ``family="llama-yarn"``: YaRN-scaled RoPE, whose cos/sin carry an attention factor (cos² + sin² != 1)."""
     values = dict(COMMON, num_key_value_heads=kv_heads, initializer_range=0.1)
     if family == "phi3":
         config = Phi3Config(**values)
         config.rope_parameters["partial_rotary_factor"] = partial
+    elif family == "llama-yarn":
+        config = LlamaConfig(**values, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                            original_max_position_embeddings=128))
     else:
         config = LlamaConfig(**values)
     torch.manual_seed(0)
@@ -83,7 +87,7 @@ def test_defaults_are_kvpress_s():
 # ------------------------------------------------------------------------------- RoPE helpers
 
 
-@pytest.mark.parametrize("family, partial", [("llama", 1.0), ("phi3", 0.5)])
+@pytest.mark.parametrize("family, partial", [("llama", 1.0), ("phi3", 0.5), ("llama-yarn", 1.0)])
 def test_rope_helpers_match_the_model_s_rotary_embedding(family, partial):
     """cos/sin are the model's; rotate is its apply_rotary_pos_emb; unrotate inverts it; the matrix form
     rotates alike (also for averaged cos/sin); partial rotary leaves the other dimensions alone."""
@@ -108,6 +112,8 @@ def test_rope_helpers_match_the_model_s_rotary_embedding(family, partial):
     assert torch.allclose(averaged, matrix.mean(1), atol=1e-6)
     if partial < 1.0:
         assert torch.equal(got[..., cos.shape[-1] :], x[..., cos.shape[-1] :])
+    if family == "llama-yarn":  # the scaled case really is one
+        assert not torch.allclose(cos * cos + sin * sin, torch.ones_like(cos))
 
 
 def test_rope_helpers_use_gemma3_s_base_per_layer_type():
@@ -185,7 +191,7 @@ def test_generous_budget_gives_exactly_the_full_policys_tokens(settings):
 
 
 def test_padded_row_keeps_what_the_row_alone_keeps():
-    model = tiny_model("llama", "sdpa", layers=4)
+    model = peaked(2)
     inputs = batch([60, 41], seed=3)
     together = make_cache("expected_attention", compression_ratio=0.5, compress="both", evict_every=3)
     out_together = greedy(model, inputs, together, new_tokens=12)
