@@ -239,7 +239,8 @@ class PolicyCache(Cache):
         return [layer.length for layer in self.layers]
 
     def valid_tokens_per_layer(self) -> list[list[int]]:
-        """Valid kept tokens per layer and row (heads hold equal counts)."""
+        """Valid kept tokens per layer and row (the fullest head's, where a head-adaptive policy left the
+        heads holding different counts)."""
         self._settle()
         return [[] if layer.keys is None else layer.valid_counts() for layer in self.layers]
 
@@ -481,7 +482,8 @@ class PolicyCache(Cache):
 
     def _select(self, layer: PolicyLayer, plan: Plan, seen: list[int]) -> tuple[torch.Tensor, list[int]] | None:
         return select_slots(
-            plan, layer.valid_counts(), layer.local_positions(), layer.pos_view(), seen, self.policy.shared_positions
+            plan, layer.valid_counts(), layer.local_positions(), layer.pos_view(), seen, self.policy.shared_positions,
+            layer.valid_counts_per_head(),
         )
 
     # ----------------------------------------------------------------- row chunks

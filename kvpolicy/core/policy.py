@@ -66,18 +66,30 @@ NO_SIGNALS = Signals()
 class Plan:
     """A policy's answer for one layer.
 
-    ``keep``: tokens to keep per batch row (clipped to what the row holds). ``scores``: one
+    ``keep``: tokens to keep per batch row (clipped to what the row holds), or per row and KV head
+    (``[[head 0, head 1, ...], ...]``: each head its own count). ``scores``: one
     float per kept slot, ``[B, H_kv, L]`` to select per KV head or ``[B, 1, L]`` for one token
     set shared by all heads of the layer — higher is kept first; ``None`` means "keep by
     recency". ``sinks``/``recent``: leading and trailing tokens of each row (row-local
     positions) that must survive whatever the scores say; the cache clips them to each row's
-    ``keep`` (recent window first), so a small budget is never exceeded to honour them.
+    ``keep`` (recent window first; with per-head counts, the row's smallest), so a small budget
+    is never exceeded to honour them.
+
+    ``head_adaptive`` (Ada-KV, Feng et al. 2024): None keeps each head's own count. A share
+    ``alpha`` in [0, 1] lets a row's KV heads share their summed budget (``keep`` times the heads,
+    or the sum of the per-head counts): one top-k over the scores of all the row's heads picks it,
+    so a head whose scores are concentrated gives tokens to one whose scores are spread; each head
+    keeps at least ``int(alpha * its count)`` of its own best (at least 1 when ``alpha > 0``) and
+    its protected tokens. Only meaningful when scores are comparable across heads (attention
+    probabilities). The layer's buffer is as wide as its fullest head: the other heads' surplus
+    slots are masked, held but not attended.
     """
 
-    keep: list[int]
+    keep: list[int] | list[list[int]]
     scores: torch.Tensor | None
     sinks: int | list[int] = 0
     recent: int | list[int] = 0
+    head_adaptive: float | None = None
 
 
 @dataclass
@@ -130,8 +142,17 @@ class LayerView:
 
     @property
     def valid_counts(self) -> list[int]:
-        """Valid kept tokens per row (host-side; a device sync unless the layer tracks them)."""
+        """Valid kept tokens per row, its fullest head's where heads hold different counts (host-side; a
+        device sync unless the layer tracks them)."""
         return self.layer.valid_counts()
+
+    @property
+    def valid_counts_per_head(self) -> list[list[int]]:
+        """Valid kept tokens per row and KV head (host-side; they differ after a head-adaptive plan)."""
+        per_head = self.layer.valid_counts_per_head()
+        if per_head is None:
+            return [[n] * self.layer.keys.shape[1] for n in self.layer.valid_counts()]
+        return per_head
 
     @property
     def positions(self) -> torch.Tensor:
