@@ -281,6 +281,15 @@ class PolicyLayer(CacheLayerMixin):
         self.since_compress += q
         return self.keys_view(), self.values_view()
 
+    def drop_last(self, q: int) -> None:
+        """Forget the last ``q`` slots: the tokens of a scoring pass's forward, appended after the prompt
+        (see ``PolicyCache.run_scoring_pass``); the buffer keeps its capacity."""
+        self.length -= q
+        self.total_seen -= q
+        self.since_compress -= q
+        if self.valid_host is not None:
+            self.valid_host = [n - q for n in self.valid_host]
+
     def _check_compatible(self, key_states: torch.Tensor) -> None:
         held, given = self.keys.shape, key_states.shape
         if given[0] != held[0]:

@@ -93,6 +93,18 @@ class Plan:
 
 
 @dataclass
+class ScoringChunk:
+    """One forward of a policy's scoring pass (see :meth:`CachePolicy.scoring_inputs`): tokens run through
+    the model after the prompt, over the prompt's cache, to be scored; they are removed afterwards.
+    ``attention_mask`` ``[B, Q]``: 0 marks a pad (shorter rows are padded on the right); ``info``: the
+    policy's own facts about the chunk (which prompt tokens it scores, say)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class LayerView:
     """Read-only view of one layer given to :meth:`CachePolicy.plan`."""
 
@@ -246,6 +258,29 @@ class CachePolicy(ABC):
         decoding overrides it with its own schedule to make static buffers as small as its cache.
         """
         return new_tokens
+
+    # ----------------------------------------------------------------- scoring pass (KVzip)
+    #: True: after the prompt's forward, before anything is evicted, the cache runs the chunks of
+    #: :meth:`scoring_inputs` through the model on top of the prompt's cache, calls :meth:`score` after each
+    #: layer's attention, drops the chunks' tokens, and applies :meth:`plan_scored`. The prompt's own
+    #: forward (its logits) is unchanged. Run by a wrapper around ``PreTrainedModel.__call__``
+    #: (``core/scoring_pass.py``): the cache needs the model and the prompt's token ids, which it sees nowhere else.
+    needs_scoring_pass: ClassVar[bool] = False
+
+    def scoring_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[ScoringChunk]:
+        """The scoring pass's forwards for a prompt of ``input_ids`` ``[B, T]`` (left-padded: ``attention_mask``)."""
+        return []
+
+    def score(self, view: LayerView, query: torch.Tensor, chunk: ScoringChunk) -> None:
+        """After a layer's attention in a scoring forward: ``view`` holds the prompt's slots then the chunk's
+        (``view.new_tokens`` of them), ``query`` the chunk's queries ``[B, H_q, Q, D]``. Keep what the plan needs
+        in ``view.state``."""
+        return None
+
+    def plan_scored(self, views: list[LayerView]) -> list[Plan | None]:
+        """The plans of every compressible layer once the scoring pass is done (all at once, so a budget may
+        be shared across layers); by default each layer's :meth:`plan`."""
+        return [self.plan(view) for view in views]
 
     def describe(self) -> str:
         return f"{self.name}({self.config.model_dump_json()})"

@@ -7,6 +7,7 @@ from .attention_scored import H2OPolicy, PyramidKVPolicy, SnapKVPolicy
 from .budget import BudgetConfig, BudgetPolicy
 from .expected_attention import ExpectedAttentionConfig, ExpectedAttentionPolicy
 from .knorm import KnormConfig, KnormPolicy
+from .kvzip import KVzipConfig, KVzipPolicy, kvzip_prompt_ids
 from .pyramidinfer import PyramidInferConfig, PyramidInferPolicy
 from .simple import FullPolicy, RandomPolicy, StreamingLLMPolicy
 from .tova import TOVAConfig, TOVAPolicy
@@ -22,6 +23,7 @@ BUILTIN_POLICIES = [
     TOVAPolicy,
     KnormPolicy,
     ExpectedAttentionPolicy,
+    KVzipPolicy,
 ]
 
 
@@ -40,6 +42,8 @@ __all__ = [
     "H2OPolicy",
     "KnormConfig",
     "KnormPolicy",
+    "KVzipConfig",
+    "KVzipPolicy",
     "PyramidInferConfig",
     "PyramidInferPolicy",
     "PyramidKVPolicy",
@@ -49,4 +53,5 @@ __all__ = [
     "TOVAConfig",
     "TOVAPolicy",
     "kvpolicy_policies",
+    "kvzip_prompt_ids",
 ]
