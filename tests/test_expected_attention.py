@@ -226,10 +226,11 @@ class Recorder:
 
 def naive_scores(model, layer_idx: int, hidden: torch.Tensor, query_local: torch.Tensor, query_ok: torch.Tensor,
                  keys: torch.Tensor, values: torch.Tensor, key_ok: torch.Tensor, seen: list[int],
-                 config: ExpectedAttentionConfig) -> torch.Tensor:
+                 config: ExpectedAttentionConfig, key_local: torch.Tensor | None = None) -> torch.Tensor:
     """float64 ``[B, H_kv, L]`` from scratch. ``hidden`` ``[B, W, hidden]``: the inputs of the queries that
     make the statistics, at row-local positions ``query_local`` ``[B, W]`` (used where ``query_ok``);
-    ``keys``/``values`` ``[B, H_kv, L, D]`` the candidates (valid where ``key_ok`` ``[B, H_kv, L]``)."""
+    ``keys``/``values`` ``[B, H_kv, L, D]`` the candidates (valid where ``key_ok`` ``[B, H_kv, L]``), at row-local
+    positions ``key_local`` ``[B, L]`` (the softmax leaves out those below ``sink_size``)."""
     attn = model.model.layers[layer_idx].self_attn
     cfg = model.config
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
@@ -266,6 +267,8 @@ def naive_scores(model, layer_idx: int, hidden: torch.Tensor, query_local: torch
                 if config.use_covariance:
                     logits = logits + 0.5 * attn.scaling**2 * torch.einsum("li,ij,lj->l", k, sigma, k)
                 logits = logits.masked_fill(~key_ok[row, kv], float("-inf"))
+                if key_local is not None:  # the sinks are left out of the softmax
+                    logits = logits.masked_fill(key_local[row] < config.sink_size, float("-inf"))
                 probs.append(torch.softmax(logits, dim=-1))
             score = torch.stack(probs).mean(0)
             if config.use_vnorm:
@@ -314,7 +317,7 @@ def test_prefill_keeps_the_tokens_the_naive_expected_attention_ranks_first(case)
             qlocal, qok = local, ok
         keys, values = plain.layers[layer].keys, plain.layers[layer].values
         key_ok = (local >= 0).unsqueeze(1).expand(-1, keys.shape[1], -1)
-        scores = naive_scores(model, layer, hidden, qlocal, qok, keys, values, key_ok, LENGTHS, config)
+        scores = naive_scores(model, layer, hidden, qlocal, qok, keys, values, key_ok, LENGTHS, config, local)
         for row, n in enumerate(LENGTHS):
             keep = config.budget if config.budget is not None else n - int(n * config.compression_ratio)
             must = protected(n, keep, config.sink_size, config.window_size)
@@ -370,7 +373,8 @@ def test_decode_time_compression_uses_the_newest_queries_statistics():
                     v = values[row : row + 1, :, cand_cols]
                     ok = torch.ones(1, 2, len(cand_cols), dtype=torch.bool)
                     scores = naive_scores(model, layer, hidden[row : row + 1, -window:], qlocal[row : row + 1],
-                                          qok[row : row + 1], k, v, ok, [seen[row]], config)
+                                          qok[row : row + 1], k, v, ok, [seen[row]], config,
+                                          torch.tensor(sorted(candidates)).view(1, -1))
                     by_pos = {p: scores[0, head, i].item() for i, p in enumerate(sorted(candidates))}
                     keep = min(config.budget, seen[row])
                     must = protected(seen[row], keep, config.sink_size, config.window_size)

@@ -62,7 +62,7 @@ class ExpectedAttentionPolicy(BudgetPolicy):
             queries, local = queries[:, :, -c.stats_window :], local[:, -c.stats_window :]
         mean, cov = query_statistics(view, queries, local, c.sink_size, c.use_covariance)
         mean, cov = moved_to_future(view, mean, cov, c.n_future_positions)
-        return expected_attention(view, mean, cov, c.use_vnorm, c.epsilon)
+        return expected_attention(view, mean, cov, c.use_vnorm, c.epsilon, c.sink_size)
 
 
 def query_statistics(view: LayerView, queries: torch.Tensor, local: torch.Tensor, sinks: int,
@@ -87,7 +87,7 @@ def query_statistics(view: LayerView, queries: torch.Tensor, local: torch.Tensor
     cov = 0.0
     for q, u in chunks():
         centred = q - mean.unsqueeze(2)
-        cov = cov + torch.einsum("bhci,bhcj,bc->bhij", centred, centred, u)
+        cov = cov + (centred * u.view(b, 1, -1, 1)).transpose(-1, -2) @ centred  # [B, Hq, D, D]
     return mean, cov / count.unsqueeze(-1)
 
 
@@ -109,25 +109,27 @@ def moved_to_future(view: LayerView, mean: torch.Tensor, cov: torch.Tensor | Non
 
 
 def expected_attention(view: LayerView, mean: torch.Tensor, cov: torch.Tensor | None, vnorm: bool,
-                       epsilon: float) -> torch.Tensor:
-    """``[B, H_kv, L]``: the softmax over each row's valid kept keys of the expected logit, per query
-    head, averaged over the query heads of each KV head's group, then ``(score + epsilon) * ||v||``."""
+                       epsilon: float, sinks: int) -> torch.Tensor:
+    """``[B, H_kv, L]``: the softmax over each row's valid kept keys but its ``sinks`` first tokens (they are
+    kept anyway; kvpress leaves them out too, so a head that pours its attention into them still weighs
+    as much as the others in its group's mean) of the expected logit, per query head, averaged over the
+    query heads of each KV head's group, then ``(score + epsilon) * ||v||``."""
     keys = view.keys
     b, hkv, length, d = keys.shape
     g = mean.shape[1] // hkv
     s = view.scaling
-    mean = mean.view(b, hkv, g, d)
+    mean = mean.view(b, hkv, g, 1, d)
     cov = None if cov is None else cov.view(b, hkv, g, d, d)
     parts = []
     for start in range(0, length, _CHUNK):
-        k = keys[:, :, start : start + _CHUNK].float()
-        logits = s * torch.einsum("bhgd,bhld->bhgl", mean, k)
+        k = keys[:, :, start : start + _CHUNK].float().unsqueeze(2)  # [B, H_kv, 1, C, D]
+        logits = s * (k * mean).sum(-1)  # [B, H_kv, G, C]
         if cov is not None:
-            logits = logits + 0.5 * s * s * torch.einsum("bhli,bhgij,bhlj->bhgl", k, cov, k)
+            logits = logits + 0.5 * s * s * ((k @ cov) * k).sum(-1)
         parts.append(logits)
     logits = torch.cat(parts, dim=-1)
-    valid = view.positions >= 0  # [B, H_kv, L]
-    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    local = view.positions  # [B, H_kv, L]
+    logits = logits.masked_fill(~(local >= sinks).unsqueeze(2), float("-inf"))
     scores = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0).mean(dim=2)
     if vnorm:
         scores = (scores + epsilon) * view.values.float().norm(dim=-1)
