@@ -264,6 +264,9 @@ def test_context_then_question_row_chunks_and_a_padded_row():
                        max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     after = [sum(map(len, row)) for row in per_head_sets(whole, 2)]
     assert [a - b for a, b in zip(after, before)] == [2 * (5 + 3)] * 3, "the question and answer are all kept"
+    with torch.no_grad():  # the joined row chunks decode too (they were scored)
+        model.generate(input_ids=ids, attention_mask=mask, **{kvpolicy.cache_argument(model): chunked},
+                       max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 def test_routes_that_cannot_score_say_how_to_fix_it():
@@ -312,9 +315,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_generate_equals_the_eager_path(fresh_dynamo):
-    """The pass runs before the layers freeze; the compiled step (forced on the CPU, ``eager`` backend) over
-    heads of different lengths gives the eager path's tokens and kept positions, in one graph."""
+def test_compiled_generate_equals_the_eager_path(fresh_dynamo, monkeypatch):
+    """The pass runs before the layers freeze (once: not after the prompt's forward too); the compiled step
+    (forced on the CPU, ``eager`` backend) over heads of different lengths gives the eager path's tokens and
+    kept positions, in one graph."""
+    freezes = []
+    freeze = kvpolicy.PolicyCache._freeze
+    monkeypatch.setattr(kvpolicy.PolicyCache, "_freeze", lambda self: (freezes.append(1), freeze(self))[1])
     model = llama(2, "sdpa")
     inputs = batch([30, 24, 40])
     settings = dict(compression_ratio=0.5, chunk_size=16)
@@ -327,6 +334,7 @@ def test_compiled_generate_equals_the_eager_path(fresh_dynamo):
         got = model.generate(**inputs, **{kvpolicy.cache_argument(model): cache}, compile_config=compile_config(),
                              **extra)
     assert isinstance(cache.layers[-1], StaticPolicyLayer), "the layers were not frozen for decoding"
+    assert freezes == [1], "frozen once, after the scoring pass"
     assert graphs() == 1, "the decode step was not captured as one graph (or a buffer was re-sized)"
     assert torch.equal(got, expected)
     for layer in range(4):

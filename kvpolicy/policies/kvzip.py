@@ -133,10 +133,8 @@ class KVzipPolicy(CachePolicy):
                                torch.arange(width, width + q_len)])
             index[row, : len(slots)] = slots.to(keys.device)
             real[row, : len(slots)] = True
-        # the chunk's own tokens: only the unpadded ones, and causally
+        # the chunk's own tokens causally (its right padding comes after every real query: never attended)
         own = index >= width
-        own_ok = chunk.attention_mask.to(keys.device).bool().gather(1, (index - width).clamp(0, q_len - 1))
-        real &= ~own | own_ok
         gathered = keys.gather(2, index.view(b, 1, k_len, 1).expand(b, hkv, k_len, d))
         queries = (query.float() * view.scaling).view(b, hkv, g, q_len, d)
         q_ok = chunk.attention_mask.to(keys.device).bool()  # [B, Q]
