@@ -16,7 +16,7 @@ from pydantic import Field
 from ..core.config import PolicyConfig
 from ..core.policy import CachePolicy, LayerView, Plan, ScoringChunk
 
-_QUERY_CHUNK = 256  # reconstruction queries scored at once: bounds the [B, H, G, chunk, K] probabilities
+_QUERY_CHUNK = 512  # reconstruction queries scored at once: bounds the [B, H, G, chunk, K] logits
 
 
 class KVzipConfig(PolicyConfig):
@@ -135,17 +135,19 @@ class KVzipPolicy(CachePolicy):
             real[row, : len(slots)] = True
         # the chunk's own tokens causally (its right padding comes after every real query: never attended)
         own = index >= width
-        gathered = keys.gather(2, index.view(b, 1, k_len, 1).expand(b, hkv, k_len, d))
+        gathered = keys.gather(2, index.view(b, 1, k_len, 1).expand(b, hkv, k_len, d)).float()
         queries = (query.float() * view.scaling).view(b, hkv, g, q_len, d)
         q_ok = chunk.attention_mask.to(keys.device).bool()  # [B, Q]
         q_slot = torch.arange(width, width + q_len, device=keys.device)
-        best = torch.zeros(b, hkv, k_len, device=keys.device)
+        scored = max(sinks) + longest  # the softmax's first keys: sinks and chunk (where scores are kept)
+        best = torch.zeros(b, hkv, scored, device=keys.device)
         for s in range(0, q_len, _QUERY_CHUNK):
             qq = queries[:, :, :, s : s + _QUERY_CHUNK]
-            logits = torch.einsum("bhgqd,bhkd->bhgqk", qq, gathered.float())
             causal = ~own.unsqueeze(1) | (index.unsqueeze(1) <= q_slot[s : s + _QUERY_CHUNK].view(1, -1, 1))  # [B,q,K]
             allowed = (real.unsqueeze(1) & causal).view(b, 1, 1, -1, k_len)
-            probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(nan=0.0)
+            logits = (qq @ gathered.unsqueeze(2).transpose(-1, -2)).masked_fill_(~allowed, float("-inf"))
+            # every query may see its own key: no row is all -inf; a padding query's row is dropped below
+            probs = torch.softmax(logits, dim=-1)[..., :scored]
             probs = probs * q_ok[:, s : s + _QUERY_CHUNK].view(b, 1, 1, -1, 1)
             best = torch.maximum(best, probs.amax(dim=(2, 3)))
         scores = view.state.get("kvzip")
