@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from . import attention_hook, compiled_step, hidden_pruning, masks, parallel
+from . import attention_hook, compiled_step, hidden_pruning, masks, parallel, scoring_pass
+from .compat import cache_argument
 from .errors import CacheMisuseError, ConfigError
 from .layer_store import PolicyLayer, first_moved_slot
-from .policy import CachePolicy, LayerView, Plan
+from .policy import CachePolicy, LayerView, Plan, ScoringChunk
 from .rows import Rows, concat_states
 from .selection import select_slots
 from .static_layer import StaticPolicyLayer
@@ -82,6 +83,12 @@ class PolicyCache(Cache):
         self._setup_done = False
         self._pruner: hidden_pruning.HiddenPruner | None = None  # the prune-hidden prefill, while it runs
         self._parallel: parallel.TensorParallel | None = None  # this rank's KV heads under tensor parallelism
+        # the policy's scoring pass (KVzip): None (none begun), "prompt" (the prompt's forward runs),
+        # "chunks" (the pass's forwards run), "done"; and the chunk being run
+        self._scoring_state: str | None = None
+        self._scoring_chunk: ScoringChunk | None = None
+        if policy.needs_scoring_pass:
+            scoring_pass.install()
 
     # ----------------------------------------------------------------- per-row facts
     @property
@@ -212,6 +219,8 @@ class PolicyCache(Cache):
         self._policy_state = {}
         self._setup_done = False
         self._parallel = None
+        self._scoring_state = None
+        self._scoring_chunk = None
 
     def _move_rows(self, fn) -> None:
         """Re-index every per-row record: the layers, padding, prompt lengths, and the values the
@@ -241,7 +250,8 @@ class PolicyCache(Cache):
         return [layer.length for layer in self.layers]
 
     def valid_tokens_per_layer(self) -> list[list[int]]:
-        """Valid kept tokens per layer and row (heads hold equal counts)."""
+        """Valid kept tokens per layer and row (the fullest head's, where a head-adaptive policy left the
+        heads holding different counts)."""
         self._settle()
         return [[] if layer.keys is None else layer.valid_counts() for layer in self.layers]
 
@@ -415,12 +425,18 @@ class PolicyCache(Cache):
 
     def _after_attention(self, layer_idx: int, module: Any, query: torch.Tensor) -> None:
         layer = self.layers[layer_idx]
+        if self._scoring_chunk is not None:  # a scoring pass's forward: the policy scores, nothing else happens
+            if layer.compressible:
+                view = self._view(layer, self._seen_real(layer), query.shape[2], prefill=True)
+                self.policy.score(view, query, self._scoring_chunk)
+            return
         if layer.compressible:
             self._after_layer_attention(layer, query)
         pruner = self._pruning()
         if pruner is not None:  # what the next decoder layer's inputs are cut to
             pruner.layer_done(None if layer.contiguous else layer.pos_view())
-        if layer_idx == self._num_layers - 1 and self.prompt_len is not None and self._decodes_static():
+        if (layer_idx == self._num_layers - 1 and self.prompt_len is not None and self._decodes_static()
+                and self._scoring_state != "prompt"):  # a scoring pass comes first (it freezes when done)
             self._freeze()  # the prompt (or a continuation of it) is in: decode over fixed-shape layers
 
     def _after_layer_attention(self, layer: PolicyLayer, query: torch.Tensor) -> None:
@@ -439,6 +455,13 @@ class PolicyCache(Cache):
             layer.record_queries(query, signals.decode_query_window, qpos)
         if signals.accumulated_attention:
             layer.accumulate_attention(query, qpos)
+        if not prefill and policy.needs_scoring_pass and self._scoring_state != "done":
+            raise CacheMisuseError(
+                f"the {policy.name} policy scores the prompt with a second forward, run by the model call that fills "
+                "the cache (model(...), generate or kvpolicy.prefill); this cache's prompt went through another "
+                "route (model.forward(...) called directly, or inputs_embeds without input_ids), so nothing was "
+                "scored or evicted. Call the model itself with input_ids on a new cache"
+            )
         plan = self._plan(self._view(layer, seen, new, prefill))
         if plan is not None:
             self._apply(layer, plan, seen)
@@ -507,8 +530,63 @@ class PolicyCache(Cache):
 
     def _select(self, layer: PolicyLayer, plan: Plan, seen: list[int]) -> tuple[torch.Tensor, list[int]] | None:
         return select_slots(
-            plan, layer.valid_counts(), layer.local_positions(), layer.pos_view(), seen, self.policy.shared_positions
+            plan, layer.valid_counts(), layer.local_positions(), layer.pos_view(), seen, self.policy.shared_positions,
+            layer.valid_counts_per_head(),
         )
+
+    # ----------------------------------------------------------------- scoring pass (KVzip)
+    def begin_scoring_pass(self) -> bool:
+        """Asked by the model-call wrapper (``core/scoring_pass.py``) before a forward: True when this is a
+        fresh cache whose policy scores the prompt with a second forward; the pass then follows the forward."""
+        if not self.policy.needs_scoring_pass or self.layers or self._scoring_state is not None:
+            return False
+        self._scoring_state = "prompt"
+        return True
+
+    @torch.no_grad()
+    def run_scoring_pass(self, model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                         position_ids: torch.Tensor | None) -> None:
+        """After the prompt's forward (nothing evicted yet): run the policy's scoring chunks through ``model``'s
+        base model on top of the prompt (the chunk's tokens appended, scored by ``policy.score`` after each
+        layer's attention, then dropped), then apply ``policy.plan_scored`` to every compressible layer.
+        Positions continue the prompt's (``position_ids`` as given to it, else the cache's columns)."""
+        if self.prompt_len is None:  # the forward failed or met no compressible layer
+            self._scoring_state = "done"
+            return
+        if input_ids is None:
+            raise CacheMisuseError(
+                f"the {self.policy.name} policy runs the prompt's tokens through the model again to score them, "
+                "so the prompt must be given as input_ids (not inputs_embeds)"
+            )
+        if self.is_frozen():
+            self._thaw()
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        chunks = self.policy.scoring_inputs(input_ids, mask)
+        base = getattr(model, "base_model", model)
+        self._scoring_state = "chunks"
+        try:
+            for chunk in chunks:
+                q = chunk.input_ids.shape[1]
+                extra = {}
+                if position_ids is not None:
+                    steps = torch.arange(1, q + 1, device=position_ids.device).view(1, -1)
+                    extra["position_ids"] = position_ids[:, -1:] + steps
+                self._scoring_chunk = chunk
+                base(input_ids=chunk.input_ids, attention_mask=torch.cat([mask, chunk.attention_mask.to(mask)], 1),
+                     use_cache=True, **{cache_argument(base): self}, **extra)
+                self._scoring_chunk = None
+                for layer in self.layers:
+                    layer.drop_last(q)
+        finally:
+            self._scoring_chunk = None
+            self._scoring_state = "done"
+        views = [self._view(layer, self._seen_real(layer), 0, prefill=True) for layer in self.layers
+                 if layer.compressible]
+        for view, plan in zip(views, self.policy.plan_scored(views)):
+            if plan is not None:
+                self._apply(view.layer, plan, view.seen)
+        if self._decodes_static():
+            self._freeze()
 
     # ----------------------------------------------------------------- row chunks
     def copy(self) -> PolicyCache:
@@ -542,7 +620,8 @@ class PolicyCache(Cache):
             raise CacheMisuseError("the row chunks were made with different policies")
         if any(c.prompt_len is None or len(c.layers) != len(first.layers) for c in chunks):
             raise CacheMisuseError("adopt() takes caches that have been through one prompt forward")
-        for name in ("_adapter", "_windows", "_num_layers", "_compressible", "_setup_done", "_parallel"):
+        for name in ("_adapter", "_windows", "_num_layers", "_compressible", "_setup_done", "_parallel",
+                     "_scoring_state"):
             setattr(self, name, getattr(first, name))
         self.policy.setup(first._num_layers, first._compressible)
         self.rows.pad = torch.cat([c.rows.pad for c in chunks])

@@ -31,6 +31,10 @@ class PolicyLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
     is_croppable = True
+    #: per row and KV head, how many fewer valid tokens the head holds than the row's fullest head (after
+    #: a head-adaptive plan); None: every head holds the same count. Appends do not change it (every head
+    #: gains the same tokens); a recount from the device (``valid_counts``) refreshes it.
+    head_deficit: list[list[int]] | None = None
 
     def __init__(self, layer_idx: int, rows: Rows, headroom: int = 64, track_attention: bool = False):
         super().__init__()
@@ -98,6 +102,8 @@ class PolicyLayer(CacheLayerMixin):
                 per_row = [torch.cat([w.new_full((w.shape[0], width - w.shape[1]), -1), w], 1) for w in per_row]
                 layer.qwin_pos = torch.cat(per_row)
         layer.valid_host = None if layer.contiguous else counts
+        if any(p.head_deficit is not None for p in parts):
+            layer.valid_host = None  # heads hold different counts: recounted per head on the device
         for p in parts:
             p.keys = p.values = p.pos = p.acc = p.qwin = p.qwin_pos = None
         return layer
@@ -127,6 +133,7 @@ class PolicyLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.pos = self.acc = self.qwin = self.qwin_pos = self.valid_host = None
+        self.head_deficit = None
         self.length = self.total_seen = self.since_compress = 0
         self.contiguous = True
         self.is_initialized = False
@@ -193,7 +200,19 @@ class PolicyLayer(CacheLayerMixin):
             return list(self.valid_host)
         if self.contiguous and self.rows.pad_host is not None:
             return [max(0, n) for n in self.rows.seen(self.total_seen)]
-        return self.valid_mask()[:, 0].sum(-1).tolist()
+        per_head = self.valid_mask().sum(-1).tolist()  # [B][H]: one device read
+        counts = [max(row) for row in per_head]
+        deficit = [[n - c for c in row] for n, row in zip(counts, per_head)]
+        self.head_deficit = deficit if any(any(row) for row in deficit) else None
+        return counts
+
+    def valid_counts_per_head(self) -> list[list[int]] | None:
+        """Valid tokens per row and KV head where the heads hold different counts; None where they do not
+        (then :meth:`valid_counts` is every head's)."""
+        counts = self.valid_counts()  # refreshes head_deficit if it recounts
+        if self.head_deficit is None:
+            return None
+        return [[n - d for d in row] for n, row in zip(counts, self.head_deficit)]
 
     def valid_mask(self) -> torch.Tensor:
         return self.rows.valid(self.pos_view())
@@ -262,6 +281,15 @@ class PolicyLayer(CacheLayerMixin):
         self.since_compress += q
         return self.keys_view(), self.values_view()
 
+    def drop_last(self, q: int) -> None:
+        """Forget the last ``q`` slots: the tokens of a scoring pass's forward, appended after the prompt
+        (see ``PolicyCache.run_scoring_pass``); the buffer keeps its capacity."""
+        self.length -= q
+        self.total_seen -= q
+        self.since_compress -= q
+        if self.valid_host is not None:
+            self.valid_host = [n - q for n in self.valid_host]
+
     def _check_compatible(self, key_states: torch.Tensor) -> None:
         held, given = self.keys.shape, key_states.shape
         if given[0] != held[0]:
@@ -276,10 +304,11 @@ class PolicyLayer(CacheLayerMixin):
                 "use a new cache per model (or call cache.reset())"
             )
 
-    def compact(self, index: torch.Tensor, keep_counts: list[int], start: int | None = None) -> None:
-        """Keep the slots ``index`` ``[B, H or 1, K]`` (sorted by position); row ``b`` keeps ``keep_counts[b]``.
+    def compact(self, index: torch.Tensor, keep_counts: list[int] | list[list[int]], start: int | None = None) -> None:
+        """Keep the slots ``index`` ``[B, H or 1, K]`` (sorted by position); row ``b`` keeps ``keep_counts[b]``,
+        or head ``h`` of row ``b`` keeps ``keep_counts[b][h]`` (its first ones).
 
-        Rows keeping fewer than ``K`` get their surplus slots marked invalid (pos = -1), so the
+        Rows (heads) keeping fewer than ``K`` get their surplus slots marked invalid (pos = -1), so the
         tensor stays rectangular but attention ignores them. ``start``: the first slot that moves,
         when the caller has read it already (:func:`~kvpolicy.core.selection.first_moved_slot`;
         reading it here waits for the device).
@@ -305,10 +334,19 @@ class PolicyLayer(CacheLayerMixin):
         pos[:, :, start:k] = gathered_p
         if acc is not None:
             acc[:, :, start:k] = gathered_a
-        for row, count in enumerate(keep_counts):
-            if count < k:
-                pos[row, :, count:k] = -1
-        self.valid_host = [min(count, k) for count in keep_counts]
+        if keep_counts and isinstance(keep_counts[0], (list, tuple)):  # a count per head
+            counts = torch.tensor(keep_counts, device=pos.device).view(b, h, 1)
+            pos[:, :, :k].masked_fill_(torch.arange(k, device=pos.device).view(1, 1, -1) >= counts, -1)
+            per_row = [min(max(row), k) for row in keep_counts]
+            deficit = [[n - min(c, k) for c in row] for n, row in zip(per_row, keep_counts)]
+            self.valid_host = per_row
+            self.head_deficit = deficit if any(any(row) for row in deficit) else None
+        else:
+            for row, count in enumerate(keep_counts):
+                if count < k:
+                    pos[row, :, count:k] = -1
+            self.valid_host = [min(count, k) for count in keep_counts]
+            self.head_deficit = None
         self.keys, self.values, self.pos, self.acc = keys, values, pos, acc
         self.length = k
         self.since_compress = 0

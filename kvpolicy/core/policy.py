@@ -67,19 +67,43 @@ NO_SIGNALS = Signals()
 class Plan:
     """A policy's answer for one layer.
 
-    ``keep``: tokens to keep per batch row (clipped to what the row holds). ``scores``: one
+    ``keep``: tokens to keep per batch row (clipped to what the row holds), or per row and KV head
+    (``[[head 0, head 1, ...], ...]``: each head its own count). ``scores``: one
     float per kept slot, ``[B, H_kv, L]`` to select per KV head or ``[B, 1, L]`` for one token
     set shared by all heads of the layer (merge heads with ``LayerView.mean_over_heads``, which is
     right under tensor parallelism too) — higher is kept first; ``None`` means "keep by
     recency". ``sinks``/``recent``: leading and trailing tokens of each row (row-local
     positions) that must survive whatever the scores say; the cache clips them to each row's
-    ``keep`` (recent window first), so a small budget is never exceeded to honour them.
+    ``keep`` (recent window first; with per-head counts, the row's smallest), so a small budget
+    is never exceeded to honour them.
+
+    ``head_adaptive`` (Ada-KV, Feng et al. 2024): None keeps each head's own count. A share
+    ``alpha`` in [0, 1] lets a row's KV heads share their summed budget (``keep`` times the heads,
+    or the sum of the per-head counts): one top-k over the scores of all the row's heads picks it,
+    so a head whose scores are concentrated gives tokens to one whose scores are spread; each head
+    keeps at least ``int(alpha * its count)`` of its own best (at least 1 when ``alpha > 0``) and
+    its protected tokens. Only meaningful when scores are comparable across heads (attention
+    probabilities). The layer's buffer is as wide as its fullest head: the other heads' surplus
+    slots are masked, held but not attended.
     """
 
-    keep: list[int]
+    keep: list[int] | list[list[int]]
     scores: torch.Tensor | None
     sinks: int | list[int] = 0
     recent: int | list[int] = 0
+    head_adaptive: float | None = None
+
+
+@dataclass
+class ScoringChunk:
+    """One forward of a policy's scoring pass (see :meth:`CachePolicy.scoring_inputs`): tokens run through
+    the model after the prompt, over the prompt's cache, to be scored; they are removed afterwards.
+    ``attention_mask`` ``[B, Q]``: 0 marks a pad (shorter rows are padded on the right); ``info``: the
+    policy's own facts about the chunk (which prompt tokens it scores, say)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,6 +144,16 @@ class LayerView:
         return self.layer.keys_view()
 
     @property
+    def values(self) -> torch.Tensor:
+        """The kept values ``[B, H_kv, L, D]`` (slots as in :attr:`keys`)."""
+        return self.layer.values_view()
+
+    @property
+    def scaling(self) -> float:
+        """The layer's attention scaling (the factor on ``q . k`` before the softmax)."""
+        return self.layer.scaling
+
+    @property
     def device(self) -> torch.device:
         """Where the layer's tensors live: build per-plan tensors there (a host tensor copied in waits
         for the device)."""
@@ -127,8 +161,17 @@ class LayerView:
 
     @property
     def valid_counts(self) -> list[int]:
-        """Valid kept tokens per row (host-side; a device sync unless the layer tracks them)."""
+        """Valid kept tokens per row, its fullest head's where heads hold different counts (host-side; a
+        device sync unless the layer tracks them)."""
         return self.layer.valid_counts()
+
+    @property
+    def valid_counts_per_head(self) -> list[list[int]]:
+        """Valid kept tokens per row and KV head (host-side; they differ after a head-adaptive plan)."""
+        per_head = self.layer.valid_counts_per_head()
+        if per_head is None:
+            return [[n] * self.layer.keys.shape[1] for n in self.layer.valid_counts()]
+        return per_head
 
     @property
     def positions(self) -> torch.Tensor:
@@ -174,6 +217,23 @@ class LayerView:
         if self.parallel is None:
             return scores.mean(dim=1, keepdim=True)
         return self.parallel.mean_over_heads(scores, self.phase)
+
+    def recorded_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored queries ``[B, H_q, W, D]`` (as attention received them: after RoPE and any q-norm) and
+        their row-local positions ``[B, W]`` (-1: a pad or an empty slot). Their order is not time order on
+        the compiled path (a ring); the positions say which is which."""
+        queries, qpos = self.layer.recorded_queries()
+        b, w = queries.shape[0], queries.shape[2]
+        qpos = qpos.expand(b, w) if qpos.dim() == 1 else qpos
+        pad = self.layer.rows.pad.view(-1, 1)
+        return queries, torch.where((qpos >= pad) & (qpos >= 0), qpos - pad, torch.full_like(qpos, -1))
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``cos``, ``sin`` ``[B, P, D_rot]`` of this layer's RoPE at ``positions`` ``[B, P]``, as the
+        model computes them (see :mod:`kvpolicy.core.rope`, whose ``rotate``/``unrotate`` apply them)."""
+        from . import rope
+
+        return rope.cos_sin(self.layer.module_ref(), positions)
 
 
 class CachePolicy(ABC):
@@ -229,6 +289,29 @@ class CachePolicy(ABC):
         decoding overrides it with its own schedule to make static buffers as small as its cache.
         """
         return new_tokens
+
+    # ----------------------------------------------------------------- scoring pass (KVzip)
+    #: True: after the prompt's forward, before anything is evicted, the cache runs the chunks of
+    #: :meth:`scoring_inputs` through the model on top of the prompt's cache, calls :meth:`score` after each
+    #: layer's attention, drops the chunks' tokens, and applies :meth:`plan_scored`. The prompt's own
+    #: forward (its logits) is unchanged. Run by a wrapper around ``PreTrainedModel.__call__``
+    #: (``core/scoring_pass.py``): the cache needs the model and the prompt's token ids, which it sees nowhere else.
+    needs_scoring_pass: ClassVar[bool] = False
+
+    def scoring_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[ScoringChunk]:
+        """The scoring pass's forwards for a prompt of ``input_ids`` ``[B, T]`` (left-padded: ``attention_mask``)."""
+        return []
+
+    def score(self, view: LayerView, query: torch.Tensor, chunk: ScoringChunk) -> None:
+        """After a layer's attention in a scoring forward: ``view`` holds the prompt's slots then the chunk's
+        (``view.new_tokens`` of them), ``query`` the chunk's queries ``[B, H_q, Q, D]``. Keep what the plan needs
+        in ``view.state``."""
+        return None
+
+    def plan_scored(self, views: list[LayerView]) -> list[Plan | None]:
+        """The plans of every compressible layer once the scoring pass is done (all at once, so a budget may
+        be shared across layers); by default each layer's :meth:`plan`."""
+        return [self.plan(view) for view in views]
 
     def describe(self) -> str:
         return f"{self.name}({self.config.model_dump_json()})"

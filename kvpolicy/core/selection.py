@@ -15,9 +15,10 @@ def select_slots(
     pos: torch.Tensor,
     seen: list[int],
     shared_positions: bool = False,
-) -> tuple[torch.Tensor, list[int]] | None:
-    """The slots to keep: ``index`` ``[B, H or 1, K]`` (sorted by position) and each row's count;
-    None when nothing is evicted.
+    head_valid: list[list[int]] | None = None,
+) -> tuple[torch.Tensor, list[int] | list[list[int]]] | None:
+    """The slots to keep: ``index`` ``[B, H or 1, K]`` (sorted by position) and each row's count (or each
+    row's and head's, see :func:`select_per_head`); None when nothing is evicted.
 
     ``valid_counts``: valid slots per row; ``local``: row-local positions ``[B, H, L]`` (-1 invalid);
     ``pos``: absolute positions ``[B, H, L]``; ``seen``: real tokens each row has seen. Sinks and the
@@ -25,8 +26,12 @@ def select_slots(
     last, then the plan's scores pick (recency when it has none). Per-row numbers stay on the host
     (``per_row``): a blocking copy to the GPU would stall the queue between compiled steps. When
     every head keeps the same positions (``shared_positions``) and the scores are per layer, the
-    selection runs once per row rather than once per head.
+    selection runs once per row rather than once per head. ``head_valid``: valid slots per row and
+    head, where the layer's heads hold different counts (None: every head holds ``valid_counts``).
     """
+    nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
+    if nested or plan.head_adaptive is not None or head_valid is not None:
+        return select_per_head(plan, valid_counts, local, pos, seen, head_valid)
     keep = [max(0, min(int(k), n)) for k, n in zip(plan.keep, valid_counts)]
     if all(k >= n for k, n in zip(keep, valid_counts)):
         return None  # nothing to evict (masked pads stay masked)
@@ -53,3 +58,73 @@ def select_slots(
     order = chosen_pos.argsort(dim=-1)
     return top.gather(2, order), keep
 
+
+
+def select_per_head(
+    plan: Plan,
+    valid_counts: list[int],
+    local: torch.Tensor,
+    pos: torch.Tensor,
+    seen: list[int],
+    head_valid: list[list[int]] | None = None,
+) -> tuple[torch.Tensor, list[list[int]]] | None:
+    """:func:`select_slots` where KV heads keep different counts: a plan with per-head ``keep``, a
+    head-adaptive plan (Ada-KV: one top-k over all of a row's heads), or a layer whose heads already
+    hold different counts. Returns ``index`` ``[B, H, K]`` (``K``: the fullest head's count; each head's
+    kept slots first, in position order) and the count per row and head. A head-adaptive split is
+    known only on the device: its counts are read back (one device read per call)."""
+    b, h, length = local.shape
+    valid_heads = head_valid if head_valid is not None else [[n] * h for n in valid_counts]
+    nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
+    wanted = [list(k) for k in plan.keep] if nested else [[k] * h for k in plan.keep]
+    own = [[max(0, min(int(k), v)) for k, v in zip(ks, vs)] for ks, vs in zip(wanted, valid_heads)]
+    held = [sum(vs) for vs in valid_heads]
+    adaptive = plan.head_adaptive
+    if adaptive is None:
+        if all(o >= v for os_, vs in zip(own, valid_heads) for o, v in zip(os_, vs)):
+            return None
+    else:
+        totals = [min(sum(max(0, int(k)) for k in ks), n) for ks, n in zip(wanted, held)]
+        if all(t >= n for t, n in zip(totals, held)):
+            return None
+    row_keep = [max(0, min(int(k) for k in ks)) for ks in wanted]  # protections fit every head's budget
+    recent = [min(k, r) for k, r in zip(row_keep, plan.recent if isinstance(plan.recent, list) else [plan.recent] * b)]
+    plan_sinks = plan.sinks if isinstance(plan.sinks, list) else [plan.sinks] * b
+    sinks = [min(k - r, s) for k, r, s in zip(row_keep, recent, plan_sinks)]
+    threshold = [seen[i] - recent[i] for i in range(b)]
+    device = local.device
+    valid = local >= 0
+    scores = local.float() if plan.scores is None else plan.scores.float().expand(b, h, length).clone()
+    protected = (local < per_row(sinks, device)) | (local >= per_row(threshold, device))
+    scores = scores.masked_fill(protected & valid, float("inf"))
+    scores = scores.masked_fill(~valid, float("-inf"))
+    rank = torch.arange(length, device=device).view(1, 1, -1)
+
+    def best(counts: list[list[int]]) -> torch.Tensor:
+        """``[B, H, L]``: True on each head's ``counts`` best-scored slots."""
+        k_max = max(max(c) for c in counts)
+        chosen = torch.zeros(b, h, length, dtype=torch.bool, device=device)
+        if k_max:
+            top = scores.topk(k_max, dim=-1).indices
+            wanted_t = torch.tensor(counts, device=device).view(b, h, 1)
+            chosen.scatter_(2, top, rank[..., :k_max] < wanted_t)
+        return chosen
+
+    if adaptive is None:
+        chosen, counts = best(own), own
+    else:
+        if adaptive > 0:  # the safeguard: each head's own best, whatever the other heads score
+            floor = [[max(1, int(o * adaptive)) if o > 0 else 0 for o in os_] for os_ in own]
+            scores = scores.masked_fill(best(floor), float("inf"))
+        flat = scores.reshape(b, h * length)
+        t_max = max(totals)
+        chosen = torch.zeros(b, h * length, dtype=torch.bool, device=device)
+        if t_max:
+            top = flat.topk(t_max, dim=-1).indices
+            ranks = torch.arange(t_max, device=device).view(1, -1)
+            chosen.scatter_(1, top, ranks < torch.tensor(totals, device=device).view(b, 1))
+        chosen = chosen.view(b, h, length)
+        counts = chosen.sum(-1).tolist()  # the split is the scores': read back once
+    k = max(max(c) for c in counts)
+    key = torch.where(chosen, pos[:, :h], torch.full_like(pos[:, :h], torch.iinfo(pos.dtype).max))
+    return key.argsort(dim=-1)[..., :k], counts

@@ -5,7 +5,9 @@ from __future__ import annotations
 from ..core.registry import hookimpl
 from .attention_scored import H2OPolicy, PyramidKVPolicy, SnapKVPolicy
 from .budget import BudgetConfig, BudgetPolicy
+from .expected_attention import ExpectedAttentionConfig, ExpectedAttentionPolicy
 from .knorm import KnormConfig, KnormPolicy
+from .kvzip import KVzipConfig, KVzipPolicy, kvzip_prompt_ids
 from .pyramidinfer import PyramidInferConfig, PyramidInferPolicy
 from .simple import FullPolicy, RandomPolicy, StreamingLLMPolicy
 from .tova import TOVAConfig, TOVAPolicy
@@ -20,6 +22,8 @@ BUILTIN_POLICIES = [
     RandomPolicy,
     TOVAPolicy,
     KnormPolicy,
+    ExpectedAttentionPolicy,
+    KVzipPolicy,
 ]
 
 
@@ -32,10 +36,14 @@ __all__ = [
     "BUILTIN_POLICIES",
     "BudgetConfig",
     "BudgetPolicy",
+    "ExpectedAttentionConfig",
+    "ExpectedAttentionPolicy",
     "FullPolicy",
     "H2OPolicy",
     "KnormConfig",
     "KnormPolicy",
+    "KVzipConfig",
+    "KVzipPolicy",
     "PyramidInferConfig",
     "PyramidInferPolicy",
     "PyramidKVPolicy",
@@ -45,4 +53,5 @@ __all__ = [
     "TOVAConfig",
     "TOVAPolicy",
     "kvpolicy_policies",
+    "kvzip_prompt_ids",
 ]

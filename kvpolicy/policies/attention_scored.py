@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..core.policy import LayerView, Signals
 from ..core.schedule import linear_budgets
-from .budget import BudgetConfig, BudgetPolicy
+from .budget import BudgetConfig, BudgetPolicy, HeadBudgetConfig
 
 
 class H2OConfig(BudgetConfig):
@@ -30,12 +30,23 @@ class H2OPolicy(BudgetPolicy):
         return view.accumulated_attention()
 
 
-class SnapKVConfig(BudgetConfig):
+class SnapKVConfig(BudgetConfig, HeadBudgetConfig):
     """SnapKV votes with the last ``window_size`` prompt queries; ``kernel_size`` pools the votes
-    so that neighbours of an important token survive with it."""
+    so that neighbours of an important token survive with it. ``head_budget="adaptive"``: Ada-KV's
+    split of the layer's budget across KV heads (:class:`~kvpolicy.policies.budget.HeadBudgetConfig`)."""
 
     compress: str = Field("prefill", pattern="^(prefill|both)$")
     kernel_size: int = Field(7, ge=1)
+
+    @model_validator(mode="after")
+    def _adaptive_prompt_only(self):
+        if self.head_budget == "adaptive" and self.compress != "prefill":
+            raise ValueError(
+                "head_budget='adaptive' splits the prompt's budget across KV heads; it is not applied while "
+                "decoding (a head could outgrow the buffers sized for the compiled decode step): set "
+                "compress='prefill' or head_budget='uniform'"
+            )
+        return self
 
 
 class SnapKVPolicy(BudgetPolicy):

@@ -34,6 +34,25 @@ class BudgetConfig(PolicyConfig):
     evict_every: int = Field(1, ge=1)
 
 
+class HeadBudgetConfig(PolicyConfig):
+    """Ada-KV's head-adaptive budgets (Feng et al., 2024), for per-KV-head policies whose scores are
+    attention probabilities (comparable across heads). ``head_budget="uniform"``: every KV head keeps
+    the layer's per-head budget. ``"adaptive"``: the heads of a row share the layer's budget (per-head
+    budget times the heads) by one top-k over all their scores, so a head whose attention is
+    concentrated on few tokens gives slots to one whose attention is spread; each head keeps at
+    least ``head_floor`` of the per-head budget (kvpress's ``alpha_safeguard``). Prompt compression
+    only. The layer's buffer is as wide as its fullest head (the other heads' surplus slots are
+    masked), so the KV memory saved is less than the tokens removed; see docs/policies/adakv.md."""
+
+    head_budget: Literal["uniform", "adaptive"] = "uniform"
+    head_floor: float = Field(0.2, ge=0.0, le=1.0)
+
+    @property
+    def head_adaptive(self) -> float | None:
+        """The plan's ``head_adaptive``: the floor share when adaptive, else None."""
+        return self.head_floor if self.head_budget == "adaptive" else None
+
+
 class BudgetPolicy(CachePolicy):
     """Base of the policies that keep a token budget chosen by a per-slot score."""
 
@@ -83,4 +102,5 @@ class BudgetPolicy(CachePolicy):
         keep = [self.target(view, s) for s in view.seen]
         if all(k >= s for k, s in zip(keep, view.seen)):
             return None  # under budget: nothing to score, nothing to evict
-        return Plan(keep=keep, scores=self.scores(view), sinks=self.config.sink_size, recent=self.config.window_size)
+        return Plan(keep=keep, scores=self.scores(view), sinks=self.config.sink_size, recent=self.config.window_size,
+                    head_adaptive=getattr(self.config, "head_adaptive", None))

@@ -11,7 +11,6 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..core.config import PolicyConfig
 from ..core.policy import CachePolicy, LayerView, Plan, Signals, per_row
 from ..core.rows import PerRow
 from ..core.schedule import (
@@ -23,10 +22,13 @@ from ..core.schedule import (
     solve_context_scale,
 )
 from .attention_scored import max_pool
+from .budget import HeadBudgetConfig
 
 
-class PyramidInferConfig(PolicyConfig):
-    """Settings named as in the reference code's ``configs/*.json`` (defaults: its Llama-2-7B)."""
+class PyramidInferConfig(HeadBudgetConfig):
+    """Settings named as in the reference code's ``configs/*.json`` (defaults: its Llama-2-7B).
+    ``head_budget="adaptive"`` (with ``head_aggregation="kv_head"``): Ada-KV's split of each layer's
+    prefill budget across KV heads (:class:`~kvpolicy.policies.budget.HeadBudgetConfig`)."""
 
     # prefill: which prompt tokens each layer keeps
     prefill_recent_ratio: float = Field(0.2, gt=0.0, lt=1.0, description="share of the prompt whose queries vote")
@@ -81,6 +83,15 @@ class PyramidInferConfig(PolicyConfig):
                 f"compression_ratio ({self.compression_ratio}) and budget ({self.budget}) are two ways to set the "
                 "same target; give one: compression_ratio (share of the prompt's KV removed over all layers) or "
                 "budget (mean prompt tokens kept per layer)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adaptive_needs_kv_heads(self):
+        if self.head_budget == "adaptive" and self.head_aggregation != "kv_head":
+            raise ValueError(
+                "head_budget='adaptive' splits a layer's budget across its KV heads, which needs a selection per "
+                "head: set head_aggregation='kv_head' (or head_budget='uniform')"
             )
         return self
 
@@ -277,7 +288,8 @@ class PyramidInferPolicy(CachePolicy):
         weights = distance_weights(windows, c.distance_weight, view.device)
         votes = view.window_attention(weights=weights, num_queries=w_max)
         scores = self._aggregate(view, max_pool(votes, c.pool_kernel))
-        return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=windows)
+        return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=windows,
+                    head_adaptive=c.head_adaptive)
 
     def _plan_decode(self, view: LayerView) -> Plan | None:
         c = self.config
@@ -300,7 +312,10 @@ class PyramidInferPolicy(CachePolicy):
         attn = self._aggregate(view, max_pool(view.window_attention(), c.pool_kernel)).expand_as(local)
         scores = torch.where(in_group, attn, torch.full_like(attn, float("inf")))
         evict = group - self.group_keep(view.layer_idx)
-        keep = [v - evict if d else v for v, d in zip(valid, due)]
+        if c.head_budget == "adaptive":  # heads hold their own counts since the prefill: each evicts alike
+            keep = [[v - evict if d else v for v in row] for row, d in zip(view.valid_counts_per_head, due)]
+        else:
+            keep = [v - evict if d else v for v, d in zip(valid, due)]
         view.state["frontier"] = PerRow(f + group if d else f for f, d in zip(frontier, due))
         self._note_next_due(view)
         return Plan(keep=keep, scores=scores, sinks=0, recent=0)
