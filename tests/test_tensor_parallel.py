@@ -87,6 +87,10 @@ def test_score_reduction_is_bitwise_the_one_process_mean(runs):
 def test_tokens_and_kept_positions_equal_one_process(runs, name):
     parallel, alone = runs
     got, want = parallel[name], alone[name]
+    if name in tp_worker.REFUSED:  # one process runs it; two refuse it, naming the way out
+        assert "error" not in want, want.get("error")
+        assert "not supported under tensor parallelism" in got.get("error", ""), got.get("error")
+        return
     assert got["ranks_agree"]
     assert torch.equal(got["tokens"], want["tokens"]), (got["tokens"], want["tokens"])
     assert len(got["kept"]) == len(want["kept"])

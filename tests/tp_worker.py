@@ -36,7 +36,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "random": dict(compression_ratio=0.5, window_size=4),
     "tova": dict(compression_ratio=0.5),
     "knorm": dict(compression_ratio=0.5, compress="both"),
+    "expected_attention": dict(compression_ratio=0.5),
+    "kvzip": dict(compression_ratio=0.5),
 }
+
+#: selections that rank slots across a layer's KV heads: refused under tensor parallelism (each rank
+#: sees only its heads), so these cases check the refusal, not equality
+REFUSED = {"kvzip", "snapkv-adaptive"}
 
 #: policies whose layers keep one token set for all heads from head-merged scores: these, and only
 #: these, reduce across the tensor-parallel ranks
@@ -63,6 +69,8 @@ def cases() -> list[dict[str, Any]]:
                     compiled=True))
     for p in ("pyramidinfer", "h2o"):
         out.append(dict(name=f"{p}-rows", policy=p, settings=SETTINGS[p], compiled_decode=True, rows=1))
+    out.append(dict(name="snapkv-adaptive", policy="snapkv", settings=dict(SETTINGS["snapkv"], head_budget="adaptive",
+                                                                       compress="prefill")))
     out.append(dict(name="pyramidinfer-broken", policy="pyramidinfer", settings=pyr, broken="reduced"))
     out.append(dict(name="pyramidinfer-unmerged", policy="pyramidinfer", settings=pyr, broken="unmerged"))
     return out
@@ -160,7 +168,7 @@ def run_case(model, case: dict[str, Any]) -> dict[str, Any]:
                 ids, mask, new = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1), NEW - 1
             out = model.generate(input_ids=ids, attention_mask=mask, **{arg: cache}, max_new_tokens=new,
                                  min_new_tokens=new, pad_token_id=0, **sampling)
-    except kvpolicy.CacheMisuseError as err:
+    except (kvpolicy.CacheMisuseError, kvpolicy.UnsupportedModelError) as err:
         return {"error": str(err), "tokens": torch.zeros(0), "kept": []}
     finally:
         LayerView.mean_over_heads = saved

@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 
 from . import attention_hook, compiled_step, hidden_pruning, masks, parallel, scoring_pass
 from .compat import cache_argument
-from .errors import CacheMisuseError, ConfigError
+from .errors import CacheMisuseError, ConfigError, UnsupportedModelError
 from .layer_store import PolicyLayer, first_moved_slot
 from .policy import CachePolicy, LayerView, Plan, ScoringChunk
 from .rows import Rows, concat_states
@@ -492,6 +492,9 @@ class PolicyCache(Cache):
         """The policy's plan for ``view``; under tensor parallelism, refuses one score row per layer that
         was not merged across the ranks (each rank would keep other tokens, see ``core/parallel.py``)."""
         plan = self.policy.plan(view)
+        if view.parallel is not None and plan is not None and plan.head_adaptive is not None:
+            self._refuse_cross_head_ranking("Ada-KV's head-adaptive budgets (one top-k over a row's heads)",
+                                            "head_budget='uniform'")
         if (
             view.parallel is not None
             and plan is not None
@@ -509,6 +512,15 @@ class PolicyCache(Cache):
                 "view.mean_over_heads(scores), which reduces across the ranks"
             )
         return plan
+
+    def _refuse_cross_head_ranking(self, what: str, fix: str) -> None:
+        """A selection that ranks slots across a layer's KV heads sees only this rank's heads under tensor
+        parallelism, so each rank would keep other counts and tokens than one process: refused, not
+        approximated, until its scores are gathered across the ranks."""
+        raise UnsupportedModelError(
+            f"{what} is not supported under tensor parallelism yet: each rank holds only some of the KV heads, "
+            f"so the ranks would keep other tokens than one GPU would. Use {fix} (docs/tensor-parallel.md)"
+        )
 
     def _pruning(self) -> hidden_pruning.HiddenPruner | None:
         """The prune-hidden prefill in progress, if any."""
@@ -582,6 +594,8 @@ class PolicyCache(Cache):
             self._scoring_state = "done"
         views = [self._view(layer, self._seen_real(layer), 0, prefill=True) for layer in self.layers
                  if layer.compressible]
+        if any(view.parallel is not None for view in views):
+            self._refuse_cross_head_ranking(f"the {self.policy.name} policy's ranking over KV heads", "another policy")
         for view, plan in zip(views, self.policy.plan_scored(views)):
             if plan is not None:
                 self._apply(view.layer, plan, view.seen)
