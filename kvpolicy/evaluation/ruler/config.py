@@ -26,7 +26,8 @@ class RulerConfig(BaseModel):
     samples: int = Field(20, ge=1)
     seed: int = 0
     haystack: str | None = None
-    #: a prompt must come within this share below its target length
+    #: a prompt must come within this share below its target length (at least 16 tokens below a
+    #: short target: see ``prompt.slack``)
     tolerance: float = Field(0.01, gt=0, lt=0.5)
 
     @field_validator("tasks")

@@ -52,6 +52,17 @@ class LengthError(ValueError):
     """A target length the task cannot be fitted to; the message names the smallest possible."""
 
 
+#: the slack allowed below a short target, in tokens: one step of a word-list task (a list entry,
+#: a made-up word) can be 5-8 tokens, more than 1% of a target under about 1,600 tokens
+MIN_SLACK_TOKENS = 16
+
+
+def slack(target: int, tolerance: float) -> int:
+    """How far below ``target`` a fitted prompt may end: ``tolerance`` of it, at least
+    :data:`MIN_SLACK_TOKENS`."""
+    return max(MIN_SLACK_TOKENS, int(target * tolerance))
+
+
 def fit(
     tokenizer: Any, build: Callable[[int], Draft], target: int, min_units: int = 0, tolerance: float = 0.01,
 ) -> tuple[int, Draft, Prompt]:
@@ -59,8 +70,8 @@ def fit(
 
     Tokens grow about linearly with ``n``, so a secant step lands close and bisection finishes
     (typically 3-5 tokenizations of the whole prompt). The search stops once the prompt is within
-    half of ``tolerance`` below the target; a prompt that cannot come within ``tolerance`` (the
-    fixed part is longer than the target) raises :class:`LengthError`.
+    half of ``tolerance`` below the target; a prompt that cannot come within :func:`slack` of it
+    raises :class:`LengthError` (e.g. the fixed part is longer than the target).
     """
 
     def measure(n: int) -> tuple[int, Draft, Prompt]:
@@ -72,7 +83,7 @@ def fit(
     c_lo, d_lo, p_lo = measure(lo)
     if c_lo > target:
         raise LengthError(f"the task's fixed part alone is {c_lo} tokens, more than the target {target}; "
-                          f"use a context length of at least {int(c_lo / (1 - tolerance / 2)) + 1}")
+                          f"use a context length of at least {c_lo + slack(c_lo, tolerance)}")
     close = max(0, int(target * tolerance / 2))
     hi = None
     slope = None
@@ -93,7 +104,7 @@ def fit(
             lo, c_lo, d_lo, p_lo = n, c, d, p
         else:
             hi = n
-    if c_lo < target * (1 - tolerance):
+    if c_lo < target - slack(target, tolerance):
         raise LengthError(f"could not fit the prompt to {target} tokens (closest below: {c_lo}); "
                           "the haystack text may be too short or too irregular")
     return lo, d_lo, p_lo
