@@ -100,21 +100,40 @@ def _niah(num_keys: int, num_values: int, num_queries: int) -> Callable[[random.
     return draw
 
 
+#: RULER's noise sentences, used here only in ``vt``'s worked example (the task's own noise is the haystack)
+EXAMPLE_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def _chain(names: list[str], value: str) -> list[str]:
+    return [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(len(names) - 1)]
+
+
 def _variable_tracking(hops: int = 4) -> Callable[[random.Random, Haystack], Builder]:
     """RULER's ``vt``: ``VAR A = 12345``, then ``VAR B = VAR A`` and so on for ``hops`` hops, the
     statements in order at random sentence boundaries; every variable holding the value is expected.
-    RULER's one-shot example is left out (it costs tokens of every sample, and its noise differs)."""
+    As in RULER, a short worked example (3-letter names in RULER's noise sentences, with its answer)
+    comes first."""
 
     def draw(rng: random.Random, hay: Haystack) -> Builder:
         doc, start = hay.start(rng)
         names = w.distinct(w.variable, rng, hops + 1)
-        value = w.number(rng, 5)
-        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
+        value, example_value = w.distinct(lambda r: w.number(r, 5), rng, 2)
+        example_names = w.distinct(lambda r: w.variable(r, 3), rng, hops + 1, avoid=" ".join(names))
+        chain = _chain(names, value)
         depths = sorted(rng.choice(DEPTHS) for _ in chain)
-        preamble = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-        question = f"Question: Find all variables that are assigned the value {value} in the text above."
-        prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} "
-                  f"variables are assigned the value {value}, they are:")
+        noise = sentences((EXAMPLE_NOISE + " " + EXAMPLE_NOISE).split())
+        example = " ".join(insert_at_depths(noise, _chain(example_names, example_value),
+                                            sorted(rng.choice(DEPTHS) for _ in names)))
+
+        def ask(v: str) -> tuple[str, str]:
+            return (f"Question: Find all variables that are assigned the value {v} in the text above.",
+                    f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} "
+                    f"variables are assigned the value {v}, they are:")
+
+        intro = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+        example_q, example_a = ask(example_value)
+        preamble = f"{intro}{example}\n{example_q} {example_a} {' '.join(example_names)}\n\n{intro}"
+        question, prefix = ask(value)
 
         def build(n: int) -> Draft:
             body = " ".join(insert_at_depths(sentences(hay.words(doc, start, n)), chain, depths))
