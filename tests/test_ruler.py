@@ -410,7 +410,7 @@ def test_compare_suite_on_a_tiny_model(tiny_model_dir, prose_file, tmp_path, cap
     samples, the table, the JSON (meta, rows, cells, samples) and the plot."""
     out, png = tmp_path / "ruler.json", tmp_path / "ruler.png"
     argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--suite", "ruler", "--ruler-tasks",
-            "niah_single,vt", "--samples", "2", "--context", "256,384", "--haystack", str(prose_file),
+            "niah_single,vt", "--samples", "2", "--context", "384,512", "--haystack", str(prose_file),
             "--policies", "streamingllm,pyramidinfer_54_floor", "--ratios", "0.5", "--batch-size", "4",
             "--json", str(out), "--plot", str(png), "--quiet"]
     assert main(argv) == 0
@@ -420,12 +420,12 @@ def test_compare_suite_on_a_tiny_model(tiny_model_dir, prose_file, tmp_path, cap
     report.validate_results(data, ["ruler"])
     meta, rows = data["meta"], data["rows"]
     assert meta["suite"] == "ruler" and meta["tasks"] == ["ruler"]
-    assert meta["sizes"]["ruler_lengths"] == [256, 384] and meta["sizes"]["ruler_samples"] == 2
+    assert meta["sizes"]["ruler_lengths"] == [384, 512] and meta["sizes"]["ruler_samples"] == 2
     assert [r["label"] for r in rows] == ["full", "streamingllm@0.5", "pyramidinfer_54_floor@0.5"]
     ids = None
     for row in rows:
         cells = {(c["task"], c["length"]): c["samples"] for c in row["ruler_cells"]}
-        assert cells == {(t, n): 2 for t in ("niah_single", "vt") for n in (256, 384)}
+        assert cells == {(t, n): 2 for t in ("niah_single", "vt") for n in (384, 512)}
         samples = row["ruler_samples"]
         mine = sorted((s["task"], s["length"], s["index"], tuple(s["answers"])) for s in samples)
         ids = ids or mine
