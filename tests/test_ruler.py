@@ -30,6 +30,7 @@ from kvpolicy.evaluation.ruler import (
     HaystackError,
     RulerConfig,
     binomial_stderr,
+    copy_baseline,
     generate,
     ruler_config,
     string_match_all,
@@ -270,6 +271,15 @@ def test_scorer_counts_the_answers_present(numbers, data):
     assert string_match_all(output, answers) == len(said) / len(answers)
 
 
+def test_copy_baseline(tok):
+    """The floor a score is read against: an answer copying the start of the haystack part."""
+    needle = "One of the special magic numbers for amber-apple is: 1234567."
+    later = " ".join(["It was a fine day in the village."] * 10)
+    assert copy_baseline(needle + " " + later, ["1234567"], tok, 24) == 1.0
+    assert copy_baseline(later + " " + needle, ["1234567"], tok, 24) == 0.0
+    assert copy_baseline("1. apple\n2. pear\n3. plum", ["apple", "plum", "fig", "kiwi"], tok, 24) == 0.5
+
+
 def test_binomial_stderr():
     assert binomial_stderr(0.5, 20) == pytest.approx(math.sqrt(0.25 / 20))
     assert binomial_stderr(1.0, 20) == 0.0 and math.isnan(binomial_stderr(0.5, 0))
@@ -426,6 +436,7 @@ def test_compare_suite_on_a_tiny_model(tiny_model_dir, prose_file, tmp_path, cap
     for row in rows:
         cells = {(c["task"], c["length"]): c["samples"] for c in row["ruler_cells"]}
         assert cells == {(t, n): 2 for t in ("niah_single", "vt") for n in (384, 512)}
+        assert all(0 <= c["chance"] <= 1 for c in row["ruler_cells"])
         samples = row["ruler_samples"]
         mine = sorted((s["task"], s["length"], s["index"], tuple(s["answers"])) for s in samples)
         ids = ids or mine

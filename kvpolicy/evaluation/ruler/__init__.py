@@ -9,10 +9,10 @@ from .config import DEFAULT_TASKS, RulerConfig, ruler_config
 from .generators import TASK_NAMES, task_specs
 from .haystack import Haystack, HaystackError
 from .prompt import LengthError
-from .scoring import binomial_stderr, string_match_all
+from .scoring import binomial_stderr, copy_baseline, string_match_all
 from .suite import RulerSample, generate
 
 __all__ = [
     "DEFAULT_TASKS", "TASK_NAMES", "Haystack", "HaystackError", "LengthError", "RulerConfig", "RulerSample",
-    "binomial_stderr", "generate", "ruler_config", "string_match_all", "task_specs",
+    "binomial_stderr", "copy_baseline", "generate", "ruler_config", "string_match_all", "task_specs",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
 
@@ -35,3 +36,11 @@ def binomial_stderr(score: float, samples: int) -> float:
         return math.nan
     p = min(1.0, max(0.0, score))
     return math.sqrt(p * (1 - p) / samples)
+
+
+def copy_baseline(body: str, answers: Sequence[str], tokenizer: Any, tokens: int) -> float:
+    """The score of an answer that copies the first ``tokens`` tokens of the haystack part: what a
+    model gets without finding anything (high for ``cwe``/``fwe`` when the common words are most of
+    the list, a needle placed first for the needle tasks). The floor a task's score is read against."""
+    ids = tokenizer(body, add_special_tokens=False)["input_ids"][:tokens]
+    return string_match_all(tokenizer.decode(ids), answers)

@@ -37,6 +37,8 @@ class RulerSample:
     context_ids: list[int] = field(repr=False)
     question_ids: list[int] = field(repr=False)
     max_new_tokens: int
+    #: characters of ``context`` before the haystack part (instructions, vt's worked example)
+    preamble_chars: int = 0
     #: strings the task put in the context exactly once, and word -> entries (word-list tasks)
     once: tuple[str, ...] = ()
     counts: dict[str, int] = field(default_factory=dict, repr=False)
@@ -45,6 +47,11 @@ class RulerSample:
     def ids(self) -> list[int]:
         """The whole prompt (``question: in-prompt``)."""
         return self.context_ids + self.question_ids
+
+    @property
+    def body(self) -> str:
+        """The haystack part of the context (needles, list or coded text included)."""
+        return self.context[self.preamble_chars :]
 
     def record(self) -> dict[str, Any]:
         """What identifies the sample in a results file (no token ids, no texts)."""
@@ -85,6 +92,6 @@ def generate(tokenizer: Any, config: RulerConfig, haystack: Haystack | None = No
                     answers=draft.answers, context=draft.context, question=draft.question,
                     answer_prefix=draft.answer_prefix, context_ids=prompt.context_ids,
                     question_ids=prompt.question_ids, max_new_tokens=spec.max_new_tokens,
-                    once=draft.once, counts=dict(draft.counts),
+                    preamble_chars=len(draft.preamble), once=draft.once, counts=dict(draft.counts),
                 ))
     return out

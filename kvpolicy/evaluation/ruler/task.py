@@ -15,6 +15,7 @@ Why it runs the way it does:
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from ..tasks import CacheFactory, EvalSizes, Task, TaskResult, _left_pad
 from .config import ruler_config
 from .generators import TASK_NAMES
-from .scoring import binomial_stderr, string_match_all
+from .scoring import binomial_stderr, copy_baseline, string_match_all
 from .suite import RulerSample, generate
 
 #: characters of each answer kept in the results file (enough to see what went wrong)
@@ -72,6 +73,8 @@ class RulerTask(Task):
         self.config = ruler_config(tasks=sizes.ruler_tasks, lengths=sizes.ruler_lengths,
                                    samples=sizes.ruler_samples, seed=sizes.seed, haystack=sizes.ruler_haystack)
         self.samples = generate(tokenizer, self.config)
+        self.chance = {(s.task, s.length, s.index): copy_baseline(s.body, s.answers, tokenizer, s.max_new_tokens)
+                       for s in self.samples}
         self.batches = plan_batches(self.samples, sizes.batch_size, sizes.question == "after_context")
         self.units = len(self.batches)
 
@@ -100,6 +103,7 @@ class RulerTask(Task):
                 end = next((i for i, t in enumerate(row) if t in stops), len(row))
                 answer = self.tokenizer.decode(row[:end], skip_special_tokens=True)
                 results.append({**s.record(), "score": string_match_all(answer, s.answers),
+                                "chance": self.chance[(s.task, s.length, s.index)],
                                 "answer": answer.strip()[:ANSWER_CHARS]})
             if self.on_unit:
                 self.on_unit()
@@ -110,10 +114,12 @@ def summarize(results: list[dict[str, Any]], reference: float | None) -> TaskRes
     """Per-sample scores to the row's metrics: ``ruler_score`` (the mean over tasks of each task's
     mean over its lengths and samples, RULER's average), its ratio to the reference's (``full``:
     its own score, so 1.0, or NaN when it scored 0), each task's score, and one cell per task and
-    length with its binomial standard error."""
+    length with its binomial standard error and the copy baseline's score (``chance``)."""
     cells: dict[tuple[str, int], list[float]] = {}
+    chance: dict[tuple[str, int], list[float]] = {}
     for r in results:
         cells.setdefault((r["task"], r["length"]), []).append(r["score"])
+        chance.setdefault((r["task"], r["length"]), []).append(r.get("chance", math.nan))
     tasks = [t for t in TASK_NAMES if any(k[0] == t for k in cells)]
     per_task = {t: statistics.mean(x for (task, _), xs in cells.items() if task == t for x in xs) for t in tasks}
     score = statistics.mean(per_task.values())
@@ -121,7 +127,7 @@ def summarize(results: list[dict[str, Any]], reference: float | None) -> TaskRes
     metrics = {"ruler_score": score, "ruler_score_ratio": score / ref if ref else float("nan")}
     metrics.update({f"ruler_{t}": v for t, v in per_task.items()})
     cell_rows = [{"task": t, "length": n, "samples": len(xs), "score": statistics.mean(xs),
-                  "stderr": binomial_stderr(statistics.mean(xs), len(xs))}
+                  "stderr": binomial_stderr(statistics.mean(xs), len(xs)), "chance": statistics.mean(chance[(t, n)])}
                  for (t, n), xs in sorted(cells.items(), key=lambda kv: (TASK_NAMES.index(kv[0][0]), kv[0][1]))]
     return TaskResult(metrics, reference=score, details=results,
                       extra={"ruler_cells": cell_rows, "ruler_samples": results})
