@@ -12,6 +12,7 @@ import math
 import random
 import re
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -35,12 +36,14 @@ from kvpolicy.evaluation.ruler import (
     ruler_config,
     string_match_all,
 )
+from kvpolicy.evaluation.ruler import report as ruler_report
 from kvpolicy.evaluation.ruler.prompt import slack
 from kvpolicy.evaluation.ruler.task import RulerTask, plan_batches, summarize
 from kvpolicy.evaluation.tasks import PRESETS
 from kvpolicy.models import ModelLoadError, default_model_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 def _prose(sentences: int = 600, seed: int = 0) -> list[str]:
     """Seeded sentences over a few thousand made-up words (enough distinct words for ``cwe`` at 8k),
@@ -422,7 +425,7 @@ def test_compare_suite_on_a_tiny_model(tiny_model_dir, prose_file, tmp_path, cap
     argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--suite", "ruler", "--ruler-tasks",
             "niah_single,vt", "--samples", "2", "--context", "384,512", "--haystack", str(prose_file),
             "--policies", "streamingllm,pyramidinfer_54_floor", "--ratios", "0.5", "--batch-size", "4",
-            "--json", str(out), "--plot", str(png), "--quiet"]
+            "--prefill-rows", "3", "--json", str(out), "--plot", str(png), "--quiet"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "pyramidinfer_54_floor@0.5" in table and "single" in table
@@ -450,3 +453,74 @@ def test_compare_suite_on_a_tiny_model(tiny_model_dir, prose_file, tmp_path, cap
     assert abs(stream["kv_reduction_prefill"] - 0.5) < 0.02
     assert abs(pyr["kv_reduction_prefill"] - 0.5) < 0.02, "the preset is scaled to the same budget"
     assert png.stat().st_size > 10_000
+
+    # the docs' tables from the same file: every policy line and the targets' lines
+    text = ruler_report.markdown(rows)
+    assert "| streamingllm | " in text and "| pyramidinfer_54_floor | " in text and "### targets" in text
+    assert f"| niah_single | {100 * full['ruler_cells'][0]['score']:.1f} ± " in text
+
+
+def test_report_merges_runs_of_other_tasks_and_lengths():
+    """Runs split by task or length pool their samples per label, and every score is recomputed."""
+    def row(label, samples, ratio=None):
+        return {"label": label, "policy": label.split("@")[0], "ratio": ratio, "kv_reduction_prefill": 0.5,
+                "ruler_samples": [{"task": t, "length": n, "index": i, "score": sc, "chance": 0.0}
+                                  for t, n, i, sc in samples]}
+
+    a = [row("full", [("vt", 2048, 0, 1.0), ("vt", 2048, 1, 0.0)]),
+         row("h2o@0.5", [("vt", 2048, 0, 0.0), ("vt", 2048, 1, 0.0)], 0.5)]
+    b = [row("full", [("cwe", 4096, 0, 0.6)]), row("h2o@0.5", [("cwe", 4096, 0, 0.3)], 0.5)]
+    rows = ruler_report.merge_runs([a, b])
+    full, h2o = rows
+    assert full["ruler_vt"] == 0.5 and full["ruler_cwe"] == 0.6 and full["ruler_score"] == pytest.approx(0.55)
+    assert h2o["ruler_score"] == pytest.approx(0.15) and h2o["ruler_score_ratio"] == pytest.approx(0.15 / 0.55)
+    assert {(c["task"], c["length"]) for c in full["ruler_cells"]} == {("vt", 2048), ("cwe", 4096)}
+    again = ruler_report.merge_runs([a, [row("full", [("vt", 2048, 1, 1.0)])]])  # a sample run again: the later
+    assert again[0]["ruler_vt"] == 1.0
+    lines = ruler_report.targets(rows)
+    assert lines == ["at 0.5 removed the best policy, h2o@0.5, keeps 27.3% of full's score (target 95%): missed"]
+
+
+def test_grid_shards_and_merge(tmp_path):
+    grid = _load_grid()
+    assert grid.shards(list("abcdefgh"), 3) == [["a", "d", "g"], ["b", "e", "h"], ["c", "f"]]
+    assert grid.shards(["a"], 4) == [["a"]]
+    cmd = grid.shard_command(["h2o", "tova"], tmp_path / "s.json", ["--samples", "20"])
+    assert cmd[-2:] == ["--device", "cuda"] and "h2o,tova" in cmd and "--suite" in cmd
+    assert grid.shard_command(["h2o"], tmp_path / "s.json", ["--device", "cpu"]).count("--device") == 1
+    for i, labels in enumerate((["full", "h2o@0.5"], ["full", "tova@0.5"])):
+        rows = [{"label": lab, "policy": lab.split("@")[0], "ruler_score": 0.5} for lab in labels]
+        report.save_json(rows, tmp_path / f"shard{i}.json", {"command": f"shard {i}"})
+    rows, metas = grid.merge([tmp_path / "shard0.json", tmp_path / "shard1.json"])
+    assert [r["label"] for r in rows] == ["full", "h2o@0.5", "tova@0.5"] and [m["command"] for m in metas] == [
+        "shard 0", "shard 1"]
+
+
+def _load_grid():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ruler_grid", ROOT / "benchmarks" / "ruler_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_dry_run_on_cpu(tiny_model_dir, prose_file, tmp_path):  # noqa: F811
+    """The GPU command's shape, run on the CPU with the tiny model: one shard, merged file, plot, tables."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "grid"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ruler_grid.py"), "--out", str(out), "--gpus", "0",
+         "--policies", "streamingllm", "--", "--model", str(tiny_model_dir), "--sizes", "tiny", "--ruler-tasks",
+         "niah_single", "--samples", "2", "--context", "384", "--haystack", str(prose_file), "--ratios", "0.5",
+         "--batch-size", "2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "ruler.json").read_text())
+    report.validate_results(data, ["ruler"])
+    assert [r["label"] for r in data["rows"]] == ["full", "streamingllm@0.5"]
+    assert data["meta"]["tool"] == "benchmarks/ruler_grid.py" and len(data["meta"]["shards"]) == 1
+    assert (out / "ruler.png").stat().st_size > 10_000 and "### targets" in (out / "ruler.md").read_text()
