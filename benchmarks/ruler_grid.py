@@ -1,11 +1,13 @@
 """The whole RULER-style grid in one call: policies x ratios x tasks x lengths x samples, split over GPUs.
 
-Why a launcher: on one GPU the grid (9 policies x 4 ratios x 7 tasks x 2k/4k/8k x 20 samples, 13k
-generations) is about the 10-minute limit of one call; split by policy over the GPUs of one host
-(one ``kvpolicy compare --suite ruler`` process per GPU, each with its own ``full`` reference for
-its KV ratios), it is a few minutes. Samples depend only on the seed, task, length and index, so
-every shard runs the same samples; the shards' JSON files are merged into one, with a plot and the
-Markdown tables of docs/benchmarks/ruler.md.
+Why a launcher: on one GPU the grid (8 policies x 4 ratios + full, 7 tasks, 2k/4k/8k tokens, 20
+samples: 14k generations of 2k-8k-token prompts) is estimated above the 10-minute limit of one
+call; split by policy into shards (one ``kvpolicy compare --suite ruler`` process each, with its
+own ``full`` reference for its KV ratios) run by the GPUs of one host, it is a few minutes, and
+each shard's JSON is written as soon as it ends, so a call cut short keeps the finished shards.
+Samples depend only on the seed, task, length and index, so every shard runs the same samples;
+the shards' JSON files are merged into one, with a plot and the Markdown tables of
+docs/benchmarks/ruler.md.
 
     python benchmarks/ruler_grid.py --out /tmp/ruler --gpus 4 -- --context 2048,4096,8192 --samples 20 \\
         --batch-size 140 --prefill-rows 16 --dtype bfloat16
@@ -34,7 +36,7 @@ GRID_POLICIES = "pyramidinfer_54_floor,h2o,snapkv,pyramidkv,tova,knorm,streaming
 
 
 def shards(policies: list[str], count: int) -> list[list[str]]:
-    """``policies`` dealt round-robin into ``count`` shards (empty shards dropped); ``full`` runs in each."""
+    """``policies`` dealt round-robin into ``count`` shards (empty ones dropped); ``full`` runs in each."""
     out = [policies[i::count] for i in range(max(1, count))]
     return [s for s in out if s]
 
@@ -68,44 +70,60 @@ def merge(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return rows, metas
 
 
+def _run_queue(jobs: list[tuple[int, list[str]]], gpu: int | None, out: Path, passthrough: list[str]) -> list[int]:
+    """Run ``jobs`` one after another on ``gpu`` (None: the CPU); the indices of those that failed."""
+    failed = []
+    for i, policies in jobs:
+        cmd = shard_command(policies, out / f"shard{i}.json",
+                            passthrough if gpu is not None else [*passthrough, "--device", "cpu"])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        print(f"shard {i} on {'cpu' if gpu is None else f'gpu {gpu}'}: {' '.join(cmd[1:])}", file=sys.stderr,
+              flush=True)
+        started = time.time()
+        with open(out / f"shard{i}.log", "w") as log:
+            code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        print(f"shard {i} done in {time.time() - started:.0f} s (exit {code})", file=sys.stderr, flush=True)
+        if code != 0:
+            failed.append(i)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for the shards' JSON, ruler.json, .png, .md")
-    ap.add_argument("--gpus", type=int, default=None, help="processes on GPUs 0..N-1 (default: all; 0: CPU, serial)")
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs 0..N-1 to use (default: all; 0: the CPU, serially)")
     ap.add_argument("--policies", default=GRID_POLICIES, help=f"policies to split (default: {GRID_POLICIES})")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="shards (processes, each with its own full row; default: one per policy): each GPU runs "
+                         "its share one after another, and every finished shard's JSON stays if a later one fails "
+                         "or the call is cut short")
     args = ap.parse_args(own)
     if args.gpus is None:
         import torch
 
         args.gpus = torch.cuda.device_count()
     args.out.mkdir(parents=True, exist_ok=True)
-    parts = shards([p for p in args.policies.split(",") if p and p != "full"], max(1, args.gpus))
+    policies = [p for p in args.policies.split(",") if p and p != "full"]
+    parts = shards(policies, args.jobs or len(policies))
+    jobs = list(enumerate(parts))
     started = time.time()
-    procs, paths = [], []
-    for i, part in enumerate(parts):
-        path = args.out / f"shard{i}.json"
-        paths.append(path)
-        cmd = shard_command(part, path, passthrough if args.gpus else [*passthrough, "--device", "cpu"])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        if args.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
-        log = open(args.out / f"shard{i}.log", "w")  # noqa: SIM115 - closed after the process ends
-        print(f"shard {i}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        procs.append((proc, log))
-        if not args.gpus:  # the CPU: one after another
-            proc.wait()
-    failed = []
-    for i, (proc, log) in enumerate(procs):
-        if proc.wait() != 0:
-            failed.append(i)
-        log.close()
-    if failed:
-        for i in failed:
-            print(f"shard {i} failed; its log:\n" + (args.out / f"shard{i}.log").read_text()[-3000:], file=sys.stderr)
+    if args.gpus:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.gpus) as pool:
+            results = pool.map(lambda g: _run_queue(jobs[g :: args.gpus], g, args.out, passthrough), range(args.gpus))
+            failed = [i for r in results for i in r]
+    else:
+        failed = _run_queue(jobs, None, args.out, passthrough)
+    for i in failed:
+        print(f"shard {i} failed; its log:\n" + (args.out / f"shard{i}.log").read_text()[-3000:], file=sys.stderr)
+    paths = [args.out / f"shard{i}.json" for i, _ in jobs if i not in failed]
+    if not paths:
         return 1
     rows, metas = merge(paths)
     from kvpolicy.evaluation import report
@@ -113,14 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     from kvpolicy.provenance import run_meta
 
     meta = run_meta([Path(__file__).name, *argv], tool="benchmarks/ruler_grid.py", gpus=args.gpus,
-                    shards=[{"policies": p, "meta": m} for p, m in zip(parts, metas)],
-                    wall_s=round(time.time() - started, 1))
+                    shards=[{"policies": p, "meta": m} for (i, p), m in zip([j for j in jobs if j[0] not in failed],
+                                                                          metas)],
+                    failed_shards=[parts[i] for i in failed], wall_s=round(time.time() - started, 1))
     report.save_json(rows, args.out / "ruler.json", meta)
     report.plot(rows, ["ruler"], args.out / "ruler.png")
     (args.out / "ruler.md").write_text(markdown(rows))
-    print(json.dumps({"wall_s": meta["wall_s"], "rows": len(rows)}))
+    print(json.dumps({"wall_s": meta["wall_s"], "rows": len(rows), "failed_shards": len(failed)}))
     print(markdown(rows))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
