@@ -418,6 +418,24 @@ def test_suite_bad_input_is_one_line_exit_2(capsys, argv, needle):
     assert len(err) == 1 and err[0].startswith("kvpolicy: error:") and needle in err[0], err
 
 
+def test_a_context_too_short_for_a_task_is_one_line(tiny_model_dir, prose_file, capsys):  # noqa: F811
+    """Found only once the model's tokenizer is loaded, and still a one-line error naming the fix."""
+    argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--suite", "ruler", "--ruler-tasks", "vt",
+            "--context", "100", "--haystack", str(prose_file), "--policies", "full", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after transformers' own weight-loading bar
+    assert last.startswith("kvpolicy: error:") and "use a context length of at least" in last, err
+    assert "Traceback" not in err
+
+
+def test_cwe_on_a_haystack_of_few_words(tok, tmp_path):
+    path = tmp_path / "few.txt"
+    path.write_text("The cat sat on the mat. The dog sat on the log. " * 50)
+    with pytest.raises(HaystackError, match="distinct words; cwe needs at least"):
+        generate(tok, RulerConfig(tasks=("cwe",), lengths=(1024,), samples=1, haystack=str(path)))
+
+
 def test_compare_suite_on_a_tiny_model(tiny_model_dir, prose_file, tmp_path, capsys):  # noqa: F811
     """The whole path: generation with the model's tokenizer, batched runs of every policy on the same
     samples, the table, the JSON (meta, rows, cells, samples) and the plot."""

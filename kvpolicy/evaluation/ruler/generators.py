@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import words as w
-from .haystack import Haystack, insert_at_depths, sentences
+from .haystack import Haystack, HaystackError, insert_at_depths, sentences
 
 #: RULER inserts needles at one of 40 evenly spaced depths
 DEPTHS = tuple(round(i / 39, 4) for i in range(40))
@@ -160,8 +160,8 @@ def _common_words(length: int) -> Callable[[random.Random, Haystack], Builder]:
     def draw(rng: random.Random, hay: Haystack) -> Builder:
         vocab = hay.vocabulary
         if len(vocab) < COMMON_WORDS + 50:
-            raise ValueError(f"the haystack {hay.name!r} has {len(vocab)} distinct words; cwe needs at least "
-                             f"{COMMON_WORDS + 50}")
+            raise HaystackError(f"the haystack {hay.name!r} has {len(vocab)} distinct words; cwe needs at least "
+                                f"{COMMON_WORDS + 50}: give a longer text or leave cwe out (--ruler-tasks)")
         preamble = ("Below is a numbered list of words. In these words, some appear more often than others. "
                     "Memorize the ones that appear most often.\n")
         question = f"Question: What are the {COMMON_WORDS} most common words in the above list?"
@@ -174,7 +174,8 @@ def _common_words(length: int) -> Callable[[random.Random, Haystack], Builder]:
 
         def build(n: int) -> Draft:
             if n > len(uncommon) * UNCOMMON_FREQ:
-                raise ValueError(f"the haystack {hay.name!r} has too few distinct words for this length")
+                raise HaystackError(f"the haystack {hay.name!r} has too few distinct words for cwe at this length: "
+                                    "give a longer text, a shorter --context, or leave cwe out (--ruler-tasks)")
             others = [uncommon[i // UNCOMMON_FREQ] for i in range(n)]
             entries = common * freq + others
             random.Random(f"{order_seed}:{n}").shuffle(entries)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ...core.errors import KVPolicyError
 from .generators import Draft
 
 _MARK = "<<kvpolicy-ruler-question>>"
@@ -48,8 +49,9 @@ def render(tokenizer: Any, draft: Draft) -> Prompt:
     return Prompt(_ids(tokenizer, head), _ids(tokenizer, draft.question + "\n" + draft.answer_prefix))
 
 
-class LengthError(ValueError):
-    """A target length the task cannot be fitted to; the message names the smallest possible."""
+class LengthError(KVPolicyError, ValueError):
+    """A target length the task cannot be fitted to; the message names the smallest possible (a
+    :class:`~kvpolicy.core.errors.KVPolicyError`, so ``kvpolicy compare`` prints it as one line)."""
 
 
 #: the slack allowed below a short target, in tokens: one step of a word-list task (a list entry,

@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import RulerConfig
 from .generators import task_specs
-from .haystack import Haystack
+from .haystack import Haystack, HaystackError
 from .prompt import fit
 
 #: draws of a sample whose secrets also occur in its haystack by chance are redone, this often at most
@@ -85,8 +85,8 @@ def generate(tokenizer: Any, config: RulerConfig, haystack: Haystack | None = No
                     if _clean(draft):
                         break
                 else:
-                    raise ValueError(f"{task} sample {index} at {length} tokens: the haystack holds the drawn "
-                                     f"secrets in {MAX_ATTEMPTS} draws; use another haystack text")
+                    raise HaystackError(f"{task} sample {index} at {length} tokens: the haystack holds the drawn "
+                                        f"secrets in {MAX_ATTEMPTS} draws; use another haystack text")
                 out.append(RulerSample(
                     task=task, length=length, seed=config.seed, index=index, tokens=prompt.tokens,
                     answers=draft.answers, context=draft.context, question=draft.question,
