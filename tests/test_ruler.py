@@ -472,6 +472,16 @@ def test_compare_suite_on_a_tiny_model(tiny_model_dir, prose_file, tmp_path, cap
     assert abs(pyr["kv_reduction_prefill"] - 0.5) < 0.02, "the preset is scaled to the same budget"
     assert png.stat().st_size > 10_000
 
+    # compress once, ask after: the question's tokens are not compressed, so less than half is removed
+    after = tmp_path / "after.json"
+    assert main(["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--suite", "ruler", "--ruler-tasks",
+                 "niah_single,niah_multikey", "--samples", "2", "--context", "384", "--haystack", str(prose_file),
+                 "--policies", "snapkv", "--ratios", "0.5", "--batch-size", "4", "--question", "after-context",
+                 "--json", str(after), "--quiet"]) == 0
+    snap = json.loads(after.read_text())["rows"][1]
+    assert json.loads(after.read_text())["meta"]["sizes"]["question"] == "after_context"
+    assert 0.4 < snap["kv_reduction_prefill"] < 0.5 and len(snap["ruler_samples"]) == 4
+
     # the docs' tables from the same file: every policy line and the targets' lines
     text = ruler_report.markdown(rows)
     assert "| streamingllm | " in text and "| pyramidinfer_54_floor | " in text and "### targets" in text
