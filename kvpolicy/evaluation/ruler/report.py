@@ -128,10 +128,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     parts = []
     if full is not None:
         parts += ["### full cache: score per task and length (points ± binomial s.e.)", "", cells_table(full), ""]
-    parts += ["### suite score per policy and ratio (points; KV removed after prefill)", "", ratio_table(rows), ""]
-    for ratio in sorted({r["ratio"] for r in rows if r["ratio"] is not None}):
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
+    if ratios:
+        parts += ["### suite score per policy and ratio (points; KV removed after prefill)", "", ratio_table(rows), ""]
+    for ratio in ratios:
         parts += [f"### per task at ratio {ratio:g}", "", task_table(rows, ratio), ""]
-    parts += ["### targets", ""] + [f"* {line}" for line in targets(rows)]
+    if ratios:
+        parts += ["### targets", ""] + [f"* {line}" for line in targets(rows)]
     return "\n".join(parts) + "\n"
 
 
@@ -140,9 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="+", type=Path, help="results files of compare --suite ruler --json")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ap.add_argument("--plot", type=Path, help="write the score vs KV removed plot here (PNG)")
+    ap.add_argument("--json", type=Path, help="write the merged rows here, the files' meta blocks under 'merged'")
     args = ap.parse_args(argv)
-    rows = merge_runs([base.load_results(p)[1] for p in args.files])
+    loaded = [base.load_results(p) for p in args.files]
+    rows = merge_runs([r for _, r in loaded])
     base.validate_rows(rows, ["ruler"])
+    if args.json:
+        from ...provenance import run_meta
+
+        meta = run_meta(["python", "-m", "kvpolicy.evaluation.ruler.report", *(argv or sys.argv[1:])],
+                        tool="kvpolicy.evaluation.ruler.report",
+                        merged=[{"file": p.name, "meta": m} for p, (m, _) in zip(args.files, loaded)])
+        base.save_json(rows, args.json, meta)
     if args.plot:
         base.plot(rows, ["ruler"], args.plot)
     if args.markdown:
