@@ -26,6 +26,7 @@ from kvpolicy.core.config import load_preset
 from kvpolicy.core.errors import ConfigError
 from kvpolicy.evaluation import report, texts
 from kvpolicy.evaluation.ruler import (
+    DEFAULT_TASKS,
     TASK_NAMES,
     Haystack,
     HaystackError,
@@ -172,7 +173,7 @@ def check_sample(sample, tokenizer) -> None:
 @NOVELS
 def test_every_task_on_the_novels(tok):
     """The default haystack: two samples of every task at 2k tokens, every invariant checked."""
-    samples = generate(tok, RulerConfig(lengths=(2048,), samples=2, seed=5))
+    samples = generate(tok, RulerConfig(tasks=TASK_NAMES, lengths=(2048,), samples=2, seed=5))
     assert [(s.task, s.index) for s in samples] == [(t, i) for t in TASK_NAMES for i in range(2)]
     for s in samples:
         check_sample(s, tok)
@@ -183,7 +184,7 @@ def test_every_task_on_the_novels(tok):
 
 
 def test_deterministic_for_a_seed(tok, prose_file):
-    config = RulerConfig(lengths=(512,), samples=2, seed=11, haystack=str(prose_file))
+    config = RulerConfig(tasks=TASK_NAMES, lengths=(512,), samples=2, seed=11, haystack=str(prose_file))
     first, again = generate(tok, config), generate(tok, config)
     assert first == again
     other = generate(tok, config.model_copy(update={"seed": 12}))
@@ -194,7 +195,7 @@ def test_deterministic_for_a_seed(tok, prose_file):
 def test_a_sample_does_not_depend_on_the_rest_of_the_run(tok, prose_file):
     """The same (seed, task, length, index) gives the same sample whatever else is generated, so runs
     split across machines or of other sizes share their samples."""
-    big = generate(tok, RulerConfig(lengths=(512, 768), samples=3, seed=2, haystack=str(prose_file)))
+    big = generate(tok, RulerConfig(tasks=TASK_NAMES, lengths=(512, 768), samples=3, seed=2, haystack=str(prose_file)))
     small = generate(tok, RulerConfig(tasks=("vt", "niah_multikey"), lengths=(512,), samples=2, seed=2,
                                       haystack=str(prose_file)))
     by_id = {(s.task, s.length, s.index): s for s in big}
@@ -306,7 +307,7 @@ def test_summary_averages_tasks_and_measures_against_full():
 
 # ----------------------------------------------------------------------------- the task in the runner
 def test_batches_group_by_length_and_question_length(tok, prose_file):
-    samples = generate(tok, RulerConfig(lengths=(640, 768), samples=2, haystack=str(prose_file)))
+    samples = generate(tok, RulerConfig(tasks=TASK_NAMES, lengths=(640, 768), samples=2, haystack=str(prose_file)))
     for by_question in (False, True):
         batches = plan_batches(samples, 3, by_question)
         assert sorted(id(s) for b in batches for s in b) == sorted(id(s) for s in samples)
@@ -345,7 +346,8 @@ class AnsweringMeter:
 
 @pytest.mark.parametrize("question", ["in_prompt", "after_context"])
 def test_task_scores_each_row_against_its_own_sample(tok, prose_file, question):
-    sizes = PRESETS["tiny"].replace(ruler_lengths=(640, 768), ruler_samples=4, ruler_haystack=str(prose_file),
+    sizes = PRESETS["tiny"].replace(ruler_tasks=TASK_NAMES, ruler_lengths=(640, 768), ruler_samples=4,
+                                    ruler_haystack=str(prose_file),
                                     batch_size=5, question=question)
     task = RulerTask()
     task.prepare(tok, sizes)
@@ -394,6 +396,8 @@ def test_suite_options():
     assert (sizes.ruler_lengths, sizes.ruler_samples, sizes.ruler_tasks) == ((2048, 4096), 3, ("vt", "cwe"))
     assert [s.label for s in _plan("--suite", "ruler", "--ratio", "0.3", "--policies", "h2o")["specs"]] == [
         "full", "h2o@0.3"]
+    default = _plan("--suite", "ruler")["sizes"]
+    assert default.ruler_tasks == DEFAULT_TASKS and set(DEFAULT_TASKS) < set(TASK_NAMES)
     # a preset that sets its own ratio runs once, at it
     assert [s.label for s in _plan("--suite", "ruler", "--policies", "h2o_half")["specs"]] == ["full", "h2o_half@0.5"]
 
