@@ -14,9 +14,14 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-DEFAULT_POLICIES = "full,pyramidinfer,h2o,streamingllm,snapkv,random"
+#: pyramidinfer runs as the ``pyramidinfer_54_floor`` preset's shape at the same ratio as the others
+#: (a preset named here takes ``--ratio``), so the table compares equal KV budgets
+DEFAULT_POLICIES = "full,pyramidinfer_54_floor,h2o,streamingllm,snapkv,random"
 DEFAULT_TASKS = "ppl,needle,agreement"
+DEFAULT_RATIO = 0.54
 SWEEP_RATIOS = "0.2,0.4,0.6,0.8"
+#: ``--suite``: a named set of tasks, and the ratios it runs at unless --ratio/--ratios say otherwise
+SUITES = {"ruler": ("ruler", "0.25,0.5,0.75,0.9")}
 EXIT_USAGE = 2
 
 
@@ -56,16 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
                             "'full' always runs first as the reference")
         p.add_argument("--config",
                        help="preset name or YAML/JSON file with a 'policy' key: the settings of that policy")
-        p.add_argument("--ratio", type=float, default=0.54,
-                       help="compression ratio of the budget policies, in [0, 1) (default: 0.54)")
+        p.add_argument("--ratio", type=float,
+                       help="compression ratio of the budget policies and presets, in [0, 1) "
+                            f"(default: {DEFAULT_RATIO})")
         p.add_argument("--ratios", help="comma-separated ratios: run every budget policy at each (sweep mode)"
-                       + (f"; default {SWEEP_RATIOS}" if name == "sweep" else ""))
-        p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated tasks (default: {DEFAULT_TASKS})")
+                       + (f"; default {SWEEP_RATIOS}" if name == "sweep" else "; default with --suite ruler: "
+                          + SUITES["ruler"][1]))
+        p.add_argument("--tasks", help=f"comma-separated tasks: ppl, needle, agreement, ruler "
+                                       f"(default: {DEFAULT_TASKS})")
+        p.add_argument("--suite", choices=sorted(SUITES),
+                       help="run a task suite instead of --tasks: 'ruler' (RULER-style long-context tasks, "
+                            "score vs KV removed at ratios 0.25,0.5,0.75,0.9 unless --ratio/--ratios)")
+        p.add_argument("--ruler-tasks",
+                       help="comma-separated RULER tasks (default: the calibrated default suite; see docs/cli.md)")
+        p.add_argument("--samples", type=int, help="ruler: samples per task and context length (overrides --sizes)")
+        p.add_argument("--haystack", help="ruler: a UTF-8 text file to hide the needles in (default: Jane Austen)")
         p.add_argument("--sizes", default="sweep" if name == "sweep" else "small",
                        help="size preset: tiny, small, sweep, needle, large (default: %(default)s)")
-        p.add_argument("--context", type=int, help="tokens of the ppl prefix and agreement prompts (overrides --sizes)")
+        p.add_argument("--context",
+                       help="tokens of the ppl prefix and agreement prompts (overrides --sizes); with the ruler "
+                            "suite, its context lengths in the model's tokens, comma-separated (e.g. 2048,4096)")
         p.add_argument("--max-new-tokens", type=int, help="tokens generated per agreement prompt (overrides --sizes)")
         p.add_argument("--batch-size", type=int, help="sequences per forward (default: 1)")
+        p.add_argument("--prefill-rows", type=int,
+                       help="run a batch's prefill this many rows at a time (default: the whole batch)")
         p.add_argument("--question", choices=["in-prompt", "after-context"], default="in-prompt",
                        help="needle task: compress the prompt with the question in it (default), or compress "
                             "the document alone and ask the question after it on the same cache")
@@ -90,29 +109,69 @@ def _check_output(path: str | None, flag: str, suffix: str | None = None) -> Non
         raise UsageError(f"{flag}: {path!r} should end in {suffix}")
 
 
+def _positive(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(p) for p in _csv(text)]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{flag} must be a positive integer (or, for --context with the ruler suite, several "
+                         f"separated by commas), got {text!r}")
+    return values
+
+
+def _task_names(args: argparse.Namespace) -> list[str]:
+    if args.suite and args.tasks:
+        raise UsageError(f"give --suite {args.suite} or --tasks, not both (--tasks ruler,ppl mixes them)")
+    return [SUITES[args.suite][0]] if args.suite else _csv(args.tasks or DEFAULT_TASKS)
+
+
+def _ruler_sizes(args: argparse.Namespace, contexts: list[int] | None, sizes: Any) -> dict[str, Any]:
+    """The ruler suite's sizes from the options, validated now (a bad task or length fails before
+    the model loads)."""
+    from .evaluation.ruler import Haystack, ruler_config
+
+    tasks = tuple(_csv(args.ruler_tasks)) if args.ruler_tasks else None
+    changes = {"ruler_tasks": tasks, "ruler_lengths": tuple(contexts) if contexts else None,
+               "ruler_samples": args.samples, "ruler_haystack": args.haystack}
+    merged = sizes.replace(**changes)
+    ruler_config(tasks=merged.ruler_tasks, lengths=merged.ruler_lengths, samples=merged.ruler_samples,
+                 seed=merged.seed, haystack=merged.ruler_haystack)
+    if merged.ruler_haystack is not None:
+        Haystack.from_file(merged.ruler_haystack)
+    return changes
+
+
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything that needs no model; returns the pieces of the run."""
     from .evaluation import texts
     from .evaluation.runner import build_specs
     from .evaluation.tasks import PRESETS, TASKS
 
-    task_names = _csv(args.tasks)
+    task_names = _task_names(args)
     unknown = [t for t in task_names if t not in TASKS]
     if unknown or not task_names:
         raise UsageError(f"unknown task {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(TASKS)} (e.g. --tasks ppl,needle)")
     if args.sizes not in PRESETS:
         raise UsageError(f"unknown size preset {args.sizes!r}; choose from {', '.join(PRESETS)}")
-    for flag, value in (
-        ("--context", args.context), ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)
-    ):
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
+                        ("--samples", args.samples), ("--prefill-rows", args.prefill_rows)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive integer, got {value}")
+    contexts = _positive("--context", args.context) if args.context is not None else None
+    ruler = "ruler" in task_names
+    if contexts and len(contexts) > 1 and (not ruler or len(task_names) > 1):
+        raise UsageError("--context takes several lengths only for the ruler suite alone (--suite ruler)")
+    if not ruler and (args.ruler_tasks or args.samples or args.haystack):
+        raise UsageError("--ruler-tasks, --samples and --haystack are options of the ruler suite; add --suite ruler")
     ratios_text = args.ratios or (SWEEP_RATIOS if args.command == "sweep" else None)
-    ratios = _ratios(ratios_text) if ratios_text else [args.ratio]
+    if args.suite and not ratios_text and args.ratio is None:
+        ratios_text = SUITES[args.suite][1]
+    ratios = _ratios(ratios_text) if ratios_text else [DEFAULT_RATIO if args.ratio is None else args.ratio]
     bad = [r for r in ratios if not 0.0 <= r < 1.0]
     if bad:
-        flag = "--ratios" if ratios_text else "--ratio"
+        flag = "--ratios" if args.ratios or args.command == "sweep" else "--ratio"
         raise UsageError(f"{flag} {bad[0]:g} is outside [0, 1): it is the share of tokens evicted, e.g. {flag} 0.54")
     policies = _csv(args.policies)
     if not policies:
@@ -132,14 +191,21 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
 
         if not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    texts.novels()  # the texts must be there before we spend time loading a model
-    sizes = PRESETS[args.sizes].replace(
-        seed=args.seed,
+    sizes = PRESETS[args.sizes].replace(seed=args.seed)
+    changes: dict[str, Any] = {}
+    if ruler:
+        changes = _ruler_sizes(args, contexts, sizes)
+    if any(t != "ruler" for t in task_names) or sizes.replace(**changes).ruler_haystack is None:
+        texts.novels()  # the texts must be there before we spend time loading a model
+    single = contexts[0] if contexts and not ruler else None
+    sizes = sizes.replace(
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        ppl_prefix=args.context,
-        agreement_prompt_tokens=args.context,
+        ppl_prefix=single,
+        agreement_prompt_tokens=single,
         question=args.question.replace("-", "_"),
+        prefill_rows=args.prefill_rows,
+        **changes,
     )
     return {"tasks": task_names, "specs": specs, "sizes": sizes}
 
@@ -159,25 +225,31 @@ def compare(args: argparse.Namespace) -> int:
     if not args.quiet:
         err.print(f"[dim]loading {args.model or 'default model (SmolLM2-135M-Instruct GGUF)'}...[/dim]")
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    steps = len(plan["specs"]) * len(plan["tasks"])
+    if not args.quiet and "ruler" in plan["tasks"]:
+        err.print("[dim]generating the ruler suite's samples...[/dim]")
+    total = [len(plan["specs"]) * len(plan["tasks"])]  # until the tasks say how many units they have
     if not args.quiet and not err.is_terminal:  # a log file: one line per step instead of a bar
         done = [0]
 
-        def log_step(description: str) -> None:
+        def log_step() -> None:
             done[0] += 1
-            err.print(f"[{done[0]}/{steps}] {description}", highlight=False)
+            err.print(f"[{done[0]}/{total[0]}] {current[0]}", highlight=False)
 
-        rows = run_compare(model, tokenizer, plan["specs"], plan["tasks"], plan["sizes"], progress=log_step)
+        current = [""]
+        rows = run_compare(model, tokenizer, plan["specs"], plan["tasks"], plan["sizes"],
+                           progress=lambda d: current.__setitem__(0, d), on_step=log_step,
+                           on_total=lambda n: total.__setitem__(0, n))
         return _finish(args, plan, rows)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, disable=args.quiet, transient=False,
     ) as bar:
-        job = bar.add_task("compare", total=steps)
+        job = bar.add_task("compare", total=total[0])
         rows = run_compare(
             model, tokenizer, plan["specs"], plan["tasks"], plan["sizes"],
             progress=lambda d: bar.update(job, description=d),
             on_step=lambda: bar.advance(job),
+            on_total=lambda n: bar.update(job, total=n),
         )
     return _finish(args, plan, rows)
 
@@ -208,6 +280,7 @@ def results_meta(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, An
         device=args.device,
         dtype=args.dtype,
         tasks=plan["tasks"],
+        suite=args.suite,
         sizes_preset=args.sizes,
         sizes=dataclasses.asdict(plan["sizes"]),
         labels=[spec.label for spec in plan["specs"]],

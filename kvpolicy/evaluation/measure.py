@@ -68,26 +68,41 @@ class Meter:
     @torch.no_grad()
     def generate(
         self, model: Any, inputs: dict[str, torch.Tensor], cache: Any, new_tokens: int, pad_id: int,
-        context: dict[str, torch.Tensor] | None = None,
+        context: dict[str, torch.Tensor] | None = None, *, stop_at_eos: bool = False, prefill_rows: int | None = None,
     ) -> torch.Tensor:
-        """Greedy ``generate`` of exactly ``new_tokens`` tokens; returns them ``[B, new_tokens]``.
+        """Greedy ``generate`` of ``new_tokens`` tokens; returns them ``[B, new_tokens]`` (fewer columns
+        when ``stop_at_eos`` and every row ended its answer early; finished rows are padded with ``pad_id``).
 
         Prefill time is the time to the first logits; the rest is decode (``new_tokens - 1``
         forwards per row), read by a logits processor that also samples the cache's footprint.
         ``context``: the leading columns of ``inputs``, run through the cache first on their own (the
         policy compresses them without seeing the rest, the question), timed as part of prefill;
         ``generate`` then continues the cache with the remaining columns.
+        ``stop_at_eos``: let rows end at the model's end-of-turn token (as an evaluation that scores
+        the answer text wants) instead of forcing exactly ``new_tokens``.
+        ``prefill_rows``: run the prompt's (or the context's) forward this many rows at a time
+        (:func:`kvpolicy.prefill`), so a large batch's prefill activations need not fit at once.
         """
+        from ..generation import prefill
+
         stats = SequenceStats(prefill_tokens=int(inputs["attention_mask"].sum()))
         before = 0.0
+        first: torch.Tensor | None = None  # the first generated token, when the prefill ran here
         if context is not None:
             width = context["input_ids"].shape[1]
             if not torch.equal(inputs["input_ids"][:, :width], context["input_ids"]):
                 raise ValueError("context must be the leading columns of inputs")
             start = time.perf_counter()
-            positions = (context["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-            model(**context, position_ids=positions, use_cache=True, **{cache_argument(model): cache})
+            prefill(model, context["input_ids"], context["attention_mask"], cache, prefill_rows)
             before = time.perf_counter() - start
+        elif prefill_rows is not None and prefill_rows < inputs["input_ids"].shape[0]:
+            start = time.perf_counter()
+            logits = prefill(model, inputs["input_ids"], inputs["attention_mask"], cache, prefill_rows)
+            first = logits.argmax(-1, keepdim=True)
+            inputs = {"input_ids": torch.cat([inputs["input_ids"], first], 1),
+                      "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(first)], 1)}
+            before = time.perf_counter() - start
+            new_tokens -= 1
         meter = self
 
         class _Clock(LogitsProcessor):
@@ -105,21 +120,27 @@ class Meter:
 
         clock = _Clock()
         start = time.perf_counter()
-        out = model.generate(
-            **inputs,
-            **{cache_argument(model): cache},
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            logits_processor=LogitsProcessorList([clock]),
-        )
+        out = inputs["input_ids"]
+        if new_tokens > 0:
+            out = model.generate(
+                **inputs,
+                **{cache_argument(model): cache},
+                max_new_tokens=new_tokens,
+                **({} if stop_at_eos else {"min_new_tokens": new_tokens}),
+                do_sample=False,
+                pad_token_id=pad_id,
+                logits_processor=LogitsProcessorList([clock]),
+            )
         end = time.perf_counter()
+        clock.first = clock.first or end
         stats.prefill_s = before + clock.first - start
         stats.decode_s = end - clock.first
-        stats.decode_tokens = (clock.calls - 1) * inputs["input_ids"].shape[0]
+        stats.decode_tokens = max(0, clock.calls - 1) * inputs["input_ids"].shape[0]
+        if clock.calls == 0:
+            self._after_prefill(stats, cache)
         self._at_end(stats, cache)
-        return out[:, inputs["input_ids"].shape[1] :]
+        width = inputs["input_ids"].shape[1] - (first.shape[1] if first is not None else 0)
+        return out[:, width:]
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()

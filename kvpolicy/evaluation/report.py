@@ -147,6 +147,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
+def _metric_columns(rows: list[dict[str, Any]], task_names: list[str]) -> list[str]:
+    return [k for name in task_names for k in TASKS[name].columns(rows)]
+
+
+def series(row: dict[str, Any]) -> str:
+    """The line a row belongs to in a plot: its label without the ratio (``h2o@0.5`` -> ``h2o``), so a
+    preset and its policy (``pyramidinfer_54_floor``, ``pyramidinfer``) are two lines."""
+    return row["label"].split("@")[0]
+
+
 def print_table(rows: list[dict[str, Any]], task_names: list[str], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -154,9 +164,10 @@ def print_table(rows: list[dict[str, Any]], task_names: list[str], console: Any 
     console = console or Console()
     table = Table(title="kvpolicy compare", show_lines=False)
     columns = ["policy", "KV MiB", "KV reduction", "peak MiB", "prefill s", "decode tok/s"]
-    metric_keys = [k for name in task_names for k in TASKS[name].metric_keys]
-    for col in columns + metric_keys:
-        table.add_column(col, justify="left" if col == "policy" else "right")
+    metric_keys = _metric_columns(rows, task_names)
+    titles = {k: TASKS[name].title(k) for name in task_names for k in TASKS[name].columns(rows)}
+    for col in columns + [titles[k] for k in metric_keys]:
+        table.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col == "policy")
     for r in rows:
         cells = [
             r["label"],
@@ -191,10 +202,13 @@ def plot(rows: list[dict[str, Any]], task_names: list[str], path: str | Path) ->
     ax.set_ylabel("KV tokens kept after prefill")
     ax.set_title("tokens kept per layer" + (f" (ratio {shown:g})" if shown is not None else ""))
     ax.legend(fontsize=7)
-    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    lines = list(dict.fromkeys(series(r) for r in rows))
+    reference = next((r for r in rows if r["policy"] == "full" and r["ratio"] is None), None)
     for ax, (key, higher) in zip(axes[1:], headlines):
-        for p in policies:
-            pts = sorted((r["kv_reduction"], r[key]) for r in rows if r["policy"] == p)
+        if reference is not None and key in reference and not math.isnan(reference[key]):
+            ax.axhline(reference[key], color="grey", linestyle="--", linewidth=0.8, label="full (reference)")
+        for p in lines:
+            pts = sorted((r["kv_reduction"], r[key]) for r in rows if series(r) == p)
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
         ax.set_xlabel("KV reduction vs full")
         ax.set_ylabel(key + (" (higher is better)" if higher else " (lower is better)"))
@@ -208,13 +222,13 @@ def plot(rows: list[dict[str, Any]], task_names: list[str], path: str | Path) ->
 
 def markdown_table(rows: list[dict[str, Any]], task_names: list[str]) -> str:
     """The rows as a Markdown table (used for docs/benchmarks/quality.md)."""
-    keys = [k for name in task_names for k in TASKS[name].metric_keys]
+    keys = _metric_columns(rows, task_names)
     head = ["policy", "ratio", "KV MiB (end)", "KV reduction", "KV red. (prefill)", "peak MiB", "prefill s",
             "decode tok/s"] + keys
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r["policy"],
+            series(r),
             "-" if r["ratio"] is None else f"{r['ratio']:g}",
             _mib(r["kv_bytes"]),
             f"{r['kv_reduction']:.1%}",

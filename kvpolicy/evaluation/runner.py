@@ -18,7 +18,8 @@ import torch
 from ..core.cache import make_cache
 from ..core.compat import cache_argument
 from ..core.config import ConfigError, load_preset
-from ..core.registry import make_policy, policy_class
+from ..core.errors import UnknownPolicyError
+from ..core.registry import available_policies, make_policy, policy_class
 from .measure import Meter
 from .tasks import TASKS, EvalSizes, Task
 
@@ -34,10 +35,13 @@ class PolicySpec:
     settings: dict[str, Any] = field(default_factory=dict)
     ratio: float | None = None
     config: str | None = None
+    #: the name it was asked for by, when not the policy's (a preset named in ``--policies``)
+    name: str | None = None
 
     @property
     def label(self) -> str:
-        return self.policy if self.ratio is None else f"{self.policy}@{self.ratio:g}"
+        base = self.name or self.policy
+        return base if self.ratio is None else f"{base}@{self.ratio:g}"
 
     def new_cache(self) -> Any:
         return make_cache({"policy": self.policy, **self.settings})
@@ -57,13 +61,30 @@ def check_ratio(ratio: float) -> float:
     return ratio
 
 
+def _named(name: str) -> tuple[str, dict[str, Any], bool]:
+    """``(policy, settings, is_preset)`` of a name in ``--policies``: a registered policy, else a preset
+    (``configs/<name>.yaml``); an unknown name raises the registry's error listing the policies."""
+    try:
+        policy_class(name)
+        return name, {}, False
+    except UnknownPolicyError:
+        try:
+            preset = dict(load_preset(name))
+        except ConfigError:
+            raise UnknownPolicyError(name, available_policies()) from None
+    return preset.pop("policy"), preset, True
+
+
 def build_specs(policies: list[str], ratios: list[float], config: str | None = None) -> list[PolicySpec]:
     """One spec per policy and ratio (ratio-free policies once), ``full`` first; all validated.
 
     ``config`` (a preset name or file) gives the settings of the policy it names; its own
     ``compression_ratio`` or ``budget``, if set, wins over ``ratios`` for that policy. A name
     ``policy@ratio`` runs that policy at that ``compression_ratio`` alone (e.g. ``pyramidinfer@0.5``,
-    whose ratio is opt-in and so not swept).
+    whose ratio is opt-in and so not swept). A preset's name (``pyramidinfer_54_floor``) runs the
+    preset's settings at each ratio, as a budget policy does, unless the preset sets its own
+    ``compression_ratio`` or ``budget`` (so ``pyramidinfer_54_floor`` is PyramidInfer with that
+    preset's shape, scaled to remove what the others remove); ``preset@ratio`` at that ratio alone.
     """
     preset: dict[str, Any] = {}
     if config:
@@ -76,17 +97,26 @@ def build_specs(policies: list[str], ratios: list[float], config: str | None = N
         names.append(preset_policy)
     specs: list[PolicySpec] = []
     for name in names:
-        if "@" in name:  # one policy at one ratio
-            policy, _, ratio_text = name.partition("@")
+        if "@" in name:  # one policy (or preset) at one ratio
+            base_name, _, ratio_text = name.partition("@")
             try:
                 ratio = float(ratio_text)
             except ValueError:
                 raise ConfigError(f"{name!r}: write a policy at a ratio as name@ratio, e.g. pyramidinfer@0.5") from None
             check_ratio(ratio)
-            policy_class(policy)
-            specs.append(PolicySpec(policy, {"compression_ratio": ratio}, ratio))
+            policy, settings, is_preset = _named(base_name)
+            specs.append(PolicySpec(policy, {**settings, "compression_ratio": ratio}, ratio,
+                                    base_name if is_preset else None, base_name if is_preset else None))
             continue
-        policy_class(name)  # unknown names fail here, before any model work
+        policy, settings, is_preset = _named(name)
+        if is_preset:
+            fixed = "compression_ratio" in settings or "budget" in settings
+            ratio_field = "compression_ratio" in policy_class(policy).config_class.model_fields
+            if fixed or not ratio_field:
+                specs.append(PolicySpec(policy, settings, settings.get("compression_ratio"), name, name))
+            else:
+                specs += [PolicySpec(policy, {**settings, "compression_ratio": r}, r, name, name) for r in ratios]
+            continue
         base = dict(preset) if name == preset_policy else {}
         fixed = "compression_ratio" in base or "budget" in base
         if takes_ratio(name) and not fixed:
@@ -159,17 +189,21 @@ def run_compare(
     sizes: EvalSizes,
     progress: Callable[[str], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every spec over every task; one row per spec (``full`` first).
 
     ``progress(description)`` is called before each (policy, task) step and ``on_step()`` after
-    it, so a caller can drive any progress bar.
+    each unit of work (a step, or each batch of a task of several ``units``), so a caller can drive
+    any progress bar; ``on_total(count)`` says how many units there are, once the inputs are ready.
     """
     tasks: list[Task] = []
     for name in task_names:
         task = TASKS[name]()
         task.prepare(tokenizer, sizes)
         tasks.append(task)
+    if on_total:
+        on_total(len(specs) * sum(task.units for task in tasks))
     _warm_up(model, tokenizer)
     references: dict[str, Any] = {}
     details: dict[str, Any] = {}
@@ -178,19 +212,22 @@ def run_compare(
     for spec in specs:
         meter = Meter()
         metrics: dict[str, float] = {}
+        extra: dict[str, Any] = {}
         if cuda:
             torch.cuda.reset_peak_memory_stats(model.device)
         for task in tasks:
             if progress:
                 progress(f"{spec.label}: {task.name}")
+            task.on_unit = on_step if task.units > 1 else None
             result = task.run(model, spec.new_cache, meter, references.get(task.name))
             if spec.policy == REFERENCE and spec.ratio is None:
                 references.setdefault(task.name, result.reference)
             metrics.update(result.metrics)
+            extra.update(result.extra)
             details[f"{spec.label}/{task.name}"] = result.details
-            if on_step:
+            if on_step and task.units <= 1:
                 on_step()
         peak = int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
-        rows.append(_row(spec, meter, metrics, peak))
+        rows.append({**_row(spec, meter, metrics, peak), **extra})
     _add_reductions(rows)
     return rows

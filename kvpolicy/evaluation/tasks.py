@@ -20,6 +20,7 @@ import torch
 
 from . import texts
 from .measure import Meter
+from .ruler.config import DEFAULT_TASKS as RULER_DEFAULT_TASKS
 
 CacheFactory = Callable[[], Any]
 
@@ -44,10 +45,18 @@ class EvalSizes:
     agreement_prompts: int = 2
     agreement_prompt_tokens: int = 2048
     max_new_tokens: int = 24
-    # needle: where the question is. "in_prompt": one prompt, compressed with the question in it;
-    # "after_context": the document is compressed alone, then the question continues the cache
+    # needle and ruler: where the question is. "in_prompt": one prompt, compressed with the question
+    # in it; "after_context": the document is compressed alone, then the question continues the cache
     # (compress once, ask many)
     question: str = "in_prompt"
+    # ruler: the RULER-style suite (kvpolicy.evaluation.ruler): its tasks, target lengths in the
+    # model's tokens, samples per task and length, and haystack text file (None: Jane Austen)
+    ruler_tasks: tuple[str, ...] = RULER_DEFAULT_TASKS
+    ruler_lengths: tuple[int, ...] = (4096,)
+    ruler_samples: int = 5
+    ruler_haystack: str | None = None
+    # rows per prefill forward of a batch (None: the whole batch at once; see kvpolicy.prefill)
+    prefill_rows: int | None = None
 
     def replace(self, **changes: Any) -> EvalSizes:
         data = asdict(self)
@@ -64,7 +73,8 @@ QUESTION_POSITIONS = ("in_prompt", "after_context")
 
 PRESETS: dict[str, EvalSizes] = {
     "tiny": EvalSizes(ppl_docs=1, ppl_prefix=96, ppl_tokens=16, needle_samples=2, needle_lengths=(64, 96),
-                      agreement_prompts=1, agreement_prompt_tokens=96, max_new_tokens=6, needle_answer_tokens=4),
+                      agreement_prompts=1, agreement_prompt_tokens=96, max_new_tokens=6, needle_answer_tokens=4,
+                      ruler_lengths=(384,), ruler_samples=1),
     "small": EvalSizes(),
     "sweep": EvalSizes(needle_samples=4, agreement_prompts=1, max_new_tokens=32),
     "needle": EvalSizes(needle_samples=12, needle_lengths=(1024,), needle_depths=(0.1, 0.3, 0.5, 0.7)),
@@ -82,6 +92,8 @@ class TaskResult:
     metrics: dict[str, float]
     reference: Any = None
     details: list[Any] = field(default_factory=list)
+    #: more keys for the result row that are not single numbers (per-cell and per-sample results)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Task:
@@ -93,6 +105,20 @@ class Task:
     #: the key plotted against KV reduction, and whether higher is better
     headline: str = ""
     higher_is_better: bool = True
+    #: progress steps of one run (batches, for a long task); the runner calls ``on_unit`` after each
+    #: when there are several, so a progress bar moves within the task
+    units: int = 1
+    on_unit: Callable[[], None] | None = None
+
+    @classmethod
+    def columns(cls, rows: list[dict[str, Any]]) -> list[str]:
+        """The row keys a table shows for this task (its metric keys; a task may add per-part keys)."""
+        return list(cls.metric_keys)
+
+    @classmethod
+    def title(cls, key: str) -> str:
+        """A column's heading in the printed table (the key itself unless the task shortens it)."""
+        return key
 
     def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
         raise NotImplementedError
@@ -250,4 +276,8 @@ class AgreementTask(Task):
         return TaskResult({"agreement": same / total, "agreement_prefix": prefix / total}, reference=outputs)
 
 
-TASKS: dict[str, type[Task]] = {"ppl": PerplexityTask, "needle": NeedleTask, "agreement": AgreementTask}
+from .ruler.task import RulerTask  # noqa: E402 - it subclasses Task, defined above
+
+TASKS: dict[str, type[Task]] = {
+    "ppl": PerplexityTask, "needle": NeedleTask, "agreement": AgreementTask, "ruler": RulerTask,
+}
