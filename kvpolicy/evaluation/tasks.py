@@ -27,7 +27,8 @@ CacheFactory = Callable[[], Any]
 
 @dataclass(frozen=True)
 class EvalSizes:
-    """Every size of the evaluation; ``small`` keeps a default ``compare`` within minutes on CPU."""
+    """Every size of the evaluation (the defaults are 2k-token contexts; the ``small`` preset, the
+    default of ``compare``, halves them to keep it within minutes on CPU)."""
 
     seed: int = 0
     batch_size: int = 1
@@ -75,7 +76,9 @@ PRESETS: dict[str, EvalSizes] = {
     "tiny": EvalSizes(ppl_docs=1, ppl_prefix=96, ppl_tokens=16, needle_samples=2, needle_lengths=(64, 96),
                       agreement_prompts=1, agreement_prompt_tokens=96, max_new_tokens=6, needle_answer_tokens=4,
                       ruler_lengths=(384,), ruler_samples=1),
-    "small": EvalSizes(),
+    # the default (the README's main job, set-up included, in 10 minutes on 2 CPU cores): 1k-token
+    # contexts; at 2k (EvalSizes() as it is) a run took 880-1240 s of CPU time (docs/benchmarks/default_compare.md)
+    "small": EvalSizes(ppl_prefix=1024, needle_lengths=(1024,), agreement_prompts=1, agreement_prompt_tokens=1024),
     "sweep": EvalSizes(needle_samples=4, agreement_prompts=1, max_new_tokens=32),
     "needle": EvalSizes(needle_samples=12, needle_lengths=(1024,), needle_depths=(0.1, 0.3, 0.5, 0.7)),
     "large": EvalSizes(ppl_docs=4, ppl_prefix=4096, ppl_tokens=256, needle_samples=12,
