@@ -57,10 +57,11 @@ def test_listed_registered_as_a_plugin_and_built_by_name():
     assert isinstance(cache.policy, KVzipPolicy) and cache.policy.config.prompt_ids == (5, 6)
     assert isinstance(make_policy(KVzipConfig(budget=5)), KVzipPolicy)
     c = KVzipConfig()
-    assert (c.compression_ratio, c.sink_size, c.window_size, c.layerwise, c.chunk_size, c.overlap) == (
-        0.5, 4, 0, False, 2048, 8)
+    assert (c.compression_ratio, c.sink_size, c.window_size, c.allocation, c.chunk_size, c.overlap) == (
+        0.5, 4, 0, "global", 2048, 8)
     assert c.prompt_ids == c.chunk_prompt_ids == c.suffix_ids == ()
-    for bad in (dict(compression_ratio=1.0), dict(chunk_size=0), dict(budget=0), dict(overlap=-1), dict(x=1)):
+    for bad in (dict(compression_ratio=1.0), dict(chunk_size=0), dict(budget=0), dict(overlap=-1), dict(x=1),
+                dict(allocation="per_head")):
         with pytest.raises(ConfigError):
             make_cache("kvzip", **bad)
 
@@ -136,7 +137,8 @@ def oracle_scores(model, ids: list[int], config: KVzipConfig) -> list[torch.Tens
 
 def assert_shared_ranking(cache, model, inputs, lengths, config: KVzipConfig, where: str):
     """Every row keeps its protected tokens in every layer and head, ``keep`` per layer and head in total
-    (per layer with ``layerwise``), and no evicted token outscores a kept one in the shared ranking."""
+    over what shares a ranking (all layers and heads, a layer's heads, or one head: ``allocation``), and no
+    evicted token outscores a kept one in that ranking."""
     width = max(lengths)
     layers = model.config.num_hidden_layers
     for row, n in enumerate(lengths):
@@ -145,24 +147,27 @@ def assert_shared_ranking(cache, model, inputs, lengths, config: KVzipConfig, wh
         keep = min(config.budget, n) if config.budget is not None else n - int(n * config.compression_ratio)
         recent = min(config.window_size, keep)
         must = set(range(min(config.sink_size, keep - recent))) | set(range(n - recent, n))
-        groups = [list(range(layers))] if not config.layerwise else [[layer] for layer in range(layers)]
+        heads = model.config.num_key_value_heads
+        groups = {"global": [[(layer, h) for layer in range(layers) for h in range(heads)]],
+                  "layer": [[(layer, h) for h in range(heads)] for layer in range(layers)],
+                  "uniform": [[(layer, h)] for layer in range(layers) for h in range(heads)]}[config.allocation]
         for group in groups:
             kept, evicted, total = [], [], 0
-            for layer in group:
-                sets = per_head_sets(cache, layer)[row]
-                for head, got in enumerate(sets):
-                    assert must <= got, f"{where}: layer {layer} row {row} head {head} lost {sorted(must - got)}"
-                    total += len(got)
-                    kept += [scores[layer][head, p].item() for p in got - must]
-                    evicted += [scores[layer][head, p].item() for p in set(range(n)) - got]
-            assert total == keep * len(sets) * len(group), f"{where}: row {row} layers {group} keep {total}"
+            for layer, head in group:
+                got = per_head_sets(cache, layer)[row][head]
+                assert must <= got, f"{where}: layer {layer} row {row} head {head} lost {sorted(must - got)}"
+                total += len(got)
+                kept += [scores[layer][head, p].item() for p in got - must]
+                evicted += [scores[layer][head, p].item() for p in set(range(n)) - got]
+            assert total == keep * len(group), f"{where}: row {row} layers and heads {group} keep {total}"
             if kept and evicted:
                 assert min(kept) >= max(evicted) - SCORE_TOL, f"{where}: row {row} evicted a higher score"
 
 
 ORACLE_CASES = {
     "defaults": dict(compression_ratio=0.5),
-    "layerwise": dict(compression_ratio=0.6, layerwise=True),
+    "layer": dict(compression_ratio=0.6, allocation="layer"),
+    "uniform": dict(compression_ratio=0.6, allocation="uniform", chunk_size=20),
     "chunks-instructions": dict(compression_ratio=0.5, chunk_size=12, overlap=3, prompt_ids=(5, 6, 7),
                                 chunk_prompt_ids=(8, 9), suffix_ids=(10, 11)),
     "budget-window": dict(budget=14, window_size=3, sink_size=2, chunk_size=16),
@@ -178,8 +183,8 @@ def test_kept_tokens_follow_the_reconstruction_attention_of_the_model(case):
     prefill(llama(2, "sdpa"), inputs, cache)
     assert_shared_ranking(cache, llama(2, "eager"), inputs, LENGTHS, config, case)
     counts = [[len(s) for s in row] for layer in range(4) for row in per_head_sets(cache, layer)]
-    assert any(len(set(c)) > 1 for c in counts), "the heads of a row keep different counts"
-    if not config.layerwise:
+    assert any(len(set(c)) > 1 for c in counts) == (config.allocation != "uniform"), "the heads' counts differ"
+    if config.allocation == "global":
         per_layer = [sum(len(s) for s in per_head_sets(cache, layer)[0]) for layer in range(4)]
         assert len(set(per_layer)) > 1, "the layers keep different counts"
 
@@ -188,18 +193,19 @@ def test_kept_tokens_follow_the_reconstruction_attention_of_the_model(case):
 
 
 @settings(max_examples=25)
-@example(lengths=LENGTHS, ratio=0.5, sinks=4, window=0, layerwise=False, chunk=2048, steps=3)
-@example(lengths=[30, 9], ratio=0.7, sinks=2, window=3, layerwise=True, chunk=7, steps=2)
+@example(lengths=LENGTHS, ratio=0.5, sinks=4, window=0, allocation="global", chunk=2048, steps=3)
+@example(lengths=[30, 9], ratio=0.7, sinks=2, window=3, allocation="layer", chunk=7, steps=2)
+@example(lengths=[30, 9], ratio=0.7, sinks=2, window=3, allocation="uniform", chunk=7, steps=2)
 @given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=3), ratio=st.floats(0.0, 0.9),
-       sinks=st.integers(0, 5), window=st.integers(0, 6), layerwise=st.booleans(), chunk=st.integers(3, 60),
-       steps=st.integers(0, 4))
-def test_budget_shared_never_exceeded_and_protected_tokens_kept(lengths, ratio, sinks, window, layerwise, chunk,
+       sinks=st.integers(0, 5), window=st.integers(0, 6), allocation=st.sampled_from(["global", "layer", "uniform"]),
+       chunk=st.integers(3, 60), steps=st.integers(0, 4))
+def test_budget_shared_never_exceeded_and_protected_tokens_kept(lengths, ratio, sinks, window, allocation, chunk,
                                                                 steps):
-    """After the prompt each row keeps ``n - int(n * ratio)`` tokens per layer and head on average (exactly, in
-    total over the layers and heads, or per layer with ``layerwise``), with its sinks and window in every
-    layer and head; decoding then adds one token per head and step (the prompt only is compressed)."""
+    """After the prompt each row keeps ``n - int(n * ratio)`` tokens per layer and head on average (exactly: in
+    total over the layers and heads, per layer, or per head, by ``allocation``), with its sinks and window in
+    every layer and head; decoding then adds one token per head and step (the prompt only is compressed)."""
     model = tiny_model("llama", "sdpa")
-    cache = make_cache("kvzip", compression_ratio=ratio, sink_size=sinks, window_size=window, layerwise=layerwise,
+    cache = make_cache("kvzip", compression_ratio=ratio, sink_size=sinks, window_size=window, allocation=allocation,
                        chunk_size=chunk, compiled_decode=False)
     greedy(model, batch(lengths), cache, new_tokens=steps + 1)
     for row, n in enumerate(lengths):
@@ -211,15 +217,18 @@ def test_budget_shared_never_exceeded_and_protected_tokens_kept(lengths, ratio, 
             sets = per_head_sets(cache, layer)[row]
             assert all(must <= s for s in sets), f"layer {layer} row {row}: a protected token lost"
             assert all(set(range(n, n + steps)) <= s for s in sets), "generated tokens are never evicted"
-            totals.append(sum(len(s) - steps for s in sets))
-        if layerwise:
-            assert totals == [keep * 2] * 4, f"row {row}: {totals}"
+            totals.append([len(s) - steps for s in sets])
+        if allocation == "uniform":
+            assert totals == [[keep] * 2] * 4, f"row {row}: {totals}"
+        elif allocation == "layer":
+            assert [sum(t) for t in totals] == [keep * 2] * 4, f"row {row}: {totals}"
         else:
-            assert sum(totals) == keep * 2 * 4, f"row {row}: {totals}"
+            assert sum(map(sum, totals)) == keep * 2 * 4, f"row {row}: {totals}"
 
 
 @pytest.mark.parametrize("settings", [dict(budget=60), dict(compression_ratio=0.0),
-                                      dict(budget=50, layerwise=True, chunk_size=9)], ids=["budget", "ratio0", "layer"])
+                                      dict(budget=50, allocation="layer", chunk_size=9)],
+                         ids=["budget", "ratio0", "layer"])
 def test_generous_budget_gives_exactly_the_full_policys_tokens(settings):
     """Nothing evicted: the same tokens and kept positions as ``full``; the scoring pass left no slot behind
     and did not change the prompt's logits (the first generated token)."""

@@ -69,26 +69,25 @@ def query_statistics(view: LayerView, queries: torch.Tensor, local: torch.Tensor
                      covariance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean ``[B, Hq, D]`` and covariance ``[B, Hq, D, D]`` (float32, biased) of the queries before RoPE,
     over each row's real queries from row-local position ``sinks`` on (the first tokens' queries are
-    outliers, kvpress leaves them out too). Two passes over chunks of queries, so no float32 copy of
-    all of them is held."""
+    outliers, kvpress leaves them out too). One pass over chunks of queries, the sums in float64 (so
+    ``E[q q^T] - mu mu^T`` loses nothing to cancellation); no copy of all the queries is held."""
     b, hq, w, d = queries.shape
-    use = (local >= sinks).float()  # [B, W]
+    use = (local >= sinks).double()  # [B, W]
     count = use.sum(-1).clamp(min=1.0).view(b, 1, 1)
-
-    def chunks():
-        for s in range(0, w, _CHUNK):
-            cos, sin = view.rotary(local[:, s : s + _CHUNK].clamp(min=0))  # [B, C, D_rot]
-            pre = rope.unrotate(queries[:, :, s : s + _CHUNK].float(), cos.unsqueeze(1), sin.unsqueeze(1))
-            yield pre, use[:, s : s + _CHUNK]
-
-    mean = sum(torch.einsum("bhcd,bc->bhd", q, u) for q, u in chunks()) / count
-    if not covariance:
-        return mean, None
-    cov = 0.0
-    for q, u in chunks():
-        centred = q - mean.unsqueeze(2)
-        cov = cov + (centred * u.view(b, 1, -1, 1)).transpose(-1, -2) @ centred  # [B, Hq, D, D]
-    return mean, cov / count.unsqueeze(-1)
+    total = torch.zeros(b, hq, d, dtype=torch.float64, device=queries.device)
+    second = torch.zeros(b, hq, d, d, dtype=torch.float64, device=queries.device) if covariance else None
+    for s in range(0, w, _CHUNK):
+        cos, sin = view.rotary(local[:, s : s + _CHUNK].clamp(min=0))  # [B, C, D_rot]
+        pre = rope.unrotate(queries[:, :, s : s + _CHUNK].float(), cos.unsqueeze(1), sin.unsqueeze(1)).double()
+        weighted = pre * use[:, s : s + _CHUNK].view(b, 1, -1, 1)
+        total += weighted.sum(2)
+        if second is not None:
+            second += weighted.transpose(-1, -2) @ pre
+    mean = total / count
+    if second is None:
+        return mean.float(), None
+    cov = second / count.unsqueeze(-1) - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    return mean.float(), cov.float()
 
 
 def moved_to_future(view: LayerView, mean: torch.Tensor, cov: torch.Tensor | None,

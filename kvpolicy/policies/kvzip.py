@@ -4,11 +4,13 @@ Why it suits compress-once-ask-many: the score does not depend on any question. 
 forward, the model is run again over the prompt's cache on the prompt itself (optionally after an
 instruction to repeat it), in chunks; each cached KV pair scores the largest attention any
 reconstruction query pays it. Budgets are then shared across all layers and KV heads (or across the
-heads of each layer, ``layerwise=True``). The pass costs about one more prefill of the prompt (plus the
-chunks' attention over the prompt). See docs/policies/kvzip.md.
+heads of each layer, or kept uniform: ``allocation``). The pass costs about three more prompt forwards
+on CPU (its forward, over twice the keys, and the scores' attention). See docs/policies/kvzip.md.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -20,9 +22,12 @@ _QUERY_CHUNK = 512  # reconstruction queries scored at once: bounds the [B, H, G
 
 
 class KVzipConfig(PolicyConfig):
-    """``compression_ratio``: share of the prompt's KV removed, over all compressible layers and KV heads
-    (each layer and head keeps what the shared ranking gives it); ``budget`` instead: mean tokens kept per
-    layer and head. ``layerwise=True`` gives every layer the same share, split across its heads. The
+    """``compression_ratio``: share of the prompt's KV removed; ``budget`` instead: mean tokens kept per
+    layer and head. ``allocation`` says where the kept tokens may go: ``"global"`` (kvpress's default) ranks
+    all compressible layers' and KV heads' pairs together, so each layer and head keeps what the ranking
+    gives it; ``"layer"`` (kvpress's ``layerwise=True``) gives every layer the same share, split across its
+    heads; ``"uniform"`` gives every layer and head the same count (each head keeps its own best), so the
+    bytes saved equal the tokens removed (a layer's buffer is as wide as its fullest head). The
     ``sink_size`` first tokens (and ``window_size`` newest) are kept in every layer and head.
 
     The reconstruction input of chunk ``c`` is ``prompt_ids`` (``chunk_prompt_ids`` and the previous chunk's
@@ -35,7 +40,7 @@ class KVzipConfig(PolicyConfig):
     budget: int | None = Field(None, ge=1)
     sink_size: int = Field(4, ge=0)
     window_size: int = Field(0, ge=0)
-    layerwise: bool = False
+    allocation: Literal["global", "layer", "uniform"] = "global"
     chunk_size: int = Field(2048, ge=1)
     overlap: int = Field(8, ge=0)
     prompt_ids: tuple[int, ...] = ()
@@ -163,14 +168,16 @@ class KVzipPolicy(CachePolicy):
         return min(c.budget, n) if c.budget is not None else n - int(n * c.compression_ratio)
 
     def plan_scored(self, views: list[LayerView]) -> list[Plan | None]:
-        """Each row keeps ``keep(n)`` tokens per layer and head on average. ``layerwise``: per layer, one
-        top-k over its heads (Ada-KV's split, no floor). Otherwise one top-k over every compressible layer's
-        heads: each (layer, head) keeps what falls to it. Sinks and the window always stay."""
+        """Each row keeps ``keep(n)`` tokens per layer and head on average. ``"uniform"``: exactly that in each
+        head, its best. ``"layer"``: per layer, one top-k over its heads (Ada-KV's split, no floor).
+        ``"global"``: one top-k over every compressible layer's heads: each (layer, head) keeps what falls to
+        it. Sinks and the window always stay."""
         c = self.config
         scores = [self._protected(v, v.state.pop("kvzip")) for v in views]
         keep = [self._keep(n) for n in views[0].seen] if views else []
-        if c.layerwise:
-            return [Plan(keep=keep, scores=s, sinks=c.sink_size, recent=c.window_size, head_adaptive=0.0)
+        if c.allocation != "global":
+            share = 0.0 if c.allocation == "layer" else None
+            return [Plan(keep=keep, scores=s, sinks=c.sink_size, recent=c.window_size, head_adaptive=share)
                     for s in scores]
         b, hkv = scores[0].shape[:2]
         flat = torch.cat([s.reshape(b, -1) for s in scores], dim=1)  # [B, layers * H * T]
