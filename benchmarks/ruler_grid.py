@@ -71,6 +71,13 @@ def merge(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return rows, metas
 
 
+def queues(jobs: list, gpus: int, per_gpu: int) -> list[tuple[int, list]]:
+    """``(gpu, its jobs)`` for each of the ``gpus * per_gpu`` workers, the jobs dealt round-robin: the
+    workers of one GPU share it, each running its jobs one after another."""
+    workers = gpus * per_gpu
+    return [(w % gpus, jobs[w::workers]) for w in range(workers) if jobs[w::workers]]
+
+
 def _run_queue(jobs: list[tuple[int, list[str]]], gpu: int | None, out: Path, passthrough: list[str]) -> list[int]:
     """Run ``jobs`` one after another on ``gpu`` (None: the CPU); the indices of those that failed."""
     failed = []
@@ -103,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="shards (processes, each with its own full row; default: one per policy): each GPU runs "
                          "its share one after another, and every finished shard's JSON stays if a later one fails "
                          "or the call is cut short")
+    ap.add_argument("--per-gpu", type=int, default=1,
+                    help="shards run at once on each GPU (default 1): a 135M model leaves an H200 mostly idle, "
+                         "its decode bound by the host, so several processes share one GPU well")
     args = ap.parse_args(own)
+    if args.per_gpu < 1:
+        ap.error("--per-gpu must be at least 1")
     if args.gpus is None:
         import torch
 
@@ -116,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(args.gpus) as pool:
-            results = pool.map(lambda g: _run_queue(jobs[g :: args.gpus], g, args.out, passthrough), range(args.gpus))
+        plan = queues(jobs, args.gpus, args.per_gpu)
+        with ThreadPoolExecutor(len(plan)) as pool:
+            results = pool.map(lambda q: _run_queue(q[1], q[0], args.out, passthrough), plan)
             failed = [i for r in results for i in r]
     else:
         failed = _run_queue(jobs, None, args.out, passthrough)
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvpolicy.evaluation.ruler.report import markdown
     from kvpolicy.provenance import run_meta
 
-    meta = run_meta([Path(__file__).name, *argv], tool="benchmarks/ruler_grid.py", gpus=args.gpus,
+    meta = run_meta([Path(__file__).name, *argv], tool="benchmarks/ruler_grid.py", gpus=args.gpus, per_gpu=args.per_gpu,
                     shards=[{"policies": p, "meta": m} for (i, p), m in zip([j for j in jobs if j[0] not in failed],
                                                                           metas)],
                     failed_shards=[parts[i] for i in failed], wall_s=round(time.time() - started, 1))

@@ -537,6 +537,15 @@ def _load_grid():
     return module
 
 
+def test_grid_deals_every_shard_once_and_shares_gpus():
+    grid = _load_grid()
+    jobs = list(range(10))
+    plan = grid.queues(jobs, gpus=2, per_gpu=3)
+    assert sorted(j for _, q in plan for j in q) == jobs
+    assert [g for g, _ in plan] == [0, 1, 0, 1, 0, 1] and plan[0][1] == [0, 6] and plan[5][1] == [5]
+    assert grid.queues([0, 1], gpus=4, per_gpu=2) == [(0, [0]), (1, [1])]  # no idle workers
+
+
 def test_grid_dry_run_on_cpu(tiny_model_dir, prose_file, tmp_path):  # noqa: F811
     """The GPU command's shape, run on the CPU with the tiny model: one shard, merged file, plot, tables."""
     import subprocess
