@@ -12,16 +12,14 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from models import batch, greedy, tiny_model
-from test_compiled_generate import compile_config, graphs
+from test_compiled_generate import compiled_and_eager
 from test_oracle import TOL, Kept, Run, llama, oracle_step
-from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy import ConfigError, make_cache
 from kvpolicy.core.policy import Plan
 from kvpolicy.core.selection import select_slots
-from kvpolicy.core.static_layer import StaticPolicyLayer
 
 LENGTHS = [48, 31, 40]  # test_oracle's: pads 0, 17, 8
 SNAP = dict(compression_ratio=0.5, window_size=4, sink_size=2, kernel_size=3, head_budget="adaptive")
@@ -329,21 +327,6 @@ def test_row_moves_and_row_chunks_keep_each_head_s_count():
 # ------------------------------------------------------------------------------- compiled decode path
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def generate(model, inputs, cache, compiled: bool, new_tokens: int = 12):
-    extra = {"compile_config": compile_config()} if compiled else {"disable_compile": True}
-    with torch.no_grad():
-        return model.generate(**inputs, **{kvpolicy.cache_argument(model): cache}, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, pad_token_id=0, do_sample=False, **extra)
-
-
 @pytest.mark.parametrize("case", ["snapkv", "pyramidinfer"])
 def test_compiled_generate_equals_the_eager_path(case, fresh_dynamo):
     """Frozen layers whose heads hold different counts (masked surplus slots): the compiled step (forced on
@@ -351,14 +334,7 @@ def test_compiled_generate_equals_the_eager_path(case, fresh_dynamo):
     evicts decode groups per head between steps."""
     policy, settings = CASES[case]
     model = llama(2, "sdpa")
-    inputs = batch([30, 24, 40])
-    eager = make_cache(policy, compiled_decode=False, **settings)
-    expected = generate(model, inputs, eager, compiled=False)
-    cache = make_cache(policy, compiled_decode=True, **settings)
-    got = generate(model, inputs, cache, compiled=True)
-    assert isinstance(cache.layers[-1], StaticPolicyLayer), "the layers were not frozen for decoding"
-    assert graphs() == 1, "the decode step was not captured as one graph (or a buffer was re-sized)"
-    assert torch.equal(got, expected)
+    cache, eager = compiled_and_eager(model, policy, settings)
     for layer in range(4):
         assert per_head_sets(cache, layer) == per_head_sets(eager, layer)
     assert any(len({len(s) for s in row}) > 1 for layer in range(4) for row in per_head_sets(cache, layer))

@@ -48,12 +48,29 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def greedy_generate(model, inputs, cache, compiled: bool, new_tokens: int = 12):
+    return run(model, inputs, cache, compiled, new_tokens, do_sample=False)
+
+
+def compiled_and_eager(model, policy: str, settings: dict, lengths: tuple[int, ...] = (30, 24, 40)):
+    """``(compiled, eager)``: caches of ``policy`` after greedy ``generate`` through the compiled decode step
+    (forced on the CPU, ``eager`` dynamo backend) and through the eager path, checked to have frozen their
+    layers, captured one graph (so ``decode_growth`` sized the buffers) and given the same tokens. Call
+    with dynamo reset (the ``fresh_dynamo`` fixture)."""
+    inputs = batch(list(lengths))
+    eager = kvpolicy.make_cache(policy, compiled_decode=False, **settings)
+    expected = greedy_generate(model, inputs, eager, compiled=False)
+    cache = kvpolicy.make_cache(policy, compiled_decode=True, **settings)
+    got = greedy_generate(model, inputs, cache, compiled=True)
+    assert isinstance(cache.layers[-1], StaticPolicyLayer), "the layers were not frozen for decoding"
+    assert graphs() == 1, "the decode step was not captured as one graph (or a buffer was re-sized)"
+    assert torch.equal(got, expected)
+    return cache, eager
+
+
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+def _fresh_dynamo(fresh_dynamo):
+    """Every test here starts and ends with dynamo's caches and counters empty."""
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -19,15 +19,13 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from models import COMMON, batch, greedy, tiny_model
-from test_compiled_generate import compile_config, graphs
-from test_tova_knorm import assert_top_scored, decode, kept_set, protected
-from torch._dynamo.utils import counters
+from test_compiled_generate import compiled_and_eager
+from test_tova_knorm import assert_top_scored, budget_checker, decode, kept_set, protected
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Phi3Config
 
 import kvpolicy
 from kvpolicy import ConfigError, make_cache, make_policy
 from kvpolicy.core import registry, rope
-from kvpolicy.core.static_layer import StaticPolicyLayer
 from kvpolicy.policies import BUILTIN_POLICIES, ExpectedAttentionConfig, ExpectedAttentionPolicy
 
 SCORE_TOL = 1e-5
@@ -152,26 +150,7 @@ def test_budget_never_exceeded_and_protected_tokens_kept(lengths, budget, sinks,
     model = tiny_model("llama", "sdpa")
     cache = make_cache("expected_attention", budget=budget, sink_size=sinks, window_size=window, compress=compress,
                        evict_every=evict_every, decode_stats_window=4, compiled_decode=False)
-    after_prefill: list[list[int]] = []
-
-    def check(step: int):
-        counts = cache.valid_tokens_per_layer()
-        if step == 0:
-            after_prefill.extend(counts)
-        for layer, per_row in enumerate(counts):
-            pos = cache.kept_positions(layer)
-            growth = cache.policy.decode_growth(layer, lengths, step)
-            for row, n in enumerate(lengths):
-                seen = n + step
-                bound = budget + step if step == 0 or compress == "prefill" else budget + evict_every - 1
-                assert per_row[row] <= min(bound, seen), f"layer {layer} row {row} step {step}: {per_row[row]}"
-                assert per_row[row] <= after_prefill[layer][row] + growth, "decode_growth is not an upper bound"
-                must = protected(seen, min(budget, seen), sinks, window)
-                for head in range(pos.shape[1]):
-                    kept = [p for p in pos[row, head].tolist() if p >= 0]
-                    assert kept == sorted(set(kept)) and len(kept) == per_row[row]
-                    assert must <= set(kept), f"layer {layer} row {row} head {head}: lost {must - set(kept)}"
-
+    check = budget_checker(cache, lengths, budget, sinks, window, compress, evict_every)
     decode(model, cache, batch(lengths), steps, check)
 
 
@@ -404,21 +383,6 @@ COMPILED = {
 }
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def generate(model, inputs, cache, compiled: bool, new_tokens: int = 12):
-    extra = {"compile_config": compile_config()} if compiled else {"disable_compile": True}
-    with torch.no_grad():
-        return model.generate(**inputs, **{kvpolicy.cache_argument(model): cache}, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, pad_token_id=0, do_sample=False, **extra)
-
-
 @pytest.mark.parametrize("case", sorted(COMPILED))
 def test_compiled_generate_equals_the_eager_path(case, fresh_dynamo):
     """The compiled decode step over frozen layers (forced on the CPU, ``eager`` dynamo backend) gives the
@@ -426,14 +390,7 @@ def test_compiled_generate_equals_the_eager_path(case, fresh_dynamo):
     decode-time statistics come from the static layer's query ring."""
     settings = COMPILED[case]
     model = tiny_model("llama", "sdpa")
-    inputs = batch([30, 24, 40])
-    eager = make_cache("expected_attention", compiled_decode=False, **settings)
-    expected = generate(model, inputs, eager, compiled=False)
-    cache = make_cache("expected_attention", compiled_decode=True, **settings)
-    got = generate(model, inputs, cache, compiled=True)
-    assert isinstance(cache.layers[-1], StaticPolicyLayer), "the layers were not frozen for decoding"
-    assert graphs() == 1, "the decode step was not captured as one graph (or a buffer was re-sized)"
-    assert torch.equal(got, expected)
+    cache, eager = compiled_and_eager(model, "expected_attention", settings)
     assert cache.valid_tokens_per_layer() == eager.valid_tokens_per_layer()
     for layer in range(len(cache.layers)):
         assert torch.equal(cache.kept_positions(layer), eager.kept_positions(layer))

@@ -17,14 +17,12 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from models import batch, greedy, tiny_model
-from test_compiled_generate import compile_config, graphs
+from test_compiled_generate import compiled_and_eager
 from test_oracle import llama
-from torch._dynamo.utils import counters
 
 import kvpolicy
 from kvpolicy import CacheMisuseError, ConfigError, make_cache, make_policy
 from kvpolicy.core import registry
-from kvpolicy.core.static_layer import StaticPolicyLayer
 from kvpolicy.policies import BUILTIN_POLICIES, KVzipConfig, KVzipPolicy, kvzip_prompt_ids
 
 SCORE_TOL = 1e-5
@@ -316,14 +314,6 @@ def test_the_pass_runs_once_per_chunk_through_the_base_model():
 # ------------------------------------------------------------------------------- compiled decode path
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def test_compiled_generate_equals_the_eager_path(fresh_dynamo, monkeypatch):
     """The pass runs before the layers freeze (once: not after the prompt's forward too); the compiled step
     (forced on the CPU, ``eager`` backend) over heads of different lengths gives the eager path's tokens and
@@ -332,19 +322,7 @@ def test_compiled_generate_equals_the_eager_path(fresh_dynamo, monkeypatch):
     freeze = kvpolicy.PolicyCache._freeze
     monkeypatch.setattr(kvpolicy.PolicyCache, "_freeze", lambda self: (freezes.append(1), freeze(self))[1])
     model = llama(2, "sdpa")
-    inputs = batch([30, 24, 40])
-    settings = dict(compression_ratio=0.5, chunk_size=16)
-    extra = dict(max_new_tokens=12, min_new_tokens=12, pad_token_id=0, do_sample=False)
-    eager = make_cache("kvzip", compiled_decode=False, **settings)
-    with torch.no_grad():
-        expected = model.generate(**inputs, **{kvpolicy.cache_argument(model): eager}, disable_compile=True, **extra)
-    cache = make_cache("kvzip", compiled_decode=True, **settings)
-    with torch.no_grad():
-        got = model.generate(**inputs, **{kvpolicy.cache_argument(model): cache}, compile_config=compile_config(),
-                             **extra)
-    assert isinstance(cache.layers[-1], StaticPolicyLayer), "the layers were not frozen for decoding"
+    cache, eager = compiled_and_eager(model, "kvzip", dict(compression_ratio=0.5, chunk_size=16))
     assert freezes == [1], "frozen once, after the scoring pass"
-    assert graphs() == 1, "the decode step was not captured as one graph (or a buffer was re-sized)"
-    assert torch.equal(got, expected)
     for layer in range(4):
         assert per_head_sets(cache, layer) == per_head_sets(eager, layer)

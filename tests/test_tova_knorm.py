@@ -17,15 +17,13 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from models import batch, greedy, tiny_model
-from test_compiled_generate import compile_config, graphs
+from test_compiled_generate import compiled_and_eager
 from test_oracle import Run, llama, oracle_step
-from torch._dynamo.utils import counters
 from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy import ConfigError, make_cache, make_policy
 from kvpolicy.core import registry
-from kvpolicy.core.static_layer import StaticPolicyLayer
 from kvpolicy.policies import BUILTIN_POLICIES, KnormConfig, KnormPolicy, TOVAConfig, TOVAPolicy
 
 SCORE_TOL = 1e-5
@@ -137,6 +135,16 @@ def test_budget_never_exceeded_and_protected_tokens_kept(policy, lengths, budget
     model = tiny_model("llama", "sdpa")
     cache = make_cache(policy, budget=budget, sink_size=sinks, window_size=window, compress=compress,
                        evict_every=evict_every, compiled_decode=False)
+    check = budget_checker(cache, lengths, budget, sinks, window, compress, evict_every,
+                           one_set_per_layer=policy == "tova")
+    decode(model, cache, batch(lengths), steps, check)
+
+
+def budget_checker(cache, lengths: list[int], budget: int, sinks: int, window: int, compress: str, evict_every: int,
+                   one_set_per_layer: bool = False):
+    """A ``check(step)`` for :func:`decode`: no row over ``budget`` after the prompt; while decoding a
+    prompt-only cache grows one token a step and a re-compressing one stays within ``evict_every - 1`` of
+    the budget, never past ``decode_growth``; sinks and the window kept in every head."""
     after_prefill: list[list[int]] = []
 
     def check(step: int):
@@ -148,10 +156,7 @@ def test_budget_never_exceeded_and_protected_tokens_kept(policy, lengths, budget
             growth = cache.policy.decode_growth(layer, lengths, step)
             for row, n in enumerate(lengths):
                 seen = n + step
-                if step == 0 or compress == "prefill":
-                    bound = budget + step
-                else:
-                    bound = budget + evict_every - 1
+                bound = budget + step if step == 0 or compress == "prefill" else budget + evict_every - 1
                 assert per_row[row] <= min(bound, seen), f"layer {layer} row {row} step {step}: {per_row[row]}"
                 assert per_row[row] <= after_prefill[layer][row] + growth, "decode_growth is not an upper bound"
                 must = protected(seen, min(budget, seen), sinks, window)
@@ -159,10 +164,10 @@ def test_budget_never_exceeded_and_protected_tokens_kept(policy, lengths, budget
                     kept = [p for p in pos[row, head].tolist() if p >= 0]
                     assert kept == sorted(set(kept)) and len(kept) == per_row[row]
                     assert must <= set(kept), f"layer {layer} row {row} head {head}: lost {must - set(kept)}"
-                if policy == "tova":
+                if one_set_per_layer:
                     assert torch.equal(pos[row], pos[row, :1].expand_as(pos[row])), "one token set per layer"
 
-    decode(model, cache, batch(lengths), steps, check)
+    return check
 
 
 @given(lengths=st.lists(st.integers(5, 60), min_size=1, max_size=3), ratio=st.floats(0.0, 0.8),
@@ -342,21 +347,6 @@ COMPILED = {
 }
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def generate(model, inputs, cache, compiled: bool, new_tokens: int = 12):
-    extra = {"compile_config": compile_config()} if compiled else {"disable_compile": True}
-    with torch.no_grad():
-        return model.generate(**inputs, **{kvpolicy.cache_argument(model): cache}, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, pad_token_id=0, do_sample=False, **extra)
-
-
 @pytest.mark.parametrize("case", sorted(COMPILED))
 def test_compiled_generate_equals_the_eager_path(case, fresh_dynamo):
     """``generate`` through the compiled decode step over frozen layers (forced on the CPU with the
@@ -364,14 +354,7 @@ def test_compiled_generate_equals_the_eager_path(case, fresh_dynamo):
     same positions; one graph, so the buffers sized by ``decode_growth`` never had to grow."""
     policy, settings = COMPILED[case]
     model = tiny_model("llama", "sdpa")
-    inputs = batch([30, 24, 40])
-    eager = make_cache(policy, compiled_decode=False, **settings)
-    expected = generate(model, inputs, eager, compiled=False)
-    cache = make_cache(policy, compiled_decode=True, **settings)
-    got = generate(model, inputs, cache, compiled=True)
-    assert isinstance(cache.layers[-1], StaticPolicyLayer), "the layers were not frozen for decoding"
-    assert graphs() == 1, "the decode step was not captured as one graph (or a buffer was re-sized)"
-    assert torch.equal(got, expected)
+    cache, eager = compiled_and_eager(model, policy, settings)
     assert cache.valid_tokens_per_layer() == eager.valid_tokens_per_layer()
     assert cache.kv_tokens_per_layer()[-1] < 40 + 12, "the policy must have evicted something"
     for layer in range(len(cache.layers)):
