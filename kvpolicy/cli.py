@@ -228,6 +228,7 @@ def compare(args: argparse.Namespace) -> int:
     if not args.quiet and "ruler" in plan["tasks"]:
         err.print("[dim]generating the ruler suite's samples...[/dim]")
     total = [len(plan["specs"]) * len(plan["tasks"])]  # until the tasks say how many units they have
+    on_row = _partial_writer(args, plan)
     if not args.quiet and not err.is_terminal:  # a log file: one line per step instead of a bar
         done = [0]
 
@@ -238,7 +239,7 @@ def compare(args: argparse.Namespace) -> int:
         current = [""]
         rows = run_compare(model, tokenizer, plan["specs"], plan["tasks"], plan["sizes"],
                            progress=lambda d: current.__setitem__(0, d), on_step=log_step,
-                           on_total=lambda n: total.__setitem__(0, n))
+                           on_total=lambda n: total.__setitem__(0, n), on_row=on_row)
         return _finish(args, plan, rows)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -250,8 +251,19 @@ def compare(args: argparse.Namespace) -> int:
             progress=lambda d: bar.update(job, description=d),
             on_step=lambda: bar.advance(job),
             on_total=lambda n: bar.update(job, total=n),
+            on_row=on_row,
         )
     return _finish(args, plan, rows)
+
+
+def _partial_writer(args: argparse.Namespace, plan: dict[str, Any]):
+    """With ``--json``: write the rows finished so far after each policy (``meta.partial: true``), so a run
+    stopped early (a time limit, an error in a later policy) keeps them; the end of the run rewrites the file."""
+    if not args.json_path:
+        return None
+    from .evaluation import report
+
+    return lambda rows: report.save_json(rows, args.json_path, {**results_meta(args, plan), "partial": True})
 
 
 def _finish(args: argparse.Namespace, plan: dict[str, Any], rows: list[dict[str, Any]]) -> int:

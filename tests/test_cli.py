@@ -257,6 +257,24 @@ def test_compare_json_meta(tiny_model_dir, tmp_path):
             report.validate_meta(broken)
 
 
+def test_compare_json_is_written_after_each_policy(tiny_model_dir, tmp_path, monkeypatch):
+    """A run cut short keeps its finished rows: the file is rewritten after each policy, marked partial
+    until the end, each time with the rows' KV reductions against ``full``."""
+    writes = []
+    save = report.save_json
+    monkeypatch.setattr(report, "save_json", lambda rows, path, meta: (writes.append((rows, meta)),
+                                                                        save(rows, path, meta))[1])
+    out = tmp_path / "rows.json"
+    assert main(["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "full,streamingllm",
+                 "--ratios", "0.25,0.75", "--tasks", "ppl", "--json", str(out), "--quiet"]) == 0
+    assert [[r["label"] for r in rows] for rows, _ in writes] == [
+        ["full"], ["full", "streamingllm@0.25"], ["full", "streamingllm@0.25", "streamingllm@0.75"],
+        ["full", "streamingllm@0.25", "streamingllm@0.75"]]
+    assert [meta.get("partial", False) for _, meta in writes] == [True, True, True, False]
+    assert abs(writes[1][0][1]["kv_reduction"] - 0.25) < 0.02 and "_kv_end_each" not in writes[1][0][1]
+    assert "partial" not in json.loads(out.read_text())["meta"]
+
+
 def test_sweep_rows_per_ratio(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "sweep.json"
     argv = ["sweep", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "full,streamingllm",

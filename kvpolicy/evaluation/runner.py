@@ -8,6 +8,7 @@ model work, so a typo fails in a second rather than after the first policy.
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,12 +191,15 @@ def run_compare(
     progress: Callable[[str], None] | None = None,
     on_step: Callable[[], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every spec over every task; one row per spec (``full`` first).
 
     ``progress(description)`` is called before each (policy, task) step and ``on_step()`` after
     each unit of work (a step, or each batch of a task of several ``units``), so a caller can drive
     any progress bar; ``on_total(count)`` says how many units there are, once the inputs are ready.
+    ``on_row(rows)`` gets the finished rows (complete, reductions included) after each spec, so a
+    long run cut short keeps what it finished.
     """
     tasks: list[Task] = []
     for name in task_names:
@@ -229,5 +233,9 @@ def run_compare(
                 on_step()
         peak = int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
         rows.append({**_row(spec, meter, metrics, peak), **extra})
+        if on_row:
+            done = copy.deepcopy(rows)
+            _add_reductions(done)
+            on_row(done)
     _add_reductions(rows)
     return rows
