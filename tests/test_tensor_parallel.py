@@ -2,10 +2,12 @@
 
 One launch of ``tests/tp_worker.py`` under ``torch.distributed.run`` runs every case (each built-in
 policy through ``generate``, and the variants: per-KV-head PyramidInfer, prune-hidden prefill, the
-frozen decode path, eager and compiled, row-chunked prefill, top-p sampling); meanwhile this process
-runs the same cases on the same weights alone. Under parallelism each rank holds half the KV heads;
-the tokens must equal one process's, and each layer's kept positions, the ranks' heads put together,
-too. Only the policies that merge heads into one score per slot may call a collective.
+frozen decode path, eager and compiled, row-chunked prefill, top-p sampling, Ada-KV's head-adaptive
+split, KVzip's three allocations); meanwhile this process runs the same cases on the same weights
+alone. Under parallelism each rank holds half the KV heads; the tokens must equal one process's, and
+each layer's kept positions, the ranks' heads put together, too (shapes included: a layer is as wide as
+its fullest head over all ranks). Only the policies that merge heads into one score per slot, and the
+selections that rank slots across heads, may call a collective.
 """
 
 from __future__ import annotations
@@ -87,11 +89,8 @@ def test_score_reduction_is_bitwise_the_one_process_mean(runs):
 def test_tokens_and_kept_positions_equal_one_process(runs, name):
     parallel, alone = runs
     got, want = parallel[name], alone[name]
-    if name in tp_worker.REFUSED:  # one process runs it; two refuse it, naming the way out
-        assert "error" not in want, want.get("error")
-        assert "not supported under tensor parallelism" in got.get("error", ""), got.get("error")
-        return
-    assert got["ranks_agree"]
+    assert "error" not in want and "error" not in got, (want.get("error"), got.get("error"))
+    assert got["ranks_agree"] and got["widths_agree"]
     assert torch.equal(got["tokens"], want["tokens"]), (got["tokens"], want["tokens"])
     assert len(got["kept"]) == len(want["kept"])
     for layer, (g, w) in enumerate(zip(got["kept"], want["kept"])):
@@ -109,9 +108,9 @@ def test_tokens_and_kept_positions_equal_one_process(runs, name):
 def test_only_head_merging_policies_communicate(runs, name):
     parallel, _ = runs
     calls = parallel[name]["collectives"]
-    if name.split("-")[0] in tp_worker.SHARED_SCORES and "kv_head" not in name:
+    if (name.split("-")[0] in tp_worker.SHARED_SCORES and "kv_head" not in name) or name in tp_worker.CROSS_HEAD:
         assert calls > 0
-    else:
+    else:  # kvzip-uniform included: each head keeps its own best, no ranking across heads
         assert calls == 0, f"{name} made {calls} collective calls; a per-KV-head policy needs none"
 
 
@@ -121,6 +120,18 @@ def test_a_missing_reduction_is_seen(runs):
     parallel, alone = runs
     got, want = parallel["pyramidinfer-broken"], alone["pyramidinfer"]
     assert any(not torch.equal(g, w) for g, w in zip(got["kept"], want["kept"]))
+
+
+@pytest.mark.parametrize("broken, reference",
+                         [("kvzip-broken", "kvzip"), ("snapkv-adaptive-broken", "snapkv-adaptive")])
+def test_a_missing_gather_is_seen(runs, broken, reference):
+    """A ranking across heads over this rank's heads alone (KVzip's over layers and heads with its scores
+    not gathered; Ada-KV's split selected on the rank, nothing gathered) keeps other tokens, or other
+    widths, than one process: the comparison above would fail without the gathers."""
+    parallel, alone = runs
+    got, want = parallel[broken], alone[reference]
+    assert "error" not in got, got.get("error")
+    assert not got["widths_agree"] or any(not torch.equal(g, w) for g, w in zip(got["kept"], want["kept"]))
 
 
 def test_scores_merged_without_the_reduction_are_refused(runs):

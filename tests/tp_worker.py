@@ -40,9 +40,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "kvzip": dict(compression_ratio=0.5),
 }
 
-#: selections that rank slots across a layer's KV heads: refused under tensor parallelism (each rank
-#: sees only its heads), so these cases check the refusal, not equality
-REFUSED = {"kvzip", "snapkv-adaptive"}
+#: cases whose selections rank slots across a layer's KV heads (Ada-KV's split, KVzip's ranking over
+#: layers and heads), or leave heads holding different counts: they gather every rank's heads
+CROSS_HEAD = {"kvzip", "kvzip-layer", "snapkv-adaptive", "pyramidinfer-kv_head-adaptive"}
 
 #: policies whose layers keep one token set for all heads from head-merged scores: these, and only
 #: these, reduce across the tensor-parallel ranks
@@ -53,7 +53,8 @@ def cases() -> list[dict[str, Any]]:
     """Every built-in policy through plain ``generate`` (eager steps), then the variants: per-KV-head
     PyramidInfer, prune-hidden prefill, the frozen (static) decode path run eagerly and compiled
     (dynamo's ``eager`` backend, forced on the CPU as tests/test_compiled_generate.py does), row-chunked
-    prefill, sampling, and deliberately broken reductions (the comparison must see them)."""
+    prefill, sampling, the selections ranking across heads (Ada-KV, KVzip's allocations), and deliberately
+    broken reductions and gathers (the comparison must see them)."""
     out = [dict(name=p, policy=p, settings=SETTINGS.get(p, {})) for p in kvpolicy.available_policies()]
     pyr = SETTINGS["pyramidinfer"]
     out += [
@@ -69,10 +70,18 @@ def cases() -> list[dict[str, Any]]:
                     compiled=True))
     for p in ("pyramidinfer", "h2o"):
         out.append(dict(name=f"{p}-rows", policy=p, settings=SETTINGS[p], compiled_decode=True, rows=1))
-    out.append(dict(name="snapkv-adaptive", policy="snapkv", settings=dict(SETTINGS["snapkv"], head_budget="adaptive",
-                                                                       compress="prefill")))
+    adaptive = dict(SETTINGS["snapkv"], head_budget="adaptive", compress="prefill")
+    out.append(dict(name="snapkv-adaptive", policy="snapkv", settings=adaptive))
+    # Ada-KV's split at the prompt, then decode groups evicting from heads that hold different counts
+    out.append(dict(name="pyramidinfer-kv_head-adaptive", policy="pyramidinfer",
+                    settings=dict(pyr, head_aggregation="kv_head", head_budget="adaptive")))
+    for allocation in ("layer", "uniform"):
+        out.append(dict(name=f"kvzip-{allocation}", policy="kvzip", settings=dict(SETTINGS["kvzip"],
+                                                                                   allocation=allocation)))
     out.append(dict(name="pyramidinfer-broken", policy="pyramidinfer", settings=pyr, broken="reduced"))
     out.append(dict(name="pyramidinfer-unmerged", policy="pyramidinfer", settings=pyr, broken="unmerged"))
+    out.append(dict(name="kvzip-broken", policy="kvzip", settings=SETTINGS["kvzip"], broken="ungathered"))
+    out.append(dict(name="snapkv-adaptive-broken", policy="snapkv", settings=adaptive, broken="local_split"))
     return out
 
 
@@ -137,11 +146,33 @@ def _unmerged_mean(self, scores: torch.Tensor) -> torch.Tensor:
     return scores.mean(dim=1, keepdim=True)
 
 
+def _rank_local(self, t: torch.Tensor) -> torch.Tensor:
+    """``LayerView.gather_heads`` that gathers nothing: this rank's heads repeated in place of every rank's
+    (the shapes a gather gives, so every rank still slices its heads), KVzip's global ranking blind to the
+    other ranks' scores."""
+    return t.repeat(1, self.kv_heads // t.shape[1], *[1] * (t.dim() - 2))
+
+
+def _never_across_heads(layer, plan) -> bool:
+    """``PolicyCache._ranks_across_heads`` saying no: Ada-KV's split over this rank's heads alone."""
+    return False
+
+
+def _broken(kind: str | None) -> tuple[type, str, Any]:
+    """(class, attribute, replacement) that breaks a case on purpose (None: nothing)."""
+    from kvpolicy.core.cache import PolicyCache
+    from kvpolicy.core.policy import LayerView
+
+    return {"reduced": (LayerView, "mean_over_heads", _local_mean),
+            "unmerged": (LayerView, "mean_over_heads", _unmerged_mean),
+            "ungathered": (LayerView, "gather_heads", _rank_local),
+            "local_split": (PolicyCache, "_ranks_across_heads", staticmethod(_never_across_heads)),
+            None: (LayerView, "mean_over_heads", None)}[kind]
+
+
 def run_case(model, case: dict[str, Any]) -> dict[str, Any]:
     """Greedy (or seeded top-p) generation of ``NEW`` tokens: the new tokens, and this process's kept
     positions ``[B, H_kv here, L]`` of every layer."""
-    from kvpolicy.core.policy import LayerView
-
     inputs = batch(model.config.vocab_size)
     cache = kvpolicy.make_cache(case["policy"], compiled_decode=case.get("compiled_decode", False),
                                 **case["settings"])
@@ -156,9 +187,10 @@ def run_case(model, case: dict[str, Any]) -> dict[str, Any]:
         config._compile_all_devices = True  # transformers compiles on GPUs only unless told
         sampling["compile_config"] = config
     graphs = counters["stats"]["unique_graphs"]
-    saved = LayerView.mean_over_heads
-    if case.get("broken"):
-        LayerView.mean_over_heads = _local_mean if case["broken"] == "reduced" else _unmerged_mean
+    owner, name, broken = _broken(case.get("broken"))
+    saved = owner.__dict__[name]
+    if broken is not None:
+        setattr(owner, name, broken)
     try:
         torch.manual_seed(0)
         with torch.no_grad():
@@ -171,7 +203,7 @@ def run_case(model, case: dict[str, Any]) -> dict[str, Any]:
     except (kvpolicy.CacheMisuseError, kvpolicy.UnsupportedModelError) as err:
         return {"error": str(err), "tokens": torch.zeros(0), "kept": []}
     finally:
-        LayerView.mean_over_heads = saved
+        setattr(owner, name, saved)
     tokens = out[:, inputs["input_ids"].shape[1] :]
     kept = [cache.kept_positions(i).clone() for i in range(len(cache.layers))]
     return {"tokens": tokens, "kept": kept, "frozen": cache.is_frozen(),
@@ -186,6 +218,22 @@ def check_mean_over_heads(parallel) -> bool:
     full[:, :, 10:20] = 0.25  # exact ties
     mine = full[:, parallel.offset : parallel.offset + parallel.local]
     return torch.equal(parallel.mean_over_heads(mine), full.mean(dim=1, keepdim=True))
+
+
+def gather_layer(local: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """This rank's kept positions ``[B, H here, L]`` and the other ranks' (consecutive KV heads) as one
+    layer, and whether every rank's layer is as wide: a narrower one is padded with empty slots (-1) so
+    that a width mismatch fails the comparison rather than the gather."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    widths = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(widths, torch.tensor([local.shape[2]]))
+    width = max(int(w) for w in widths)
+    padded = torch.nn.functional.pad(local, (0, width - local.shape[2]), value=-1).contiguous()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts, dim=1), len({int(w) for w in widths}) == 1
 
 
 def main(model_dir: str, out_file: str) -> None:
@@ -205,12 +253,9 @@ def main(model_dir: str, out_file: str) -> None:
     for case in cases():
         res = run_case(model, case)
         res["collectives"] = counter.take()
-        kept = []
-        for local in res["kept"]:  # the ranks hold consecutive KV heads: gather into whole layers
-            parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, local.contiguous())
-            kept.append(torch.cat(parts, dim=1))
-        res["kept"] = kept
+        layers = [gather_layer(local) for local in res["kept"]]
+        res["kept"] = [kept for kept, _ in layers]
+        res["widths_agree"] = all(agree for _, agree in layers)
         if "error" in res:
             results[case["name"]] = res
             continue

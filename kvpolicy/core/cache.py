@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 
 from . import attention_hook, compiled_step, hidden_pruning, masks, parallel, scoring_pass
 from .compat import cache_argument
-from .errors import CacheMisuseError, ConfigError, UnsupportedModelError
+from .errors import CacheMisuseError, ConfigError
 from .layer_store import PolicyLayer, first_moved_slot
 from .policy import CachePolicy, LayerView, Plan, ScoringChunk
 from .rows import Rows, concat_states
@@ -349,7 +349,7 @@ class PolicyCache(Cache):
             if layer.compressible:
                 seen = self._seen_real(layer)
                 plan = self._plan(self._view(layer, seen, steps, prefill=False))
-                if plan is not None and (sel := self._select(layer, plan, seen)) is not None:
+                if plan is not None and (sel := self._select(layer, plan, seen, "decode")) is not None:
                     due.append((layer, sel))
         if due:  # one read of the device for all layers (each read drains the queue)
             starts = torch.stack([first_moved_slot(index) for _, (index, _) in due]).tolist()
@@ -464,7 +464,7 @@ class PolicyCache(Cache):
             )
         plan = self._plan(self._view(layer, seen, new, prefill))
         if plan is not None:
-            self._apply(layer, plan, seen)
+            self._apply(layer, plan, seen, "prefill" if prefill else "decode")
         if prefill and layer_idx == self._last_compressible():
             self.rows.prompt_len = list(seen)
         if prefill and layer.qwin is not None:  # keep only what decoding will use
@@ -490,11 +490,9 @@ class PolicyCache(Cache):
 
     def _plan(self, view: LayerView) -> Plan | None:
         """The policy's plan for ``view``; under tensor parallelism, refuses one score row per layer that
-        was not merged across the ranks (each rank would keep other tokens, see ``core/parallel.py``)."""
+        was not merged across the ranks (each rank would keep other tokens, see ``core/parallel.py``).
+        Plans ranking slots across heads are exact there: ``_select`` gathers what they need."""
         plan = self.policy.plan(view)
-        if view.parallel is not None and plan is not None and plan.head_adaptive is not None:
-            self._refuse_cross_head_ranking("Ada-KV's head-adaptive budgets (one top-k over a row's heads)",
-                                            "head_budget='uniform'")
         if (
             view.parallel is not None
             and plan is not None
@@ -513,15 +511,6 @@ class PolicyCache(Cache):
             )
         return plan
 
-    def _refuse_cross_head_ranking(self, what: str, fix: str) -> None:
-        """A selection that ranks slots across a layer's KV heads sees only this rank's heads under tensor
-        parallelism, so each rank would keep other counts and tokens than one process: refused, not
-        approximated, until its scores are gathered across the ranks."""
-        raise UnsupportedModelError(
-            f"{what} is not supported under tensor parallelism yet: each rank holds only some of the KV heads, "
-            f"so the ranks would keep other tokens than one GPU would. Use {fix} (docs/tensor-parallel.md)"
-        )
-
     def _pruning(self) -> hidden_pruning.HiddenPruner | None:
         """The prune-hidden prefill in progress, if any."""
         pruner = self._pruner
@@ -535,16 +524,48 @@ class PolicyCache(Cache):
         # host-side: each device read drains the GPU's queue, and this runs once per layer
         return self.rows.seen(layer.total_seen)
 
-    def _apply(self, layer: PolicyLayer, plan: Plan, seen_per_row: list[int]) -> None:
-        selection = self._select(layer, plan, seen_per_row)
+    def _apply(self, layer: PolicyLayer, plan: Plan, seen_per_row: list[int], phase: str) -> None:
+        selection = self._select(layer, plan, seen_per_row, phase)
         if selection is not None:
             layer.compact(*selection)
 
-    def _select(self, layer: PolicyLayer, plan: Plan, seen: list[int]) -> tuple[torch.Tensor, list[int]] | None:
+    def _select(
+        self, layer: PolicyLayer, plan: Plan, seen: list[int], phase: str
+    ) -> tuple[torch.Tensor, list[int] | list[list[int]]] | None:
+        """The slots ``layer`` keeps under ``plan`` (see ``select_slots``); ``phase`` files a tensor-parallel
+        gather in ``parallel.STATS``."""
+        if self._parallel is not None and self._ranks_across_heads(layer, plan):
+            return self._select_whole_layer(layer, plan, seen, phase)
         return select_slots(
             plan, layer.valid_counts(), layer.local_positions(), layer.pos_view(), seen, self.policy.shared_positions,
             layer.valid_counts_per_head(),
         )
+
+    @staticmethod
+    def _ranks_across_heads(layer: PolicyLayer, plan: Plan) -> bool:
+        """Whether, under tensor parallelism, selecting ``plan`` needs every rank's heads: a head-adaptive
+        split (one top-k over a row's heads), per-head counts, or a layer whose heads over all ranks hold
+        different counts. Each leaves the heads with counts that set the layer's width (its fullest head
+        over ALL ranks), so a rank alone could not size its buffer as one process does. Decided from the
+        plan's structure and the layer's ``group_uneven`` (the same on every rank), never from this rank's
+        counts alone: every rank must make the same collective calls."""
+        nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
+        return plan.head_adaptive is not None or nested or layer.group_uneven
+
+    def _select_whole_layer(
+        self, layer: PolicyLayer, plan: Plan, seen: list[int], phase: str
+    ) -> tuple[torch.Tensor, list[list[int]]] | None:
+        """``TensorParallel.select_per_head``: this rank's heads' share of the selection one process makes
+        over the whole layer; records whether the group's heads now hold different counts."""
+        local = layer.keys.shape[1]
+        head_valid = layer.valid_counts_per_head() or [[n] * local for n in layer.valid_counts()]
+        selection = self._parallel.select_per_head(plan, head_valid, layer.local_positions(), layer.pos_view(), seen,
+                                                   phase)
+        if selection is None:
+            return None
+        index, counts, whole = selection
+        layer.group_uneven = any(len(set(row)) > 1 for row in whole)
+        return index, counts
 
     # ----------------------------------------------------------------- scoring pass (KVzip)
     def begin_scoring_pass(self) -> bool:
@@ -594,11 +615,9 @@ class PolicyCache(Cache):
             self._scoring_state = "done"
         views = [self._view(layer, self._seen_real(layer), 0, prefill=True) for layer in self.layers
                  if layer.compressible]
-        if any(view.parallel is not None for view in views):
-            self._refuse_cross_head_ranking(f"the {self.policy.name} policy's ranking over KV heads", "another policy")
         for view, plan in zip(views, self.policy.plan_scored(views)):
             if plan is not None:
-                self._apply(view.layer, plan, view.seen)
+                self._apply(view.layer, plan, view.seen, "prefill")
         if self._decodes_static():
             self._freeze()
 

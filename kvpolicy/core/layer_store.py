@@ -35,6 +35,10 @@ class PolicyLayer(CacheLayerMixin):
     #: a head-adaptive plan); None: every head holds the same count. Appends do not change it (every head
     #: gains the same tokens); a recount from the device (``valid_counts``) refreshes it.
     head_deficit: list[list[int]] | None = None
+    #: under tensor parallelism: the layer's heads over ALL ranks hold different counts (known to every rank
+    #: from the last selection over the whole layer, ``TensorParallel.select_per_head``), so the next selection
+    #: must see every head too (this rank's ``head_deficit`` alone may say its heads agree)
+    group_uneven: bool = False
 
     def __init__(self, layer_idx: int, rows: Rows, headroom: int = 64, track_attention: bool = False):
         super().__init__()
@@ -102,6 +106,7 @@ class PolicyLayer(CacheLayerMixin):
                 per_row = [torch.cat([w.new_full((w.shape[0], width - w.shape[1]), -1), w], 1) for w in per_row]
                 layer.qwin_pos = torch.cat(per_row)
         layer.valid_host = None if layer.contiguous else counts
+        layer.group_uneven = any(p.group_uneven for p in parts)
         if any(p.head_deficit is not None for p in parts):
             layer.valid_host = None  # heads hold different counts: recounted per head on the device
         for p in parts:

@@ -1,5 +1,5 @@
-"""Tensor parallelism: which slice of a layer's KV heads this process holds, and the one reduction
-a policy needs across processes.
+"""Tensor parallelism: which slice of a layer's KV heads this process holds, and the one collective
+kvpolicy needs across processes (an all-gather of per-head tensors in head order).
 
 Why: under transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")`` or
 ``distributed_config=DistributedConfig(tp_size=n)``, launched with ``torchrun``) each rank computes a
@@ -13,6 +13,13 @@ states differently. Such a policy calls :meth:`TensorParallel.mean_over_heads` (
 the very operation one process runs on the whole ``[B, H_kv, L]`` tensor: every rank gets the same
 bits, and the same bits one process would compute from the same per-head scores (a sum reduced across
 ranks would add in another order and could flip a tie).
+
+A selection that ranks slots across a layer's KV heads (Ada-KV's head-adaptive split, KVzip's ranking
+over layers and heads) or leaves its heads holding different counts needs every head too: the kept
+counts depend on the other heads' scores, and a layer's buffer is as wide as its fullest head over all
+ranks. :meth:`TensorParallel.select_per_head` gathers what the selection reads (scores, slot layout,
+per-head counts), runs :func:`~kvpolicy.core.selection.select_per_head` on the whole layer as one
+process would, and keeps this rank's heads.
 
 The cache learns the slice from the first keys it is given: fewer KV heads than the model's config
 declares means the heads are sharded. The process group comes from the DTensor weights of the attention
@@ -28,7 +35,9 @@ from typing import Any
 
 import torch
 
-from .errors import UnsupportedModelError
+from .errors import CacheMisuseError, UnsupportedModelError
+from .policy import Plan
+from .selection import select_per_head
 
 _GROUP: Any = None  # a process group set with use_group(), for layouts this module cannot find alone
 
@@ -44,9 +53,10 @@ def use_group(group: Any) -> None:
 
 @dataclass
 class ReductionStats:
-    """What the score reductions of this process cost, by phase (``"prefill"``, ``"decode"``): calls and
-    elements gathered always (free); seconds only with ``timing=True``, which synchronises the device
-    around each call (for a benchmark's breakdown, not for speed)."""
+    """What the score gathers of this process (head merges, selections across heads) cost, by phase
+    (``"prefill"``, ``"decode"``): calls and elements gathered always (free); seconds only with
+    ``timing=True``, which synchronises the device around each call (for a benchmark's breakdown, not for
+    speed)."""
 
     calls: dict[str, int] = field(default_factory=dict)
     elements: dict[str, int] = field(default_factory=dict)
@@ -62,7 +72,8 @@ class ReductionStats:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
 
-#: process-wide counters of :meth:`TensorParallel.mean_over_heads`
+#: process-wide counters of :meth:`TensorParallel.gather_heads` (which ``mean_over_heads`` and the
+#: selections ranking slots across heads go through)
 STATS = ReductionStats()
 
 
@@ -89,22 +100,75 @@ class TensorParallel:
     def __deepcopy__(self, memo: dict) -> TensorParallel:
         return self
 
+    def gather_heads(self, t: torch.Tensor, phase: str = "decode") -> torch.Tensor:
+        """``t`` ``[B, local, ...]`` (this rank's heads) -> ``[B, total, ...]``, every rank's heads in head
+        order: the tensor one process holding every head would have, the same on every rank (a
+        concatenation, so bit for bit). ``phase`` files the call in :data:`STATS`."""
+        import torch.distributed as dist
+
+        started = _clock(t) if STATS.timing else 0.0
+        b, h, *rest = t.shape
+        gathered = t.new_empty((self.size * b, h, *rest))
+        dist.all_gather_into_tensor(gathered, t.contiguous(), group=self.group)
+        # [size * B, h, ...] in rank order -> [B, size * h, ...] in head order (rank r holds heads r*h .. r*h+h-1)
+        full = gathered.view(self.size, b, h, *rest).transpose(0, 1).reshape(b, self.size * h, *rest)
+        STATS.add(phase, gathered.numel(), _clock(full) - started if STATS.timing else 0.0)
+        return full
+
     def mean_over_heads(self, scores: torch.Tensor, phase: str = "decode") -> torch.Tensor:
         """``scores`` ``[B, local, L]`` (this rank's heads) -> ``[B, 1, L]``, the mean over all ``total``
         heads, bit for bit what ``full.mean(dim=1, keepdim=True)`` gives on one process holding every
         head's scores ``full``, and the same on every rank. ``phase`` files the call in :data:`STATS`."""
-        import torch.distributed as dist
+        return self.gather_heads(scores, phase).mean(dim=1, keepdim=True)
 
-        started = _clock(scores) if STATS.timing else 0.0
-        b, h, length = scores.shape
-        local = scores.contiguous()
-        gathered = local.new_empty((self.size * b, h, length))
-        dist.all_gather_into_tensor(gathered, local, group=self.group)
-        # [size * B, h, L] in rank order -> [B, size * h, L] in head order (rank r holds heads r*h .. r*h+h-1)
-        full = gathered.view(self.size, b, h, length).transpose(0, 1).reshape(b, self.size * h, length)
-        out = full.mean(dim=1, keepdim=True)
-        STATS.add(phase, gathered.numel(), _clock(out) - started if STATS.timing else 0.0)
-        return out
+    def own_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice ``[B, local, ...]`` of a whole layer's ``[B, total, ...]``."""
+        return t[:, self.offset : self.offset + self.local]
+
+    def select_per_head(
+        self,
+        plan: Plan,
+        head_valid: list[list[int]],
+        local: torch.Tensor,
+        pos: torch.Tensor,
+        seen: list[int],
+        phase: str,
+    ) -> tuple[torch.Tensor, list[list[int]], list[list[int]]] | None:
+        """:func:`~kvpolicy.core.selection.select_per_head` over the whole layer: ``plan`` (this rank's
+        heads' scores and keep counts), ``head_valid`` (valid slots per row and local head), ``local`` and
+        ``pos`` ``[B, local, L]`` are gathered from every rank, the selection runs on them exactly as on one
+        process, and this rank keeps its heads: ``index`` ``[B, local, K]`` (``K``: the fullest head's count
+        over all ranks, so every rank's buffer is as wide as one process's), this rank's counts and every
+        head's counts (the same on every rank); None when no head evicts. Three gathers: the slot layout,
+        the host-side counts, the scores (none when they are one row for all heads or recency)."""
+        plan, valid = self._whole_plan(plan, head_valid, local.device, phase)
+        layout = self.gather_heads(torch.stack([local, pos], dim=-1), phase)  # one gather for both
+        selection = select_per_head(plan, [max(row) for row in valid], layout[..., 0], layout[..., 1], seen, valid)
+        if selection is None:
+            return None
+        index, counts = selection
+        mine = [row[self.offset : self.offset + self.local] for row in counts]
+        return self.own_heads(index), mine, counts
+
+    def _whole_plan(self, plan: Plan, head_valid: list[list[int]], device: torch.device,
+                    phase: str) -> tuple[Plan, list[list[int]]]:
+        """``plan`` for every head of the layer (its per-head keep counts and scores gathered), and every
+        head's valid count per row."""
+        nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
+        keep = [list(k) for k in plan.keep] if nested else [[k] * self.local for k in plan.keep]
+        if any(len(k) != self.local for k in keep):  # before the gather: a wrong size would hang the ranks
+            raise CacheMisuseError(f"a plan kept counts for {len(keep[0])} KV heads where this rank holds {self.local} "
+                                   "under tensor parallelism: give one count per head of view.keys")
+        counts = torch.tensor([[[int(k), v] for k, v in zip(ks, vs)] for ks, vs in zip(keep, head_valid)],
+                              dtype=torch.long, device=device)  # [B, local, 2]
+        gathered = self.gather_heads(counts, phase).tolist()  # [B][total][2]: one read for both
+        scores = plan.scores
+        if scores is not None and scores.shape[1] == self.local:
+            scores = self.gather_heads(scores, phase)
+        whole_keep = [[k for k, _ in row] for row in gathered]
+        valid = [[v for _, v in row] for row in gathered]
+        return Plan(keep=whole_keep, scores=scores, sinks=plan.sinks, recent=plan.recent,
+                    head_adaptive=plan.head_adaptive), valid
 
 
 def _clock(t: torch.Tensor) -> float:

@@ -218,6 +218,15 @@ class LayerView:
             return scores.mean(dim=1, keepdim=True)
         return self.parallel.mean_over_heads(scores, self.phase)
 
+    def gather_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, H_kv here, ...]`` per-head values -> ``[B, kv_heads, ...]``, every KV head of the layer in head
+        order: for a policy ranking slots across all heads itself (KVzip's one ranking over layers and heads).
+        Under tensor parallelism every rank's heads are gathered (a collective: call it on every rank); without
+        it, ``t``. Slice a result back to this process's heads from ``head_offset``."""
+        if self.parallel is None:
+            return t
+        return self.parallel.gather_heads(t, self.phase)
+
     def recorded_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored queries ``[B, H_q, W, D]`` (as attention received them: after RoPE and any q-norm) and
         their row-local positions ``[B, W]`` (-1: a pad or an empty slot). Their order is not time order on

@@ -179,15 +179,26 @@ class KVzipPolicy(CachePolicy):
             share = 0.0 if c.allocation == "layer" else None
             return [Plan(keep=keep, scores=s, sinks=c.sink_size, recent=c.window_size, head_adaptive=share)
                     for s in scores]
-        b, hkv = scores[0].shape[:2]
-        flat = torch.cat([s.reshape(b, -1) for s in scores], dim=1)  # [B, layers * H * T]
+        counts = self._global_counts(views, scores, keep)
+        return [Plan(keep=n, scores=s, sinks=c.sink_size, recent=c.window_size) for n, s in zip(counts, scores)]
+
+    @staticmethod
+    def _global_counts(views: list[LayerView], scores: list[torch.Tensor], keep: list[int]) -> list[list[list[int]]]:
+        """Each layer's kept count per row and KV head (``[layers][B][H_kv here]``) from one top-k over every
+        layer's and head's scores. Under tensor parallelism the ranking needs every head: each layer's scores
+        are gathered from the ranks (``view.gather_heads``), ranked as one process ranks them, and each rank
+        takes its heads' counts."""
+        whole = [v.gather_heads(s) for v, s in zip(views, scores)]
+        b, hkv = whole[0].shape[:2]
+        flat = torch.cat([s.reshape(b, -1) for s in whole], dim=1)  # [B, layers * H * T]
         total = [k * hkv * len(views) for k in keep]
         top = flat.topk(max(total), dim=1).indices
         chosen = torch.zeros_like(flat, dtype=torch.bool)
         chosen.scatter_(1, top, torch.arange(max(total), device=flat.device).view(1, -1)
                         < torch.tensor(total, device=flat.device).view(-1, 1))
         counts = chosen.view(b, len(views), hkv, -1).sum(-1).permute(1, 0, 2).tolist()  # [layers][B][H]
-        return [Plan(keep=n, scores=s, sinks=c.sink_size, recent=c.window_size) for n, s in zip(counts, scores)]
+        first, local = views[0].head_offset, scores[0].shape[1]
+        return [[row[first : first + local] for row in layer] for layer in counts]
 
     def _protected(self, view: LayerView, scores: torch.Tensor) -> torch.Tensor:
         """Scores with the sinks and the window at +inf (in every layer and head) and non-tokens at -inf, so
