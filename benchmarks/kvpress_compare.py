@@ -534,30 +534,47 @@ def _cpu_name() -> str:
 
 
 # --------------------------------------------------------------------------- merge
+#: the sizes that, with its task, length and index, decide a ruler sample: runs that agree on them
+#: share their samples, whatever tasks, lengths or sample counts each ran (kvpolicy.evaluation.ruler.suite)
+SAMPLE_KEYS = ("seed", "question", "ruler_haystack")
+
+
+def inputs_of(data: dict[str, Any]) -> Any:
+    """What two runs must share for their rows to be on the same inputs: the ruler suite's
+    :data:`SAMPLE_KEYS` (so runs split by press, ratio, task or length merge), else every size."""
+    sizes = data.get("size_values", {})
+    if "ruler" in data["tasks"]:
+        return {key: sizes.get(key) for key in SAMPLE_KEYS}
+    return sizes
+
+
 def merge_results(datas: list[dict[str, Any]], argv: list[str]) -> dict[str, Any]:
     """Several runs' JSON as one (e.g. one process per press, each with its own ``full`` row): the
     ruler suite's rows pool their samples by label and every score is recomputed against ``full``
     (``kvpolicy.evaluation.ruler.report.merge_runs``); other tasks' rows are merged by label, the
     first run's ``full`` kept (``kvpolicy.evaluation.report.merge_runs``, which refuses runs whose
-    ``full`` perplexities differ). The runs must share their tasks and inputs (sizes, seed,
-    question position), or their rows would not be on the same samples."""
+    ``full`` perplexities differ). The runs must share their tasks and inputs (:func:`inputs_of`),
+    or their rows would not be on the same samples."""
     from kvpolicy.evaluation import report
     from kvpolicy.evaluation.ruler import report as ruler_report
 
     first = datas[0]
     for data in datas[1:]:
-        for key in ("tasks", "size_values"):
-            if data.get(key) != first.get(key):
-                raise ValueError(f"the runs differ in {key!r}: {first.get(key)} vs {data.get(key)}; "
-                                 "merge only runs of the same tasks and inputs")
+        if data["tasks"] != first["tasks"] or inputs_of(data) != inputs_of(first):
+            raise ValueError(f"the runs differ in their tasks or inputs: {first['tasks']} {inputs_of(first)} vs "
+                             f"{data['tasks']} {inputs_of(data)}; merge only runs on the same samples")
     runs = [data["rows"] for data in datas]
     rows = ruler_report.merge_runs(runs) if "ruler" in first["tasks"] else report.merge_runs(runs)
     skipped = {name: why for data in datas for name, why in data.get("skipped", {}).items()}
     command = shlex.join(["python", *argv])
     merged = [{"file": data.get("_file"), "meta": data.get("meta")} for data in datas]
+    sizes = dict(first.get("size_values", {}))
+    if "ruler" in first["tasks"]:  # what the pooled rows cover
+        sizes["ruler_lengths"] = sorted({n for d in datas for n in d["size_values"]["ruler_lengths"]})
+        sizes["ruler_tasks"] = list(dict.fromkeys(t for d in datas for t in d["size_values"]["ruler_tasks"]))
     return {**{k: v for k, v in first.items() if k != "_file"},
             "meta": run_meta(argv, command=command, tool="benchmarks/kvpress_compare.py --merge", merged=merged),
-            "environment": {**first["environment"], "command": command},
+            "environment": {**first["environment"], "command": command}, "size_values": sizes,
             "ratios": sorted({r for data in datas for r in data.get("ratios", [])}),
             "wall_s": max(data["wall_s"] for data in datas), "skipped": skipped, "rows": rows}
 

@@ -218,9 +218,21 @@ def test_ruler_runs_per_press_merge(script, tiny_model_dir, prose_file, tmp_path
         "kvpress:TOVAPress@0.5"]["ruler_score"]
     other = _ruler_run(script, tiny_model_dir, prose_file, tmp_path / "c.json", "after-context", "--kvpolicy", "",
                        "--presses", "")
-    with pytest.raises(ValueError, match="size_values"):  # another question position: not the same inputs
+    with pytest.raises(ValueError, match="inputs"):  # another question position: not the same inputs
         script.merge_results(script.load_runs([str(tmp_path / "a.json"), str(tmp_path / "c.json")]), ["x"])
     assert other["rows"][0]["label"] == "kvpolicy:full"
+    # runs split by length pool their samples (a sample depends only on seed, task, length and index)
+    argv = ["--model", str(tiny_model_dir), "--suite", "ruler", "--ruler-tasks", "niah_single", "--samples", "1",
+            "--context", "320", "--haystack", str(prose_file), "--ratios", "0.5", "--threads", "1", "--kvpolicy", "",
+            "--presses", "", "--no-press-baseline", "--json", str(tmp_path / "d.json")]
+    assert script.main(argv) == 0
+    both = script.merge_results(script.load_runs([str(tmp_path / "a.json"), str(tmp_path / "d.json")]), ["x"])
+    full = both["rows"][0]
+    assert full["label"] == "kvpolicy:full" and both["size_values"]["ruler_lengths"] == [256, 320]
+    assert sorted((s["task"], s["length"]) for s in full["ruler_samples"]) == [
+        ("niah_multikey", 256), ("niah_single", 256), ("niah_single", 320)]
+    assert {(c["task"], c["length"]) for c in full["ruler_cells"]} == {
+        ("niah_multikey", 256), ("niah_single", 256), ("niah_single", 320)}
 
 
 @KVPRESS
