@@ -45,12 +45,15 @@ A press that fails a short check run (before any timed work) is skipped and list
 The JSON: ``meta`` (``kvpolicy.provenance.run_meta``: command and argv, git commit with a dirty
 flag, versions, machine and threads, date), ``environment`` (the versions, CPU and command in
 the form the Markdown report reads; files written before ``meta`` existed have only this),
-``sizes``, ``size_values``, ``tasks``, ``ratios``, ``wall_s``, ``skipped`` and ``rows``.
+``sizes``, ``suite``, ``size_values``, ``tasks``, ``ratios``, ``wall_s``, ``skipped`` and ``rows``;
+``partial: true`` while the run is going (the file is rewritten after each row, so a run stopped
+by a time limit keeps the rows it finished).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -70,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvpolicy.core import attention_hook  # noqa: E402
 from kvpolicy.evaluation import tasks as task_mod  # noqa: E402
 from kvpolicy.evaluation.report import environment  # noqa: E402
-from kvpolicy.evaluation.runner import PolicySpec, build_specs, run_compare  # noqa: E402
+from kvpolicy.evaluation.runner import PolicySpec, add_reductions, build_specs, run_compare  # noqa: E402
 from kvpolicy.provenance import run_meta  # noqa: E402
 
 #: press name on the command line -> kvpress class name
@@ -469,6 +472,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"Python {env['python']}; {env['cpu']} ({env['cpus']} CPUs, torch threads {env['torch_threads']}); "
         f"sizes `{data['sizes']}`; wall time {data['wall_s']:.0f} s.",
         *([_commit_line(data["meta"])] if data.get("meta") else []),
+        *(["**Partial**: a run ended (or was stopped) before all its rows; below are the rows it finished."]
+          if data.get("partial") else []),
         "## Pivot: matched pairs", pivot_tables(data["rows"], task_names),
         "## All rows", results_table(data["rows"], task_names),
         *(_ruler_parts(data) if "ruler" in task_names else []),
@@ -576,7 +581,8 @@ def merge_results(datas: list[dict[str, Any]], argv: list[str]) -> dict[str, Any
             "meta": run_meta(argv, command=command, tool="benchmarks/kvpress_compare.py --merge", merged=merged),
             "environment": {**first["environment"], "command": command}, "size_values": sizes,
             "ratios": sorted({r for data in datas for r in data.get("ratios", [])}),
-            "wall_s": max(data["wall_s"] for data in datas), "skipped": skipped, "rows": rows}
+            "wall_s": max(data["wall_s"] for data in datas), "skipped": skipped, "rows": rows,
+            "partial": any(data.get("partial", False) for data in datas)}
 
 
 def load_runs(paths: list[str]) -> list[dict[str, Any]]:
@@ -704,14 +710,26 @@ def main(argv: list[str] | None = None) -> int:
         step[0] += 1
         log(f"[{step[0]}/{total}] {desc}")
 
-    rows = run_compare(model, tok, specs, args.task_list, args.eval_sizes, progress=progress)
+    def save_partial(done: list[dict[str, Any]]) -> None:
+        if args.json:
+            rows = label_rows(specs, [copy.deepcopy(r) for r in done])
+            add_reductions(rows)
+            data = results_data(args, full_argv, rows, skipped, time.time() - start)
+            Path(args.json).write_text(json.dumps({**data, "partial": True}, indent=1) + "\n")
+
+    rows = run_compare(model, tok, specs, args.task_list, args.eval_sizes, progress=progress, on_row=save_partial)
+    wall = time.time() - start
+    log(f"done in {wall:.0f}s")
+    return finish(args, results_data(args, full_argv, label_rows(specs, rows), skipped, wall))
+
+
+def label_rows(specs: list[PolicySpec], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's library, method and label (``kvpolicy:snapkv@0.5``, ``kvpress:SnapKVPress@0.5``)."""
     for spec, row in zip(specs, rows):
         row["library"] = library_of(spec)
         row["method"] = method_of(spec)
         row["label"] = f"{row['library']}:{spec.label}"
-    wall = time.time() - start
-    log(f"done in {wall:.0f}s")
-    return finish(args, results_data(args, full_argv, rows, skipped, wall))
+    return rows
 
 
 def finish(args: argparse.Namespace, data: dict[str, Any]) -> int:

@@ -213,6 +213,11 @@ def test_ruler_runs_per_press_merge(script, tiny_model_dir, prose_file, tmp_path
                       "kvpress:TOVAPress@0.5"]
     assert len({tuple(_samples(r)) for r in merged["rows"]}) == 1
     assert [m["file"] for m in merged["meta"]["merged"]] == ["a.json", "b.json"]
+    assert not merged["partial"] and "partial" not in b  # rewritten after each row, complete at the end
+    (tmp_path / "b.json").write_text(json.dumps({**b, "rows": b["rows"][:2], "partial": True}))
+    cut = script.merge_results(script.load_runs([str(tmp_path / "a.json"), str(tmp_path / "b.json")]), ["x"])
+    assert cut["partial"] and "**Partial**" in script.markdown_report(cut)
+    assert "kvpress:TOVAPress@0.5" not in [r["label"] for r in cut["rows"]]
     by = {r["label"]: r for r in merged["rows"]}
     assert by["kvpress:TOVAPress@0.5"]["ruler_score"] == {r["label"]: r for r in b["rows"]}[
         "kvpress:TOVAPress@0.5"]["ruler_score"]

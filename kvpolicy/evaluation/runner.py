@@ -158,8 +158,9 @@ def _row(spec: PolicySpec, meter: Meter, metrics: dict[str, float], peak_cuda: i
     return row
 
 
-def _add_reductions(rows: list[dict[str, Any]]) -> None:
-    """``kv_reduction``: 1 - bytes / full's bytes on the same sequences (at the end and after prefill)."""
+def add_reductions(rows: list[dict[str, Any]]) -> None:
+    """``kv_reduction``: 1 - bytes / full's bytes on the same sequences (at the end and after prefill).
+    Takes the rows as :func:`run_compare` builds them (with their per-sequence byte lists, removed here)."""
     ref = next((r for r in rows if r["policy"] == REFERENCE), None)
     for row in rows:
         for key, each in (("kv_reduction", "_kv_end_each"), ("kv_reduction_prefill", "_kv_prefill_each")):
@@ -190,12 +191,15 @@ def run_compare(
     progress: Callable[[str], None] | None = None,
     on_step: Callable[[], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every spec over every task; one row per spec (``full`` first).
 
     ``progress(description)`` is called before each (policy, task) step and ``on_step()`` after
     each unit of work (a step, or each batch of a task of several ``units``), so a caller can drive
     any progress bar; ``on_total(count)`` says how many units there are, once the inputs are ready.
+    ``on_row(rows)`` gets the rows so far (before :func:`add_reductions`; copy before changing them)
+    after each spec, so a long run can save what it has finished.
     """
     tasks: list[Task] = []
     for name in task_names:
@@ -229,5 +233,7 @@ def run_compare(
                 on_step()
         peak = int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
         rows.append({**_row(spec, meter, metrics, peak), **extra})
-    _add_reductions(rows)
+        if on_row:
+            on_row(rows)
+    add_reductions(rows)
     return rows
