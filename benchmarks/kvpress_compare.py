@@ -10,13 +10,27 @@ and the same measurement code.
 How kvpress is driven (as its own ``press(model)`` context does): each attention layer gets
 ``rotary_emb`` and a forward hook; the hook calls ``press.forward_hook`` when the forward's cache
 carries a press, so the press compresses the prompt after the prefill's attention and never
-touches later tokens (kvpress's design). Two things kvpress leaves to its own pipeline are done
-here: after compression ``DynamicCache.get_seq_length()`` counts kept tokens, so forwards that
-pass no positions (the ``ppl`` task's scored chunks) get ``position_ids`` of the true token
-count, as ``KVPressTextGenerationPipeline.generate_answer`` does (``generate``, for needle and
-agreement, counts positions from its own ``cache_position``); and multi-token forwards on a
+touches later tokens (kvpress's design: it compresses only the forward that fills an empty cache).
+Two things kvpress leaves to its own pipeline are done here: ``PressCache.get_seq_length()``
+counts the tokens seen, not kept, so forwards that pass no positions (the ``ppl`` task's scored
+chunks) and ``generate`` continuing a compressed cache get the true positions, as
+``KVPressTextGenerationPipeline.generate_answer`` passes them; and multi-token forwards on a
 compressed cache get each layer's own causal mask, since transformers builds one mask from
-layer 0's length and PyramidKVPress's layers keep different counts.
+layer 0's length and PyramidKVPress's layers keep different counts. KVzipPress, whose context
+must wrap the prefill (it runs its reconstruction passes on leaving), is entered and left around
+the forward that fills a fresh cache; it masks the keys it evicts (kvpress's attention patch)
+instead of removing them, and the masked ones count as removed in the KV columns.
+
+The RULER-style suite (``--suite ruler``) takes ``kvpolicy compare``'s input options, built by the
+same code (``kvpolicy.cli.add_input_arguments`` and ``build_sizes``), so the same flags give the
+same samples. ``--question in-prompt`` (default): each press compresses the whole prompt, question
+included. ``--question after-context``: the context is prefilled (and compressed) alone, then
+``generate`` continues the cache with the question, which no press compresses: the setting of
+kvpress's own pipeline. Presses run at batch size 1 (their compression assumes no padding);
+``--batch-size`` batches kvpolicy's policies only in a run without presses (``--presses ''``).
+One process per press (``--kvpolicy '' --presses X``, each with its own ``full`` row) and the
+files merged with ``--merge a.json b.json ...`` is how a GPU runs them side by side
+(docs/benchmarks/ruler.md, "kvpress side by side (GPU)").
 
 kvpress needs transformers<5.3 and kvpolicy supports >=5.2, so both run in one environment.
 The recorded run (docs/benchmarks/kvpress_compare.md)::
@@ -55,6 +69,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -102,6 +117,9 @@ DEFAULTS = {
     "ruler": ("full,snapkv,pyramidkv,tova,knorm,streamingllm,expected_attention,kvzip_smollm2",
               "snapkv,pyramidkv,tova,knorm,streamingllm,expected_attention,kvzip"),
 }
+#: tokens of the forward on a compressed cache in a press's check run with ``--question after-context``
+#: (about a RULER question with its answer prefix and the chat template's turn markers)
+QUESTION_TOKENS = 64
 #: modules that ``import kvpress`` imports for presses this script does not run (DuoAttentionPress's
 #: data set download, ExpectedAttentionStatsPress's command line) -> the names it takes from them
 OPTIONAL_IMPORTS = {"datasets": ("load_dataset",), "fire": ("Fire",)}
@@ -118,9 +136,9 @@ def import_kvpress() -> Any:
     import importlib.util
     import types
 
-    attention_hook.install()
-    if "kvpress" in sys.modules:
+    if "kvpress" in sys.modules:  # called in every layer's hook: return at once
         return sys.modules["kvpress"]
+    attention_hook.install()
     added = []
     for name, attrs in OPTIONAL_IMPORTS.items():
         if name not in sys.modules and importlib.util.find_spec(name) is None:
@@ -147,7 +165,12 @@ def _missing(module: str) -> Any:
 def wraps_prefill(press: Any) -> bool:
     """Whether the press's own context (``press(model)``) must wrap the prefill: KVzip's scores
     come from reconstruction passes that its context runs on leaving, over the prompt it saw."""
-    return type(press).__call__ is not import_kvpress().BasePress.__call__
+    return _wraps_prefill(type(press))
+
+
+@functools.cache
+def _wraps_prefill(press_class: type) -> bool:
+    return press_class.__call__ is not import_kvpress().BasePress.__call__
 
 
 # --------------------------------------------------------------------------- kvpress side
@@ -350,8 +373,12 @@ def press_settings(press: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def check_press(model: Any, tok: Any, name: str, ratio: float, settings: dict[str, Any] | None = None) -> str | None:
-    """Run one compressed prefill and a few decode steps; the error text, or None if it works."""
+def check_press(model: Any, tok: Any, name: str, ratio: float, settings: dict[str, Any] | None = None,
+                follow: int = 8) -> str | None:
+    """Run one compressed prefill, a few decode steps and a forward of ``follow`` tokens on the
+    compressed cache; the error text, or None if it works. ``follow``: a question's length where
+    one follows the compressed context (KVzip's key masking fails on a forward whose queries no
+    half-space holds)."""
     ids = tok("It is a truth universally acknowledged. " * 40, return_tensors="pt")["input_ids"][:, :200]
     ids = ids.to(model.device)
     try:
@@ -359,7 +386,7 @@ def check_press(model: Any, tok: Any, name: str, ratio: float, settings: dict[st
         cache = spec.new_cache()
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=3,
                        do_sample=False, pad_token_id=tok.pad_token_id or 0)
-        model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :follow], past_key_values=cache, use_cache=True)
         if sum(cache.kv_tokens_per_layer()) >= cache.seen * len(cache.layers):
             return "the press removed nothing"
     except Exception as err:  # noqa: BLE001 - any failure means: skip this press, say why
@@ -692,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     attach_presses(model, tok)
     skipped: dict[str, str] = {}
     for name in args.press_list:
-        err = check_press(model, tok, name, max(args.ratio_list), args.press_settings_map.get(name))
+        follow = QUESTION_TOKENS if args.eval_sizes.question == "after_context" else 8
+        err = check_press(model, tok, name, max(args.ratio_list), args.press_settings_map.get(name), follow)
         if err:
             skipped[name] = err
             log(f"skipping press {name}: {err}")
