@@ -322,6 +322,7 @@ def attach_presses(model: Any, tokenizer: Any) -> list[Any]:
 
 
 def attention_modules(model: Any) -> list[Any]:
+    """Each layer's attention module: where kvpress's masking presses (KVzip) leave their masks."""
     lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
     return [layer.self_attn for layer in lm.layers]
 
