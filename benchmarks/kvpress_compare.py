@@ -67,7 +67,6 @@ by a time limit keeps the rows it finished).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import functools
 import json
@@ -88,7 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvpolicy.core import attention_hook  # noqa: E402
 from kvpolicy.evaluation import tasks as task_mod  # noqa: E402
 from kvpolicy.evaluation.report import environment  # noqa: E402
-from kvpolicy.evaluation.runner import PolicySpec, add_reductions, build_specs, run_compare  # noqa: E402
+from kvpolicy.evaluation.runner import PolicySpec, build_specs, run_compare  # noqa: E402
 from kvpolicy.provenance import run_meta  # noqa: E402
 
 #: press name on the command line -> kvpress class name
@@ -740,10 +739,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[{step[0]}/{total}] {desc}")
 
     def save_partial(done: list[dict[str, Any]]) -> None:
-        if args.json:
-            rows = label_rows(specs, [copy.deepcopy(r) for r in done])
-            add_reductions(rows)
-            data = results_data(args, full_argv, rows, skipped, time.time() - start)
+        if args.json:  # ``done``: copies of the finished rows, their KV reductions included
+            data = results_data(args, full_argv, label_rows(specs, done), skipped, time.time() - start)
             Path(args.json).write_text(json.dumps({**data, "partial": True}, indent=1) + "\n")
 
     rows = run_compare(model, tok, specs, args.task_list, args.eval_sizes, progress=progress, on_row=save_partial)

@@ -8,6 +8,7 @@ model work, so a typo fails in a second rather than after the first policy.
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,9 +159,8 @@ def _row(spec: PolicySpec, meter: Meter, metrics: dict[str, float], peak_cuda: i
     return row
 
 
-def add_reductions(rows: list[dict[str, Any]]) -> None:
-    """``kv_reduction``: 1 - bytes / full's bytes on the same sequences (at the end and after prefill).
-    Takes the rows as :func:`run_compare` builds them (with their per-sequence byte lists, removed here)."""
+def _add_reductions(rows: list[dict[str, Any]]) -> None:
+    """``kv_reduction``: 1 - bytes / full's bytes on the same sequences (at the end and after prefill)."""
     ref = next((r for r in rows if r["policy"] == REFERENCE), None)
     for row in rows:
         for key, each in (("kv_reduction", "_kv_end_each"), ("kv_reduction_prefill", "_kv_prefill_each")):
@@ -198,8 +198,8 @@ def run_compare(
     ``progress(description)`` is called before each (policy, task) step and ``on_step()`` after
     each unit of work (a step, or each batch of a task of several ``units``), so a caller can drive
     any progress bar; ``on_total(count)`` says how many units there are, once the inputs are ready.
-    ``on_row(rows)`` gets the rows so far (before :func:`add_reductions`; copy before changing them)
-    after each spec, so a long run can save what it has finished.
+    ``on_row(rows)`` gets the finished rows (complete, reductions included) after each spec, so a
+    long run cut short keeps what it finished.
     """
     tasks: list[Task] = []
     for name in task_names:
@@ -234,6 +234,8 @@ def run_compare(
         peak = int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
         rows.append({**_row(spec, meter, metrics, peak), **extra})
         if on_row:
-            on_row(rows)
-    add_reductions(rows)
+            done = copy.deepcopy(rows)
+            _add_reductions(done)
+            on_row(done)
+    _add_reductions(rows)
     return rows
