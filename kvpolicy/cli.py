@@ -69,34 +69,41 @@ def build_parser() -> argparse.ArgumentParser:
                           + SUITES["ruler"][1]))
         p.add_argument("--tasks", help=f"comma-separated tasks: ppl, needle, agreement, ruler "
                                        f"(default: {DEFAULT_TASKS})")
-        p.add_argument("--suite", choices=sorted(SUITES),
-                       help="run a task suite instead of --tasks: 'ruler' (RULER-style long-context tasks, "
-                            "score vs KV removed at ratios 0.25,0.5,0.75,0.9 unless --ratio/--ratios)")
-        p.add_argument("--ruler-tasks",
-                       help="comma-separated RULER tasks (default: the calibrated default suite; see docs/cli.md)")
-        p.add_argument("--samples", type=int, help="ruler: samples per task and context length (overrides --sizes)")
-        p.add_argument("--haystack", help="ruler: a UTF-8 text file to hide the needles in (default: Jane Austen)")
         p.add_argument("--sizes", default="sweep" if name == "sweep" else "small",
                        help="size preset: tiny, small, sweep, needle, large (default: %(default)s)")
-        p.add_argument("--context",
-                       help="tokens of the ppl prefix and agreement prompts (overrides --sizes); with the ruler "
-                            "suite, its context lengths in the model's tokens, comma-separated (e.g. 2048,4096)")
-        p.add_argument("--max-new-tokens", type=int, help="tokens generated per agreement prompt (overrides --sizes)")
-        p.add_argument("--batch-size", type=int, help="sequences per forward (default: 1)")
-        p.add_argument("--prefill-rows", type=int,
-                       help="run a batch's prefill this many rows at a time (default: the whole batch)")
-        p.add_argument("--question", choices=["in-prompt", "after-context"], default="in-prompt",
-                       help="needle task: compress the prompt with the question in it (default), or compress "
-                            "the document alone and ask the question after it on the same cache")
-        p.add_argument("--seed", type=int, help="seed of the inputs (default: 0)")
-        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="model dtype (default: float32)")
+        add_input_arguments(p)
         p.add_argument("--json", dest="json_path",
                        help="write the results (meta block and rows, docs/cli.md) to this file")
         p.add_argument("--plot", help="write a PNG: kept tokens per layer, and quality vs KV reduction")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that decide a run's inputs (suite, lengths, samples, seed, where the question goes)
+    and where it runs. Shared with ``benchmarks/kvpress_compare.py``, so that the same flags give
+    both tools the very same samples (:func:`build_sizes`)."""
+    p.add_argument("--suite", choices=sorted(SUITES),
+                   help="run a task suite instead of --tasks: 'ruler' (RULER-style long-context tasks, "
+                        "score vs KV removed at ratios 0.25,0.5,0.75,0.9 unless --ratio/--ratios)")
+    p.add_argument("--ruler-tasks",
+                   help="comma-separated RULER tasks (default: the calibrated default suite; see docs/cli.md)")
+    p.add_argument("--samples", type=int, help="ruler: samples per task and context length (overrides --sizes)")
+    p.add_argument("--haystack", help="ruler: a UTF-8 text file to hide the needles in (default: Jane Austen)")
+    p.add_argument("--context",
+                   help="tokens of the ppl prefix and agreement prompts (overrides --sizes); with the ruler "
+                        "suite, its context lengths in the model's tokens, comma-separated (e.g. 2048,4096)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens generated per agreement prompt (overrides --sizes)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward (default: 1)")
+    p.add_argument("--prefill-rows", type=int,
+                   help="run a batch's prefill this many rows at a time (default: the whole batch)")
+    p.add_argument("--question", choices=["in-prompt", "after-context"], default="in-prompt",
+                   help="needle and ruler tasks: compress the prompt with the question in it (default), or "
+                        "compress the document alone and ask the question after it on the same cache")
+    p.add_argument("--seed", type=int, help="seed of the inputs (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: float32)")
 
 
 def _check_output(path: str | None, flag: str, suffix: str | None = None) -> None:
@@ -120,7 +127,8 @@ def _positive(flag: str, text: str) -> list[int]:
     return values
 
 
-def _task_names(args: argparse.Namespace) -> list[str]:
+def tasks_of(args: argparse.Namespace) -> list[str]:
+    """The tasks asked for: the suite's, or ``--tasks`` (default :data:`DEFAULT_TASKS`)."""
     if args.suite and args.tasks:
         raise UsageError(f"give --suite {args.suite} or --tasks, not both (--tasks ruler,ppl mixes them)")
     return [SUITES[args.suite][0]] if args.suite else _csv(args.tasks or DEFAULT_TASKS)
@@ -142,17 +150,14 @@ def _ruler_sizes(args: argparse.Namespace, contexts: list[int] | None, sizes: An
     return changes
 
 
-def _prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """Validate everything that needs no model; returns the pieces of the run."""
+def build_sizes(args: argparse.Namespace, task_names: list[str]) -> Any:
+    """The run's :class:`~kvpolicy.evaluation.tasks.EvalSizes`: the ``--sizes`` preset with the input
+    options (:func:`add_input_arguments`) applied, validated before any model work. ``kvpolicy compare``
+    and ``benchmarks/kvpress_compare.py`` both build their sizes here, so the same flags give them the
+    very same samples."""
     from .evaluation import texts
-    from .evaluation.runner import build_specs
-    from .evaluation.tasks import PRESETS, TASKS
+    from .evaluation.tasks import PRESETS
 
-    task_names = _task_names(args)
-    unknown = [t for t in task_names if t not in TASKS]
-    if unknown or not task_names:
-        raise UsageError(f"unknown task {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(TASKS)} (e.g. --tasks ppl,needle)")
     if args.sizes not in PRESETS:
         raise UsageError(f"unknown size preset {args.sizes!r}; choose from {', '.join(PRESETS)}")
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
@@ -165,6 +170,44 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--context takes several lengths only for the ruler suite alone (--suite ruler)")
     if not ruler and (args.ruler_tasks or args.samples or args.haystack):
         raise UsageError("--ruler-tasks, --samples and --haystack are options of the ruler suite; add --suite ruler")
+    sizes = PRESETS[args.sizes].replace(seed=args.seed)
+    changes: dict[str, Any] = {}
+    if ruler:
+        changes = _ruler_sizes(args, contexts, sizes)
+    if any(t != "ruler" for t in task_names) or sizes.replace(**changes).ruler_haystack is None:
+        texts.novels()  # the texts must be there before we spend time loading a model
+    single = contexts[0] if contexts and not ruler else None
+    return sizes.replace(
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        ppl_prefix=single,
+        agreement_prompt_tokens=single,
+        question=args.question.replace("-", "_"),
+        prefill_rows=args.prefill_rows,
+        **changes,
+    )
+
+
+def check_device(device: str) -> None:
+    """A CUDA device where CUDA is not available is a usage error, found before the model loads."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+
+
+def _prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything that needs no model; returns the pieces of the run."""
+    from .evaluation.runner import build_specs
+    from .evaluation.tasks import TASKS
+
+    task_names = tasks_of(args)
+    unknown = [t for t in task_names if t not in TASKS]
+    if unknown or not task_names:
+        raise UsageError(f"unknown task {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(TASKS)} (e.g. --tasks ppl,needle)")
+    sizes = build_sizes(args, task_names)
     ratios_text = args.ratios or (SWEEP_RATIOS if args.command == "sweep" else None)
     if args.suite and not ratios_text and args.ratio is None:
         ratios_text = SUITES[args.suite][1]
@@ -186,27 +229,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--model {args.model!r} is a file but not a .gguf; pass a model folder or a .gguf file")
     _check_output(args.json_path, "--json")
     _check_output(args.plot, "--plot", ".png")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    sizes = PRESETS[args.sizes].replace(seed=args.seed)
-    changes: dict[str, Any] = {}
-    if ruler:
-        changes = _ruler_sizes(args, contexts, sizes)
-    if any(t != "ruler" for t in task_names) or sizes.replace(**changes).ruler_haystack is None:
-        texts.novels()  # the texts must be there before we spend time loading a model
-    single = contexts[0] if contexts and not ruler else None
-    sizes = sizes.replace(
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        ppl_prefix=single,
-        agreement_prompt_tokens=single,
-        question=args.question.replace("-", "_"),
-        prefill_rows=args.prefill_rows,
-        **changes,
-    )
+    check_device(args.device)
     return {"tasks": task_names, "specs": specs, "sizes": sizes}
 
 
