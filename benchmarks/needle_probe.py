@@ -8,7 +8,9 @@ Prints, per variant, codes found out of 6 and the KV reduction (1 - kept / seen 
 dirty flag, versions, machine and threads, date: ``kvpolicy.provenance.run_meta``) and the
 prompt lengths and seed; ``--seed`` builds another set of 6 prompts (other passages, codes and
 depths; the tests use seed 7); ``--hay-tokens N`` sets the haystack's length (default 1550; 7700
-makes prompts of about 7.8k tokens, near SmolLM2's 8192 limit).
+makes prompts of about 7.8k tokens, near SmolLM2's 8192 limit); ``--count N`` builds N prompts (the
+first 6 are the default set's); ``--model PATH`` (a folder or .gguf; default: the embedded SmolLM2),
+``--device`` and ``--dtype`` (float32, bfloat16) run it elsewhere, e.g. on a GPU.
 """
 
 from __future__ import annotations
@@ -35,20 +37,22 @@ def results(rows: list[dict], argv: list[str], lengths: list[int], seed: int) ->
 def main(argv: list[str]) -> int:
     args = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\nusage: needle_probe.py [--json PATH] [--seed N] [--hay-tokens N] "
-              "POLICY[:JSON] ... (POLICY: a policy or preset name, or a YAML file)")
+        print(__doc__.strip() + "\n\nusage: needle_probe.py [--json PATH] [--seed N] [--hay-tokens N] [--count N] "
+              "[--model PATH] [--device D] [--dtype T] POLICY[:JSON] ... (POLICY: a policy or preset name, or a "
+              "YAML file)")
         return 0 if argv else 2
-    out_path, seed, hay_tokens = None, 7, 1550
-    while argv[:1] in (["--json"], ["--seed"], ["--hay-tokens"]):
-        if argv[0] == "--json":
-            out_path = Path(argv[1])
-        elif argv[0] == "--seed":
-            seed = int(argv[1])
-        else:
-            hay_tokens = int(argv[1])
+    opts = {"--json": None, "--seed": "7", "--hay-tokens": "1550", "--count": "6", "--model": None,
+            "--device": "cpu", "--dtype": "float32"}
+    while argv[:1] and argv[0] in opts:
+        opts[argv[0]] = argv[1]
         argv = argv[2:]
-    model, tokenizer = load_model()
-    inputs, answers, lengths = needles.build(tokenizer, hay_tokens=hay_tokens, seed=seed)
+    out_path = Path(opts["--json"]) if opts["--json"] else None
+    seed, hay_tokens = int(opts["--seed"]), int(opts["--hay-tokens"])
+    import torch
+
+    model, tokenizer = load_model(opts["--model"], dtype=getattr(torch, opts["--dtype"]), device=opts["--device"])
+    inputs, answers, lengths = needles.build(tokenizer, count=int(opts["--count"]), hay_tokens=hay_tokens, seed=seed)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
     print("prompt lengths", lengths)
     rows = []
     for spec in argv:

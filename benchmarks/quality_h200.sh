@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The RULER-style quality runs of docs/benchmarks/ruler.md on one lent H200, in one call per question
+# mode: kvpolicy's policies batched through benchmarks/ruler_grid.py (the image's transformers) and
+# kvpress's presses at batch 1 through benchmarks/kvpress_compare.py (transformers 5.2 and kvpress from
+# wheels unpacked to /tmp/kvp_site), all processes sharing the GPU at once, each file rewritten after
+# every row so a process stopped by the time limit keeps what it finished.
+#
+#   bash benchmarks/quality_h200.sh in-prompt 0.25,0.5,0.75,0.9 [needle]
+#   bash benchmarks/quality_h200.sh after-context 0.5,0.75 needle
+#
+# Needs /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf, /tmp/kvp_site (the .gpu_kvpress wheels unpacked) and
+# .gpu_deps (pydantic, gguf, accelerate, janeaustenr's R data). Writes $OUT/{ruler,kvpress}_<mode>.{json,md},
+# $OUT/needle_8k_gpu.json with "needle", and $OUT/raw_<mode>.tgz (every process's file and log).
+set -u
+Q=$1 RATIOS=$2 NEEDLE=${3:-}
+LIMIT=${LIMIT:-530}
+GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf
+OWN=$PWD/.gpu_deps:$PWD
+export R_LIBS=$PWD/.gpu_deps/R PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+SUITE="--context 2048,4096 --samples 20 --ratios $RATIOS --question $Q --dtype bfloat16"
+W=/tmp/q_$Q; rm -rf $W; mkdir -p $W/grid $W/kvpress
+PYTHONPATH=$OWN timeout $LIMIT python3 benchmarks/ruler_grid.py --out $W/grid --gpus 1 --per-gpu 5 -- \
+    --model $GGUF $SUITE --batch-size 80 --prefill-rows 20 > $W/grid.log 2>&1 &
+for p in snapkv pyramidkv tova knorm streamingllm expected_attention kvzip; do
+  PYTHONPATH=/tmp/kvp_site:$OWN timeout $LIMIT python3 benchmarks/kvpress_compare.py --model $GGUF --suite ruler \
+      $SUITE --device cuda --kvpolicy '' --presses $p --no-press-baseline --json $W/kvpress/press_$p.json \
+      > $W/kvpress/press_$p.log 2>&1 &
+done
+if [ -n "$NEEDLE" ]; then
+  PYTHONPATH=$OWN timeout $LIMIT python3 benchmarks/needle_probe.py --json $W/needle_8k_gpu.json --hay-tokens 7700 \
+      --count 24 --model $GGUF --device cuda --dtype bfloat16 full pyramidinfer_54_floor \
+      'pyramidinfer_54_floor:{"head_aggregation":"kv_head"}' 'pyramidinfer_54_floor:{"prefill_recent_ratio":0.008}' \
+      'pyramidinfer_54_floor:{"head_aggregation":"kv_head","prefill_recent_ratio":0.008}' \
+      'pyramidinfer_54_floor:{"pool_kernel":15}' 'snapkv:{"compression_ratio":0.54}' > $W/needle.log 2>&1 &
+fi
+wait
+PYTHONPATH=$OWN python3 -m kvpolicy.evaluation.ruler.report $W/grid/shard*.json --json $OUT/ruler_$Q.json \
+    --markdown > $OUT/ruler_$Q.md 2> $W/report.log
+PYTHONPATH=/tmp/kvp_site:$OWN python3 benchmarks/kvpress_compare.py --merge $W/kvpress/*.json \
+    --json $OUT/kvpress_$Q.json --out $OUT/kvpress_$Q.md > $W/merge.log 2>&1
+[ -f $W/needle_8k_gpu.json ] && cp $W/needle_8k_gpu.json $OUT/
+tar czf $OUT/raw_$Q.tgz -C /tmp q_$Q
+tail -n 3 $W/grid.log $W/kvpress/*.log $W/report.log $W/merge.log $W/needle.log 2>/dev/null | cut -c1-300
