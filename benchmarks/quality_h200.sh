@@ -8,22 +8,30 @@
 #   bash benchmarks/quality_h200.sh in-prompt 0.25,0.5,0.75,0.9 [needle]
 #   bash benchmarks/quality_h200.sh after-context 0.5,0.75 needle
 #
+# Optional environment: TAG (a name for this part, so several parts run side by side), POLICIES (the
+# grid's policies; "" skips the grid), PER_GPU, BATCH, PREFILL_ROWS, PRESSES ("" skips kvpress),
+# PRESS_SUITE (the presses' own context/samples/ratios options, default the grid's), LIMIT (seconds).
+#
 # Needs /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf, /tmp/kvp_site (the .gpu_kvpress wheels unpacked) and
 # .gpu_deps (pydantic, gguf, accelerate, janeaustenr's R data). Writes $OUT/{ruler,kvpress}_<mode>.{json,md},
 # $OUT/needle_8k_gpu.json with "needle", and $OUT/raw_<mode>.tgz (every process's file and log).
 set -u
 Q=$1 RATIOS=$2 NEEDLE=${3:-}
-LIMIT=${LIMIT:-530}
+LIMIT=${LIMIT:-530} TAG=${TAG:-$1} PER_GPU=${PER_GPU:-5} BATCH=${BATCH:-80} PREFILL_ROWS=${PREFILL_ROWS:-20}
+POLICIES=${POLICIES-pyramidinfer_54_floor,h2o,snapkv,pyramidkv,tova,knorm,streamingllm,random,expected_attention,kvzip_smollm2}
+PRESSES=${PRESSES-snapkv pyramidkv tova knorm streamingllm expected_attention kvzip}
 GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf
 OWN=$PWD/.gpu_deps:$PWD
 export R_LIBS=$PWD/.gpu_deps/R PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 SUITE="--context 2048,4096 --samples 20 --ratios $RATIOS --question $Q --dtype bfloat16"
-W=/tmp/q_$Q; rm -rf $W; mkdir -p $W/grid $W/kvpress
-PYTHONPATH=$OWN timeout $LIMIT python3 benchmarks/ruler_grid.py --out $W/grid --gpus 1 --per-gpu 5 -- \
-    --model $GGUF $SUITE --batch-size 80 --prefill-rows 20 > $W/grid.log 2>&1 &
-for p in snapkv pyramidkv tova knorm streamingllm expected_attention kvzip; do
+PRESS_SUITE=${PRESS_SUITE:-$SUITE}
+W=/tmp/q_$TAG; rm -rf $W; mkdir -p $W/grid $W/kvpress
+[ -n "$POLICIES" ] && PYTHONPATH=$OWN timeout $LIMIT python3 benchmarks/ruler_grid.py --out $W/grid --gpus 1 \
+    --per-gpu $PER_GPU --policies $POLICIES -- --model $GGUF $SUITE --batch-size $BATCH --prefill-rows $PREFILL_ROWS \
+    > $W/grid.log 2>&1 &
+for p in $PRESSES; do
   PYTHONPATH=/tmp/kvp_site:$OWN timeout $LIMIT python3 benchmarks/kvpress_compare.py --model $GGUF --suite ruler \
-      $SUITE --device cuda --kvpolicy '' --presses $p --no-press-baseline --json $W/kvpress/press_$p.json \
+      $PRESS_SUITE --question $Q --device cuda --kvpolicy '' --presses $p --no-press-baseline --json $W/kvpress/press_$p.json \
       > $W/kvpress/press_$p.log 2>&1 &
 done
 if [ -n "$NEEDLE" ]; then
@@ -34,10 +42,10 @@ if [ -n "$NEEDLE" ]; then
       'pyramidinfer_54_floor:{"pool_kernel":15}' 'snapkv:{"compression_ratio":0.54}' > $W/needle.log 2>&1 &
 fi
 wait
-PYTHONPATH=$OWN python3 -m kvpolicy.evaluation.ruler.report $W/grid/shard*.json --json $OUT/ruler_$Q.json \
-    --markdown > $OUT/ruler_$Q.md 2> $W/report.log
-PYTHONPATH=/tmp/kvp_site:$OWN python3 benchmarks/kvpress_compare.py --merge $W/kvpress/*.json \
-    --json $OUT/kvpress_$Q.json --out $OUT/kvpress_$Q.md > $W/merge.log 2>&1
+ls $W/grid/shard*.json > /dev/null 2>&1 && PYTHONPATH=$OWN python3 -m kvpolicy.evaluation.ruler.report \
+    $W/grid/shard*.json --json $OUT/ruler_$TAG.json --markdown > $OUT/ruler_$TAG.md 2> $W/report.log
+ls $W/kvpress/*.json > /dev/null 2>&1 && PYTHONPATH=/tmp/kvp_site:$OWN python3 benchmarks/kvpress_compare.py \
+    --merge $W/kvpress/*.json --json $OUT/kvpress_$TAG.json --out $OUT/kvpress_$TAG.md > $W/merge.log 2>&1
 [ -f $W/needle_8k_gpu.json ] && cp $W/needle_8k_gpu.json $OUT/
-tar czf $OUT/raw_$Q.tgz -C /tmp q_$Q
+tar czf $OUT/raw_$TAG.tgz -C /tmp q_$TAG
 tail -n 3 $W/grid.log $W/kvpress/*.log $W/report.log $W/merge.log $W/needle.log 2>/dev/null | cut -c1-300
