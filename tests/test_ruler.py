@@ -513,6 +513,21 @@ def test_report_merges_runs_of_other_tasks_and_lengths():
     assert lines == ["at 0.5 removed the best policy, h2o@0.5, keeps 27.3% of full's score (target 95%): missed"]
 
 
+def test_targets_count_a_row_at_the_bytes_it_removed():
+    """A row labelled 0.5 that removed 29% of the KV bytes (wide layers of uneven heads) is not the best at
+    0.5, however well it scores: it is listed apart, with the share it removed."""
+    def row(label, score, removed, ratio):
+        return {"label": label, "policy": label.split("@")[0], "ratio": ratio, "kv_reduction_prefill": removed,
+                "ruler_score": score}
+
+    rows = [row("full", 0.7, 0.0, None), row("kvzip@0.5", 0.69, 0.29, 0.5), row("tova@0.5", 0.5, 0.5, 0.5),
+            row("pyramidinfer@0.5", 0.3, 0.49, 0.5)]
+    assert ruler_report.targets(rows) == [
+        "at 0.5 removed the best policy, tova@0.5, keeps 71.4% of full's score (target 95%): missed",
+        "not counted at 0.5: kvzip@0.5 removed 29.0% of the KV bytes (score 69.0)",
+        "at 0.5 removed pyramidinfer@0.5 is 20.0 points below the best (tova@0.5; target 5): missed"]
+
+
 def test_grid_shards_and_merge(tmp_path):
     grid = _load_grid()
     assert grid.shards(list("abcdefgh"), 3) == [["a", "d", "g"], ["b", "e", "h"], ["c", "f"]]
