@@ -25,7 +25,7 @@ from .errors import CacheMisuseError, ConfigError
 from .layer_store import PolicyLayer, first_moved_slot
 from .policy import CachePolicy, LayerView, Plan, ScoringChunk
 from .rows import Rows, concat_states
-from .selection import select_slots
+from .selection import select_per_head_parallel, select_slots
 from .static_layer import StaticPolicyLayer
 
 #: Settings of the cache itself (the rest of a ``PolicyCache(name, **settings)`` call configures the policy).
@@ -555,12 +555,12 @@ class PolicyCache(Cache):
     def _select_whole_layer(
         self, layer: PolicyLayer, plan: Plan, seen: list[int], phase: str
     ) -> tuple[torch.Tensor, list[list[int]]] | None:
-        """``TensorParallel.select_per_head``: this rank's heads' share of the selection one process makes
+        """``select_per_head_parallel``: this rank's heads' share of the selection one process makes
         over the whole layer; records whether the group's heads now hold different counts."""
         local = layer.keys.shape[1]
         head_valid = layer.valid_counts_per_head() or [[n] * local for n in layer.valid_counts()]
-        selection = self._parallel.select_per_head(plan, head_valid, layer.local_positions(), layer.pos_view(), seen,
-                                                   phase)
+        selection = select_per_head_parallel(self._parallel, plan, head_valid, layer.local_positions(),
+                                             layer.pos_view(), seen, phase)
         if selection is None:
             return None
         index, counts, whole = selection

@@ -36,7 +36,7 @@ class PolicyLayer(CacheLayerMixin):
     #: gains the same tokens); a recount from the device (``valid_counts``) refreshes it.
     head_deficit: list[list[int]] | None = None
     #: under tensor parallelism: the layer's heads over ALL ranks hold different counts (known to every rank
-    #: from the last selection over the whole layer, ``TensorParallel.select_per_head``), so the next selection
+    #: from the last selection over the whole layer, ``selection.select_per_head_parallel``), so the next selection
     #: must see every head too (this rank's ``head_deficit`` alone may say its heads agree)
     group_uneven: bool = False
 

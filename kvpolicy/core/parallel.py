@@ -17,7 +17,7 @@ ranks would add in another order and could flip a tie).
 A selection that ranks slots across a layer's KV heads (Ada-KV's head-adaptive split, KVzip's ranking
 over layers and heads) or leaves its heads holding different counts needs every head too: the kept
 counts depend on the other heads' scores, and a layer's buffer is as wide as its fullest head over all
-ranks. :meth:`TensorParallel.select_per_head` gathers what the selection reads (scores, slot layout,
+ranks. :func:`kvpolicy.core.selection.select_per_head_parallel` gathers what the selection reads (scores, slot layout,
 per-head counts), runs :func:`~kvpolicy.core.selection.select_per_head` on the whole layer as one
 process would, and keeps this rank's heads.
 
@@ -35,9 +35,7 @@ from typing import Any
 
 import torch
 
-from .errors import CacheMisuseError, UnsupportedModelError
-from .policy import Plan
-from .selection import select_per_head
+from .errors import UnsupportedModelError
 
 _GROUP: Any = None  # a process group set with use_group(), for layouts this module cannot find alone
 
@@ -124,52 +122,6 @@ class TensorParallel:
     def own_heads(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's slice ``[B, local, ...]`` of a whole layer's ``[B, total, ...]``."""
         return t[:, self.offset : self.offset + self.local]
-
-    def select_per_head(
-        self,
-        plan: Plan,
-        head_valid: list[list[int]],
-        local: torch.Tensor,
-        pos: torch.Tensor,
-        seen: list[int],
-        phase: str,
-    ) -> tuple[torch.Tensor, list[list[int]], list[list[int]]] | None:
-        """:func:`~kvpolicy.core.selection.select_per_head` over the whole layer: ``plan`` (this rank's
-        heads' scores and keep counts), ``head_valid`` (valid slots per row and local head), ``local`` and
-        ``pos`` ``[B, local, L]`` are gathered from every rank, the selection runs on them exactly as on one
-        process, and this rank keeps its heads: ``index`` ``[B, local, K]`` (``K``: the fullest head's count
-        over all ranks, so every rank's buffer is as wide as one process's), this rank's counts and every
-        head's counts (the same on every rank); None when no head evicts. Three gathers: the slot layout,
-        the host-side counts, the scores (none when they are one row for all heads or recency)."""
-        plan, valid = self._whole_plan(plan, head_valid, local.device, phase)
-        layout = self.gather_heads(torch.stack([local, pos], dim=-1), phase)  # one gather for both
-        selection = select_per_head(plan, [max(row) for row in valid], layout[..., 0], layout[..., 1], seen, valid)
-        if selection is None:
-            return None
-        index, counts = selection
-        mine = [row[self.offset : self.offset + self.local] for row in counts]
-        return self.own_heads(index), mine, counts
-
-    def _whole_plan(self, plan: Plan, head_valid: list[list[int]], device: torch.device,
-                    phase: str) -> tuple[Plan, list[list[int]]]:
-        """``plan`` for every head of the layer (its per-head keep counts and scores gathered), and every
-        head's valid count per row."""
-        nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
-        keep = [list(k) for k in plan.keep] if nested else [[k] * self.local for k in plan.keep]
-        if any(len(k) != self.local for k in keep):  # before the gather: a wrong size would hang the ranks
-            raise CacheMisuseError(f"a plan kept counts for {len(keep[0])} KV heads where this rank holds {self.local} "
-                                   "under tensor parallelism: give one count per head of view.keys")
-        counts = torch.tensor([[[int(k), v] for k, v in zip(ks, vs)] for ks, vs in zip(keep, head_valid)],
-                              dtype=torch.long, device=device)  # [B, local, 2]
-        gathered = self.gather_heads(counts, phase).tolist()  # [B][total][2]: one read for both
-        scores = plan.scores
-        if scores is not None and scores.shape[1] == self.local:
-            scores = self.gather_heads(scores, phase)
-        whole_keep = [[k for k, _ in row] for row in gathered]
-        valid = [[v for _, v in row] for row in gathered]
-        return Plan(keep=whole_keep, scores=scores, sinks=plan.sinks, recent=plan.recent,
-                    head_adaptive=plan.head_adaptive), valid
-
 
 def _clock(t: torch.Tensor) -> float:
     if t.is_cuda:

@@ -3,9 +3,15 @@ functions, shared by the eager and the compiled decode paths and unit-tested wit
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from .errors import CacheMisuseError
 from .policy import Plan, per_row
+
+if TYPE_CHECKING:
+    from .parallel import TensorParallel
 
 
 def select_slots(
@@ -128,3 +134,50 @@ def select_per_head(
     k = max(max(c) for c in counts)
     key = torch.where(chosen, pos[:, :h], torch.full_like(pos[:, :h], torch.iinfo(pos.dtype).max))
     return key.argsort(dim=-1)[..., :k], counts
+
+
+def select_per_head_parallel(
+    tp: TensorParallel,
+    plan: Plan,
+    head_valid: list[list[int]],
+    local: torch.Tensor,
+    pos: torch.Tensor,
+    seen: list[int],
+    phase: str,
+) -> tuple[torch.Tensor, list[list[int]], list[list[int]]] | None:
+    """:func:`select_per_head` over the whole layer of a tensor-parallel rank (``tp``): ``plan`` (this rank's
+    heads' scores and keep counts), ``head_valid`` (valid slots per row and local head), ``local`` and
+    ``pos`` ``[B, local, L]`` are gathered from every rank, the selection runs on them exactly as on one
+    process, and this rank keeps its heads: ``index`` ``[B, local, K]`` (``K``: the fullest head's count
+    over all ranks, so every rank's buffer is as wide as one process's), this rank's counts and every
+    head's counts (the same on every rank); None when no head evicts. Three gathers: the slot layout,
+    the host-side counts, the scores (none when they are one row for all heads or recency)."""
+    plan, valid = _whole_plan(tp, plan, head_valid, local.device, phase)
+    layout = tp.gather_heads(torch.stack([local, pos], dim=-1), phase)  # one gather for both
+    selection = select_per_head(plan, [max(row) for row in valid], layout[..., 0], layout[..., 1], seen, valid)
+    if selection is None:
+        return None
+    index, counts = selection
+    mine = [row[tp.offset : tp.offset + tp.local] for row in counts]
+    return tp.own_heads(index), mine, counts
+
+
+def _whole_plan(tp: TensorParallel, plan: Plan, head_valid: list[list[int]], device: torch.device,
+                phase: str) -> tuple[Plan, list[list[int]]]:
+    """``plan`` for every head of the layer (its per-head keep counts and scores gathered), and every
+    head's valid count per row."""
+    nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
+    keep = [list(k) for k in plan.keep] if nested else [[k] * tp.local for k in plan.keep]
+    if any(len(k) != tp.local for k in keep):  # before the gather: a wrong size would hang the ranks
+        raise CacheMisuseError(f"a plan kept counts for {len(keep[0])} KV heads where this rank holds {tp.local} "
+                               "under tensor parallelism: give one count per head of view.keys")
+    counts = torch.tensor([[[int(k), v] for k, v in zip(ks, vs)] for ks, vs in zip(keep, head_valid)],
+                          dtype=torch.long, device=device)  # [B, local, 2]
+    gathered = tp.gather_heads(counts, phase).tolist()  # [B][total][2]: one read for both
+    scores = plan.scores
+    if scores is not None and scores.shape[1] == tp.local:
+        scores = tp.gather_heads(scores, phase)
+    whole_keep = [[k for k, _ in row] for row in gathered]
+    valid = [[v for _, v in row] for row in gathered]
+    return Plan(keep=whole_keep, scores=scores, sinks=plan.sinks, recent=plan.recent,
+                head_adaptive=plan.head_adaptive), valid
