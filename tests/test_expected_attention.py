@@ -20,7 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from models import COMMON, batch, greedy, tiny_model
 from test_compiled_generate import compiled_and_eager
-from test_tova_knorm import assert_top_scored, budget_checker, decode, kept_set, protected
+from test_tova_knorm import assert_same_as_full, assert_top_scored, budget_checker, decode, kept_set, protected
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Phi3Config
 
 import kvpolicy
@@ -158,15 +158,7 @@ def test_budget_never_exceeded_and_protected_tokens_kept(lengths, budget, sinks,
                                       dict(budget=50, compress="both", sink_size=0)],
                          ids=["budget", "ratio0", "both"])
 def test_generous_budget_gives_exactly_the_full_policys_tokens(settings):
-    model = tiny_model("llama", "sdpa")
-    inputs = batch(LENGTHS)
-    full = make_cache("full")
-    expected = greedy(model, inputs, full, new_tokens=10)
-    cache = make_cache("expected_attention", **settings)
-    assert torch.equal(greedy(model, inputs, cache, new_tokens=10), expected)
-    assert cache.valid_tokens_per_layer() == full.valid_tokens_per_layer() == [[49, 34, 42]] * 4
-    for layer in range(4):
-        assert torch.equal(cache.kept_positions(layer), full.kept_positions(layer))
+    assert_same_as_full("expected_attention", settings)
 
 
 def test_padded_row_keeps_what_the_row_alone_keeps():

@@ -190,15 +190,22 @@ def test_knorm_skip_layers_stay_whole_and_the_others_keep_their_share(lengths, r
                                                                                          window_size=0)],
                          ids=["budget", "ratio0", "both"])
 def test_generous_budget_gives_exactly_the_full_policys_tokens(name, settings):
+    assert_same_as_full(name, settings)
+
+
+def assert_same_as_full(policy: str, settings: dict):
+    """``policy`` with ``settings`` evicts nothing on the tiny model's :data:`LENGTHS` rows over 10 greedy
+    tokens: the same tokens and kept positions as ``full``. Returns ``(cache, full)`` for further checks."""
     model = tiny_model("llama", "sdpa")
     inputs = batch(LENGTHS)
     full = make_cache("full")
     expected = greedy(model, inputs, full, new_tokens=10)
-    cache = make_cache(name, **settings)
+    cache = make_cache(policy, **settings)
     assert torch.equal(greedy(model, inputs, cache, new_tokens=10), expected)
     assert cache.valid_tokens_per_layer() == full.valid_tokens_per_layer() == [[49, 34, 42]] * 4
     for layer in range(4):
         assert torch.equal(cache.kept_positions(layer), full.kept_positions(layer))
+    return cache, full
 
 
 # ------------------------------------------------------------------------------- KNorm's oracle
