@@ -549,8 +549,7 @@ class PolicyCache(Cache):
         over ALL ranks), so a rank alone could not size its buffer as one process does. Decided from the
         plan's structure and the layer's ``group_uneven`` (the same on every rank), never from this rank's
         counts alone: every rank must make the same collective calls."""
-        nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
-        return plan.head_adaptive is not None or nested or layer.group_uneven
+        return plan.head_adaptive is not None or plan.per_head or layer.group_uneven
 
     def _select_whole_layer(
         self, layer: PolicyLayer, plan: Plan, seen: list[int], phase: str

@@ -123,6 +123,7 @@ class TensorParallel:
         """This rank's slice ``[B, local, ...]`` of a whole layer's ``[B, total, ...]``."""
         return t[:, self.offset : self.offset + self.local]
 
+
 def _clock(t: torch.Tensor) -> float:
     if t.is_cuda:
         torch.cuda.synchronize(t.device)

@@ -93,6 +93,15 @@ class Plan:
     recent: int | list[int] = 0
     head_adaptive: float | None = None
 
+    @property
+    def per_head(self) -> bool:
+        """Whether ``keep`` gives each row a count per KV head (else one count per row)."""
+        return bool(self.keep) and isinstance(self.keep[0], (list, tuple))
+
+    def keep_per_head(self, heads: int) -> list[list[int]]:
+        """``keep`` as a count per row and KV head (a per-row count repeated for each of ``heads``)."""
+        return [list(k) for k in self.keep] if self.per_head else [[k] * heads for k in self.keep]
+
 
 @dataclass
 class ScoringChunk:

@@ -35,8 +35,7 @@ def select_slots(
     selection runs once per row rather than once per head. ``head_valid``: valid slots per row and
     head, where the layer's heads hold different counts (None: every head holds ``valid_counts``).
     """
-    nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
-    if nested or plan.head_adaptive is not None or head_valid is not None:
+    if plan.per_head or plan.head_adaptive is not None or head_valid is not None:
         return select_per_head(plan, valid_counts, local, pos, seen, head_valid)
     keep = [max(0, min(int(k), n)) for k, n in zip(plan.keep, valid_counts)]
     if all(k >= n for k, n in zip(keep, valid_counts)):
@@ -81,8 +80,7 @@ def select_per_head(
     known only on the device: its counts are read back (one device read per call)."""
     b, h, length = local.shape
     valid_heads = head_valid if head_valid is not None else [[n] * h for n in valid_counts]
-    nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
-    wanted = [list(k) for k in plan.keep] if nested else [[k] * h for k in plan.keep]
+    wanted = plan.keep_per_head(h)
     own = [[max(0, min(int(k), v)) for k, v in zip(ks, vs)] for ks, vs in zip(wanted, valid_heads)]
     held = [sum(vs) for vs in valid_heads]
     adaptive = plan.head_adaptive
@@ -166,8 +164,7 @@ def _whole_plan(tp: TensorParallel, plan: Plan, head_valid: list[list[int]], dev
                 phase: str) -> tuple[Plan, list[list[int]]]:
     """``plan`` for every head of the layer (its per-head keep counts and scores gathered), and every
     head's valid count per row."""
-    nested = bool(plan.keep) and isinstance(plan.keep[0], (list, tuple))
-    keep = [list(k) for k in plan.keep] if nested else [[k] * tp.local for k in plan.keep]
+    keep = plan.keep_per_head(tp.local)
     if any(len(k) != tp.local for k in keep):  # before the gather: a wrong size would hang the ranks
         raise CacheMisuseError(f"a plan kept counts for {len(keep[0])} KV heads where this rank holds {tp.local} "
                                "under tensor parallelism: give one count per head of view.keys")

@@ -33,11 +33,16 @@ PYRAMIDINFER_GAP = 5.0
 RATIO_SLACK = 0.02
 
 
+def _removed(row: dict[str, Any]) -> float:
+    """The share of the KV bytes ``row`` removed after prefill (its end-of-run share in older files)."""
+    return row.get("kv_reduction_prefill", row.get("kv_reduction", 0.0))
+
+
 def at_ratio(rows: list[dict[str, Any]], ratio: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(rows run at ratio that removed at least ratio - RATIO_SLACK of the KV bytes, the other rows run at
     it)``."""
     run = [r for r in rows if r["ratio"] == ratio]
-    met = [r for r in run if r.get("kv_reduction_prefill", r.get("kv_reduction", 0.0)) >= ratio - RATIO_SLACK]
+    met = [r for r in run if _removed(r) >= ratio - RATIO_SLACK]
     return met, [r for r in run if r not in met]
 
 
@@ -125,8 +130,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"at {ratio:g} removed the best policy, {best['label']}, keeps {100 * share:.1f}% of full's "
                      f"score (target {100 * keep:.0f}%): {'met' if share >= keep else 'missed'}")
         for r in short:
-            removed = r.get("kv_reduction_prefill", r.get("kv_reduction", 0.0))
-            lines.append(f"not counted at {ratio:g}: {r['label']} removed {100 * removed:.1f}% of the KV bytes "
+            lines.append(f"not counted at {ratio:g}: {r['label']} removed {100 * _removed(r):.1f}% of the KV bytes "
                          f"(score {100 * r['ruler_score']:.1f})")
     at, _ = at_ratio(rows, 0.5)
     pyr = [r for r in at if r["policy"] == "pyramidinfer"]
