@@ -10,7 +10,9 @@
 #
 # Optional environment: TAG (a name for this part, so several parts run side by side), POLICIES (the
 # grid's policies; "" skips the grid), PER_GPU, BATCH, PREFILL_ROWS, PRESSES ("" skips kvpress),
-# PRESS_SUITE (the presses' own context/samples/ratios options, default the grid's), LIMIT (seconds).
+# PRESS_SUITE (the presses' own context/samples/ratios options, default the grid's), KVP_GROUPS (kvpolicy's
+# counterparts in kvpress's environment, batched: space-separated groups of comma-separated policies, one
+# process each, merged with the presses), KVP_BATCH (their --batch-size --prefill-rows), LIMIT (seconds).
 #
 # Needs /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf, /tmp/kvp_site (the .gpu_kvpress wheels unpacked) and
 # .gpu_deps (pydantic, gguf, accelerate, janeaustenr's R data). Writes $OUT/{ruler,kvpress}_<mode>.{json,md},
@@ -20,6 +22,7 @@ Q=$1 RATIOS=$2 NEEDLE=${3:-}
 LIMIT=${LIMIT:-530} TAG=${TAG:-$1} PER_GPU=${PER_GPU:-5} BATCH=${BATCH:-80} PREFILL_ROWS=${PREFILL_ROWS:-20}
 POLICIES=${POLICIES-pyramidinfer_54_floor,h2o,snapkv,pyramidkv,tova,knorm,streamingllm,random,expected_attention,kvzip_smollm2}
 PRESSES=${PRESSES-snapkv pyramidkv tova knorm streamingllm expected_attention kvzip}
+KVP_GROUPS=${KVP_GROUPS-} KVP_BATCH=${KVP_BATCH:-"--batch-size 40 --prefill-rows 10"}
 GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf
 OWN=$PWD/.gpu_deps:$PWD
 export R_LIBS=$PWD/.gpu_deps/R PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
@@ -33,6 +36,13 @@ for p in $PRESSES; do
   PYTHONPATH=/tmp/kvp_site:$OWN timeout $LIMIT python3 benchmarks/kvpress_compare.py --model $GGUF --suite ruler \
       $PRESS_SUITE --question $Q --device cuda --kvpolicy '' --presses $p --no-press-baseline --json $W/kvpress/press_$p.json \
       > $W/kvpress/press_$p.log 2>&1 &
+done
+i=0
+for g in $KVP_GROUPS; do
+  i=$((i + 1))
+  PYTHONPATH=/tmp/kvp_site:$OWN timeout $LIMIT python3 benchmarks/kvpress_compare.py --model $GGUF --suite ruler \
+      $PRESS_SUITE $KVP_BATCH --question $Q --device cuda --kvpolicy $g --presses '' --no-press-baseline \
+      --json $W/kvpress/kvpolicy_$i.json > $W/kvpress/kvpolicy_$i.log 2>&1 &
 done
 if [ -n "$NEEDLE" ]; then
   PYTHONPATH=$OWN timeout $LIMIT python3 benchmarks/needle_probe.py --json $W/needle_8k_gpu.json --hay-tokens 7700 \
