@@ -510,22 +510,46 @@ def test_report_merges_runs_of_other_tasks_and_lengths():
     again = ruler_report.merge_runs([a, [row("full", [("vt", 2048, 1, 1.0)])]])  # a sample run again: the later
     assert again[0]["ruler_vt"] == 1.0
     lines = ruler_report.targets(rows)
-    assert lines == ["at 0.5 removed the best policy, h2o@0.5, keeps 27.3% of full's score (target 95%): missed"]
+    assert lines == ["at 0.5 removed the best policy, h2o@0.5 (50.0% of the KV bytes removed), keeps 27.3% of full's "
+                     "score (target 95%): missed"]
+
+
+def _target_row(label: str, score: float, removed: float, ratio: float | None) -> dict:
+    return {"label": label, "policy": label.split(":")[-1].split("@")[0], "ratio": ratio,
+            "kv_reduction_prefill": removed, "ruler_score": score}
 
 
 def test_targets_count_a_row_at_the_bytes_it_removed():
-    """A row labelled 0.5 that removed 29% of the KV bytes (wide layers of uneven heads) is not the best at
-    0.5, however well it scores: it is listed apart, with the share it removed."""
-    def row(label, score, removed, ratio):
-        return {"label": label, "policy": label.split("@")[0], "ratio": ratio, "kv_reduction_prefill": removed,
-                "ruler_score": score}
-
-    rows = [row("full", 0.7, 0.0, None), row("kvzip@0.5", 0.69, 0.29, 0.5), row("tova@0.5", 0.5, 0.5, 0.5),
-            row("pyramidinfer@0.5", 0.3, 0.49, 0.5)]
+    """A row run at 0.5 that removed 29% of the KV bytes (wide layers of uneven heads) is not the best at
+    0.5, however well it scores: it is listed apart, with the share it removed. A row run at 0.75 that
+    removed 55% counts at 0.5 (it saved at least as much memory as the rows run there)."""
+    rows = [_target_row("full", 0.7, 0.0, None), _target_row("kvzip@0.5", 0.69, 0.29, 0.5),
+            _target_row("tova@0.5", 0.5, 0.5, 0.5), _target_row("pyramidinfer@0.5", 0.3, 0.49, 0.5)]
     assert ruler_report.targets(rows) == [
-        "at 0.5 removed the best policy, tova@0.5, keeps 71.4% of full's score (target 95%): missed",
+        "at 0.5 removed the best policy, tova@0.5 (50.0% of the KV bytes removed), keeps 71.4% of full's score "
+        "(target 95%): missed",
         "not counted at 0.5: kvzip@0.5 removed 29.0% of the KV bytes (score 69.0)",
         "at 0.5 removed pyramidinfer@0.5 is 20.0 points below the best (tova@0.5; target 5): missed"]
+    rows.append(_target_row("kvzip@0.75", 0.68, 0.55, 0.75))
+    lines = ruler_report.targets(rows)
+    assert lines[0].startswith("at 0.5 removed the best policy, kvzip@0.75 (55.0% of the KV bytes removed), keeps "
+                               "97.1%") and lines[0].endswith(": met")
+    assert lines[2:4] == ["at 0.75 removed: no row removed 73% of the KV bytes, the target is not measured",
+                          "not counted at 0.75: kvzip@0.75 removed 55.0% of the KV bytes (score 68.0)"]
+
+
+def test_targets_set_kvpolicy_against_kvpress_at_each_ratio():
+    """In a kvpress_compare file the best kvpolicy row is chosen among kvpolicy's rows only, and at each ratio
+    kvpress ran it is set against kvpress's best by the same bytes rule, ahead or behind."""
+    rows = [_target_row("kvpolicy:full", 0.7, 0.0, None), _target_row("kvpolicy:tova@0.5", 0.5, 0.5, 0.5),
+            _target_row("kvpress:KVzipPress@0.5", 0.66, 0.49, 0.5),
+            _target_row("kvpress:TOVAPress@0.75", 0.2, 0.74, 0.75), _target_row("kvpolicy:tova@0.75", 0.25, 0.75, 0.75)]
+    lines = ruler_report.targets(rows)
+    assert lines[0].startswith("at 0.5 removed the best policy, kvpolicy:tova@0.5 ")
+    assert ("at 0.5 removed the best kvpolicy row, kvpolicy:tova@0.5 (50.0), against the best kvpress row, "
+            "kvpress:KVzipPress@0.5 (66.0): missed, 16.0 points behind") in lines
+    assert ("at 0.75 removed the best kvpolicy row, kvpolicy:tova@0.75 (25.0), against the best kvpress row, "
+            "kvpress:TOVAPress@0.75 (20.0): met, 5.0 points ahead") in lines
 
 
 def test_grid_shards_and_merge(tmp_path):

@@ -195,21 +195,21 @@ def plot(rows: list[dict[str, Any]], task_names: list[str], path: str | Path) ->
     ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})
     shown = min(ratios, key=lambda x: abs(x - 0.54)) if ratios else None
     ax = axes[0]
+    lines = list(dict.fromkeys(series(r) for r in rows))
     for r in rows:
         if r["ratio"] is None or r["ratio"] == shown:
-            ax.plot(r["layer_tokens_prefill"], marker=".", label=r["label"])
+            ax.plot(r["layer_tokens_prefill"], label=r["label"], **_style(lines.index(series(r)), r["label"], "."))
     ax.set_xlabel("layer")
     ax.set_ylabel("KV tokens kept after prefill")
     ax.set_title("tokens kept per layer" + (f" (ratio {shown:g})" if shown is not None else ""))
     ax.legend(fontsize=7)
-    lines = list(dict.fromkeys(series(r) for r in rows))
     reference = next((r for r in rows if r["policy"] == "full" and r["ratio"] is None), None)
     for ax, (key, higher) in zip(axes[1:], headlines):
         if reference is not None and key in reference and not math.isnan(reference[key]):
             ax.axhline(reference[key], color="grey", linestyle="--", linewidth=0.8, label="full (reference)")
         for p in lines:
             pts = sorted((r["kv_reduction"], r[key]) for r in rows if series(r) == p)
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], label=p, **_style(lines.index(p), p, "o"))
         ax.set_xlabel("KV reduction vs full")
         ax.set_ylabel(key + (" (higher is better)" if higher else " (lower is better)"))
         ax.set_title(key)
@@ -218,6 +218,16 @@ def plot(rows: list[dict[str, Any]], task_names: list[str], path: str | Path) ->
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _style(index: int, label: str, marker: str) -> dict[str, Any]:
+    """A colour of its own for each of up to 20 series (the default cycle repeats after 10, and a
+    kvpress comparison has more), and kvpress's rows (``kvpress:...``) dashed with square markers."""
+    import matplotlib
+
+    other = label.startswith("kvpress:")
+    return {"color": matplotlib.colormaps["tab20"](index % 20), "linestyle": "--" if other else "-",
+            "marker": "s" if other else marker, "markersize": 4 if other else None}
 
 
 def markdown_table(rows: list[dict[str, Any]], task_names: list[str]) -> str:
