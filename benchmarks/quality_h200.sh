@@ -32,18 +32,16 @@ W=/tmp/q_$TAG; rm -rf $W; mkdir -p $W/grid $W/kvpress
 [ -n "$POLICIES" ] && PYTHONPATH=$OWN timeout $LIMIT python3 benchmarks/ruler_grid.py --out $W/grid --gpus 1 \
     --per-gpu $PER_GPU --policies $POLICIES -- --model $GGUF $SUITE --batch-size $BATCH --prefill-rows $PREFILL_ROWS \
     > $W/grid.log 2>&1 &
-for p in $PRESSES; do
+# one kvpress_compare process in kvpress's environment, in the background: NAME (its files) and its own options
+kvpress_run() {
+  local name=$1; shift
   PYTHONPATH=/tmp/kvp_site:$OWN timeout $LIMIT python3 benchmarks/kvpress_compare.py --model $GGUF --suite ruler \
-      $PRESS_SUITE --question $Q --device cuda --kvpolicy '' --presses $p --no-press-baseline --json $W/kvpress/press_$p.json \
-      > $W/kvpress/press_$p.log 2>&1 &
-done
+      $PRESS_SUITE --question $Q --device cuda --no-press-baseline "$@" --json $W/kvpress/$name.json \
+      > $W/kvpress/$name.log 2>&1 &
+}
+for p in $PRESSES; do kvpress_run press_$p --kvpolicy '' --presses $p; done
 i=0
-for g in $KVP_GROUPS; do
-  i=$((i + 1))
-  PYTHONPATH=/tmp/kvp_site:$OWN timeout $LIMIT python3 benchmarks/kvpress_compare.py --model $GGUF --suite ruler \
-      $PRESS_SUITE $KVP_BATCH --question $Q --device cuda --kvpolicy $g --presses '' --no-press-baseline \
-      --json $W/kvpress/kvpolicy_$i.json > $W/kvpress/kvpolicy_$i.log 2>&1 &
-done
+for g in $KVP_GROUPS; do i=$((i + 1)); kvpress_run kvpolicy_$i $KVP_BATCH --kvpolicy $g --presses ''; done
 if [ -n "$NEEDLE" ]; then
   PYTHONPATH=$OWN timeout $LIMIT python3 benchmarks/needle_probe.py --json $W/needle_8k_gpu.json --hay-tokens 7700 \
       --count 24 --model $GGUF --device cuda --dtype bfloat16 full pyramidinfer_54_floor \
