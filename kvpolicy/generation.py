@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .compiled_parts import compiled_parts
+from .core.attention_hook import FROZEN_CACHE
 from .core.cache import PolicyCache, make_cache
 from .core.compat import cache_argument, takes_cache_position
 from .core.errors import CacheMisuseError, ConfigError
@@ -48,7 +49,7 @@ def _decode_step(model, cache_arg: str, cache, input_ids, position_ids, extra: d
     returned whether or not the caller keeps them, so ``output_logits`` runs the very graph that
     decoding without it runs (the lm_head's output is materialised for the argmax anyway)."""
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
-                **{cache_arg: cache}, **extra)
+                **{cache_arg: cache, FROZEN_CACHE: cache}, **extra)
     logits = out.logits[:, -1]
     return logits.argmax(-1), logits
 

@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig, DynamicCache
 
 import kvpolicy
-from kvpolicy.core.static_layer import StaticPolicyLayer
+from kvpolicy.core.layers import FrozenLayer
 
 NEW = 12
 LENGTHS = [30, 24, 40]
@@ -62,7 +62,7 @@ def compiled_and_eager(model, policy: str, settings: dict, lengths: tuple[int, .
     expected = greedy_generate(model, inputs, eager, compiled=False)
     cache = kvpolicy.make_cache(policy, compiled_decode=True, **settings)
     got = greedy_generate(model, inputs, cache, compiled=True)
-    assert isinstance(cache.layers[-1], StaticPolicyLayer), "the layers were not frozen for decoding"
+    assert isinstance(cache.layers[-1], FrozenLayer), "the layers were not frozen for decoding"
     assert graphs() == 1, "the decode step was not captured as one graph (or a buffer was re-sized)"
     assert torch.equal(got, expected)
     return cache, eager
@@ -81,7 +81,7 @@ def test_full_compiled_generate_equals_dynamic_cache(family):
     expected = run(model, inputs, DynamicCache(config=model.config), compiled=False, do_sample=False)
     cache = kvpolicy.make_cache("full", compiled_decode=True)
     got = run(model, inputs, cache, compiled=True, do_sample=False)
-    assert isinstance(cache.layers[0], StaticPolicyLayer), "the layers were not frozen for decoding"
+    assert isinstance(cache.layers[0], FrozenLayer), "the layers were not frozen for decoding"
     assert graphs() == 1, "the decode step was not captured as one graph"
     assert torch.equal(got, expected)
 

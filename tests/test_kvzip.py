@@ -313,8 +313,14 @@ def test_compiled_generate_equals_the_eager_path(fresh_dynamo, monkeypatch):
     (forced on the CPU, ``eager`` backend) over heads of different lengths gives the eager path's tokens and
     kept positions, in one graph."""
     freezes = []
-    freeze = kvpolicy.PolicyCache._freeze
-    monkeypatch.setattr(kvpolicy.PolicyCache, "_freeze", lambda self: (freezes.append(1), freeze(self))[1])
+    start = kvpolicy.PolicyCache.start_decoding
+
+    def start_decoding(self):
+        start(self)
+        if self.is_frozen():
+            freezes.append(1)
+
+    monkeypatch.setattr(kvpolicy.PolicyCache, "start_decoding", start_decoding)
     model = llama(2, "sdpa")
     cache, eager = compiled_and_eager(model, "kvzip", dict(compression_ratio=0.5, chunk_size=16))
     assert freezes == [1], "frozen once, after the scoring pass"

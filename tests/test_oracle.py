@@ -64,6 +64,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, L
 
 import kvpolicy
 from kvpolicy.core import attention_hook
+from kvpolicy.core.scoring_pass import Stage
 
 TOL = 1e-5  # absolute, float32: logits and per-layer keys/values of the new token
 TEETH = 100 * TOL  # the oracle must be this far from a full cache, or the check proves nothing
@@ -176,7 +177,7 @@ class Run:
         def spy(key_states, value_states, layer_idx, *args, **kwargs):
             # cloned: the cache adopts its first tensors as buffers and later compacts them in place; a scoring
             # pass's tokens (KVzip) are dropped again, so they are not the prompt's
-            if self.cache._scoring_state != "chunks":
+            if self.cache._scoring.stage is not Stage.CHUNKS:
                 self.history.setdefault(layer_idx, []).append(
                     (key_states.detach().clone(), value_states.detach().clone()))
             return update(key_states, value_states, layer_idx, *args, **kwargs)

@@ -5,8 +5,8 @@ import torch
 from models import batch, greedy, tiny_model
 
 from kvpolicy import PyramidCache, available_policies, make_cache, make_policy
-from kvpolicy.core.schedule import decay_ratio
 from kvpolicy.policies.pyramidinfer import DEPTH_PRESETS, PyramidInferConfig, preset_for_depth
+from kvpolicy.policies.schedule import decay_ratio
 
 ALL = ["full", "pyramidinfer", "h2o", "streamingllm", "snapkv", "pyramidkv", "random"]
 

@@ -14,12 +14,12 @@ from pydantic import ValidationError
 
 import kvpolicy.policies.pyramidinfer as pyramidinfer_module
 from kvpolicy import ConfigError, PyramidCache, make_cache, make_policy
-from kvpolicy.core.schedule import decay_ratio
 from kvpolicy.evaluation.runner import takes_ratio
 from kvpolicy.policies.pyramidinfer import PyramidInferConfig
+from kvpolicy.policies.schedule import decay_ratio
 
 #: shapes from the presets (cosine, downsample intervals 1-3, a ratio floor, windows 2%-20%) and
-#: the other decay strategies of kvpolicy/core/schedule.py
+#: the other decay strategies of kvpolicy/policies/schedule.py
 SHAPES = [
     ("pyramidinfer_llama2_7b", {}),
     ("pyramidinfer_llama2_13b", {}),

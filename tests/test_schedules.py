@@ -11,8 +11,8 @@ became '>=' or a dropped floor changes at least one literal here.
 import pytest
 
 from kvpolicy import make_policy
-from kvpolicy.core.schedule import decay_ratio, linear_budgets, pyramid_context_lengths
 from kvpolicy.policies.attention_scored import spread_surplus
+from kvpolicy.policies.schedule import decay_ratio, linear_budgets, pyramid_context_lengths
 
 
 # ----------------------------------------------------------------------------- decay_ratio

@@ -196,7 +196,7 @@ def test_a_frozen_cache_takes_a_longer_input_by_thawing():
 
 
 def test_first_moved_slot():
-    from kvpolicy.core.layer_store import first_moved_slot
+    from kvpolicy.core.layers import first_moved_slot
 
     still = torch.arange(5).view(1, 1, 5).expand(2, 3, 5)
     assert int(first_moved_slot(still)) == 5

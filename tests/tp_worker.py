@@ -154,19 +154,19 @@ def _rank_local(self, t: torch.Tensor) -> torch.Tensor:
 
 
 def _never_across_heads(layer, plan) -> bool:
-    """``PolicyCache._ranks_across_heads`` saying no: Ada-KV's split over this rank's heads alone."""
+    """``compressor.ranks_across_heads`` saying no: Ada-KV's split over this rank's heads alone."""
     return False
 
 
 def _broken(kind: str | None) -> tuple[type, str, Any]:
     """(class, attribute, replacement) that breaks a case on purpose (None: nothing)."""
-    from kvpolicy.core.cache import PolicyCache
+    from kvpolicy.core import compressor
     from kvpolicy.core.policy import LayerView
 
     return {"reduced": (LayerView, "mean_over_heads", _local_mean),
             "unmerged": (LayerView, "mean_over_heads", _unmerged_mean),
             "ungathered": (LayerView, "gather_heads", _rank_local),
-            "local_split": (PolicyCache, "_ranks_across_heads", staticmethod(_never_across_heads)),
+            "local_split": (compressor, "ranks_across_heads", _never_across_heads),
             None: (LayerView, "mean_over_heads", None)}[kind]
 
 
@@ -265,7 +265,7 @@ def main(model_dir: str, out_file: str) -> None:
         results[case["name"]] = res
     cache = kvpolicy.make_cache("pyramidinfer", **SETTINGS["pyramidinfer"])
     kvpolicy.prefill(model, *batch(model.config.vocab_size).values(), cache)
-    layer_parallel = cache._parallel
+    layer_parallel = cache.binding.parallel
     results["parallel"] = None if layer_parallel is None else dict(
         size=layer_parallel.size, local=layer_parallel.local, total=layer_parallel.total, rank=layer_parallel.rank)
     results["heads_per_rank"] = cache.layers[0].keys.shape[1]

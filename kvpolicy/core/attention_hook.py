@@ -5,9 +5,12 @@ q-norm) and then calls ``cache.update(k, v, layer_idx)`` followed by an attentio
 looked up by name (``sdpa``, flash, ...) or the modeling file's own ``eager_attention_forward``.
 ``PolicyCache.update`` leaves a note in a context variable; the wrapper below, when it finds
 a note for the calling module's layer, gives the cache the exact query the model used, lets
-the cache supply a mask for compressed layers, and tells it when attention has run. With no
-note (any other cache, or a policy that asked for nothing) the wrapper is a single
-``ContextVar.get`` and a call through. Why this and not module hooks: docs/architecture.md.
+the cache supply a mask for compressed layers (``PolicyCache.attention_mask``), and tells it
+when attention has run (``PolicyCache.attention_done``). With no note (any other cache, or a
+policy that asked for nothing) the wrapper is a single ``ContextVar.get`` and a call through.
+Inside a compiled decode step the cache arrives as a keyword argument instead
+(``compiled_step.FROZEN_CACHE``): a context variable cannot be read in a traced graph. Why this
+and not module hooks: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -38,10 +41,8 @@ class Pending:
 
 PENDING: contextvars.ContextVar[Pending | None] = contextvars.ContextVar("kvpolicy_pending", default=None)
 
-#: The cache whose frozen layers a compiled decode step is running over (``core/static_layer.py``),
-#: or None. A plain global, not the context variable: the compiled step must be traceable end to
-#: end. Set and cleared eagerly around each compiled call (``PolicyCache.enter_compiled_step``).
-STATIC_CACHE: Any = None
+#: the keyword argument a compiled decode step carries its frozen cache in (``core/compiled_step.py``)
+FROZEN_CACHE = "kvpolicy_frozen_cache"
 
 
 def _wrap(fn: Callable, impl: str) -> Callable:
@@ -50,9 +51,9 @@ def _wrap(fn: Callable, impl: str) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(module, query, key, value, *args, **kwargs):
-        static = STATIC_CACHE
-        if static is not None:
-            return static.attend(fn, impl, module, query, key, value, args, kwargs)
+        frozen = kwargs.pop(FROZEN_CACHE, None)
+        if frozen is not None:  # a compiled decode step over this cache's frozen layers
+            return frozen.attend(fn, impl, module, query, key, value, args, kwargs)
         if torch.compiler.is_compiling():
             # someone compiles a model with another (compileable) cache: be invisible, since reading
             # the context variable would break their graph at every layer
@@ -62,13 +63,13 @@ def _wrap(fn: Callable, impl: str) -> Callable:
             return fn(module, query, key, value, *args, **kwargs)
         PENDING.set(None)
         cache = note.cache
-        if cache.layers[note.layer_idx].is_compileable:  # a frozen layer's decode step, run eagerly
+        if cache.is_frozen():  # a decode step over the frozen layers, run eagerly
             return cache.attend(fn, impl, module, query, key, value, args, kwargs)
         if args:
             mask, rest = args[0], args[1:]
         else:
             mask, rest = kwargs.pop("attention_mask", None), ()
-        allowed = cache._before_attention(note.layer_idx, module, query, mask, impl)
+        allowed = cache.attention_mask(note.layer_idx, module, query, mask, impl)
         if allowed is mask:  # slot i holds token i: the model's own mask and function
             out = fn(module, query, key, value, mask, *rest, **kwargs)
         elif query.is_cuda and impl == "sdpa":
@@ -78,7 +79,7 @@ def _wrap(fn: Callable, impl: str) -> Callable:
                 out = attend_masked(fn, impl, module, query, key, value, allowed, mask, rest, kwargs)
         else:
             out = attend_masked(fn, impl, module, query, key, value, allowed, mask, rest, kwargs)
-        cache._after_attention(note.layer_idx, module, query)
+        cache.attention_done(note.layer_idx, module, query)
         return out
 
     setattr(wrapped, _MARK, True)

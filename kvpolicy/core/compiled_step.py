@@ -6,8 +6,12 @@ transformers compiles the decode forward itself when the cache says ``is_compile
 such steps (count the token, run the policy's plan, gather the kept slots), and that work must
 stay out of the graph: it reads Python numbers and its shapes change. So the compiled call is
 wrapped: before it, the cache brings its frozen layers up to date (eagerly); the compiled
-graph itself then only reads tensors of fixed shape and address. Any other cache, or a
-forward that is not a one-token decode step, goes straight to the compiled call.
+graph itself then only reads tensors of fixed shape and address. The cache goes into the
+call as one more keyword argument (``FROZEN_CACHE``), which transformers passes down, as it
+passes every extra keyword, to each layer's attention function: there the attention wrapper
+(``core/attention_hook.py``) finds the frozen layers it runs over, with no state outside the
+call (a compiled step takes what it reads as arguments). Any other cache, or a forward that
+is not a one-token decode step, goes straight to the compiled call.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from typing import Any
+
+from .attention_hook import FROZEN_CACHE
 
 _MARK = "__kvpolicy_compiled_step__"
 
@@ -31,7 +37,7 @@ class CompiledStep:
         if enter is None or not enter(_new_tokens(args, kwargs)):
             return self.compiled(*args, **kwargs)
         try:
-            return self.compiled(*args, **kwargs)
+            return self.compiled(*args, **kwargs, **{FROZEN_CACHE: cache})
         finally:
             cache.exit_compiled_step()
 

@@ -11,7 +11,9 @@ The decoder layer is the one place where hidden states and positional inputs mee
 cache never sees the model object. So, like ``attention_hook`` does for attention functions,
 the family's decoder-layer class (named by its adapter) gets its ``forward`` wrapped once, the
 first time a prune-hidden cache meets that family. The wrapper reads a context variable: with
-no prune-hidden prefill running in this context it calls straight through.
+no prune-hidden prefill running in this context (or inside a graph being compiled) it calls
+straight through. The cache's side is :class:`PrunedPrefill`, the general mechanism "a policy may
+shorten the hidden states between layers" (``CachePolicy.prunes_hidden_states``).
 
 Layout: rows keep different numbers of tokens (left padding, per-row budgets), so the gathered
 tensors are rectangular and **right-aligned**, like left padding: each row's kept tokens are
@@ -36,7 +38,6 @@ _MARK = "__kvpolicy_prune_wrapped__"
 
 #: the prune-hidden prefill running in this context (a weak reference to its HiddenPruner), if any
 ACTIVE: contextvars.ContextVar[weakref.ref | None] = contextvars.ContextVar("kvpolicy_prune", default=None)
-_running = 0  # prefills in progress in the process; a plain int so an idle wrapper costs one check
 
 
 @dataclass
@@ -153,19 +154,61 @@ class HiddenPruner:
         return inputs, idx == self.num_layers - 1
 
 
+class PrunedPrefill:
+    """A cache's prune-hidden prefill: started at the prompt's first layer, told what each layer kept,
+    stopped after the model's last decoder layer (or by a reset)."""
+
+    def __init__(self) -> None:
+        self.pruner: HiddenPruner | None = None
+
+    def begin(self, adapter: Any, config: Any, num_layers: int, module: Any, width: int) -> None:
+        """A prompt's forward of ``width`` columns starts (``module``: its first attention module)."""
+        install(adapter.decoder_layer_class(module))
+        stop(self.pruner)
+        self.pruner = start(HiddenPruner(adapter, config, num_layers, width))
+
+    @property
+    def running(self) -> HiddenPruner | None:
+        pruner = self.pruner
+        return pruner if pruner is not None and pruner.running else None
+
+    def cut(self, layer_idx: int) -> dict[str, Any]:
+        """What the layer's ``append`` needs to store ``layer_idx``'s keys at their true positions."""
+        pruner = self.running
+        return {} if pruner is None else pruner.cut(layer_idx)
+
+    def query_positions(self) -> torch.Tensor | None:
+        pruner = self.running
+        return None if pruner is None else pruner.query_positions()
+
+    def mask_queries(self, layer: Any, q: int) -> tuple[torch.Tensor, bool]:
+        """Where the ``q`` queries of ``layer``'s attention sit, for its mask (``[B or 1, 1, q, 1]``), and
+        whether one mask row serves all heads (a pruned prefill: every head holds the same tokens)."""
+        pruner = self.running
+        device = layer.keys.device
+        if pruner is not None and pruner.layout.pos is not None:  # per row; empty slots query as the last token
+            return pruner.layout.columns.view(layer.keys.shape[0], 1, q, 1), True
+        return layer.query_positions(q, device).view(1, 1, q, 1), False
+
+    def layer_done(self, layer: Any) -> None:
+        pruner = self.running
+        if pruner is not None:  # what the next decoder layer's inputs are cut to
+            pruner.layer_done(None if layer.contiguous else layer.pos_view())
+
+    def stop(self) -> None:
+        stop(self.pruner)
+        self.pruner = None
+
+
 def start(pruner: HiddenPruner) -> HiddenPruner:
-    global _running
-    _running += 1
     ACTIVE.set(weakref.ref(pruner))
     return pruner
 
 
 def stop(pruner: HiddenPruner | None) -> None:
-    global _running
     if pruner is None or not pruner.running:
         return
     pruner.running = False
-    _running = max(0, _running - 1)
     ref = ACTIVE.get()
     if ref is not None and ref() in (pruner, None):
         ACTIVE.set(None)
@@ -184,7 +227,7 @@ def install(layer_cls: type) -> None:
 
     @functools.wraps(fn)
     def forward(self, *args, **kwargs):
-        if not _running:
+        if torch.compiler.is_compiling():  # no prefill is compiled, and reading the variable would break the graph
             return fn(self, *args, **kwargs)
         ref = ACTIVE.get()
         pruner = ref() if ref is not None else None

@@ -24,7 +24,8 @@ process would, and keeps this rank's heads.
 The cache learns the slice from the first keys it is given: fewer KV heads than the model's config
 declares means the heads are sharded. The process group comes from the DTensor weights of the attention
 module (transformers >= 5.17 shards parameters as DTensors), else (transformers 5.2 shards into plain
-tensors) the default group when its size matches, else from :func:`use_group`.
+tensors) the default group when its size matches, else the group named by the cache's ``tp_group`` setting
+(``make_cache(..., tp_group=model._device_mesh)``).
 """
 
 from __future__ import annotations
@@ -36,17 +37,6 @@ from typing import Any
 import torch
 
 from .errors import UnsupportedModelError
-
-_GROUP: Any = None  # a process group set with use_group(), for layouts this module cannot find alone
-
-
-def use_group(group: Any) -> None:
-    """Name the tensor-parallel process group (a ``torch.distributed`` ProcessGroup, or a 1-D
-    ``DeviceMesh``) when kvpolicy cannot find it: a transformers version whose weights are plain
-    tensors, with tensor parallelism over a part of the world (e.g. ``model._device_mesh["tp"]``).
-    ``None`` forgets it."""
-    global _GROUP
-    _GROUP = group
 
 
 @dataclass
@@ -130,10 +120,12 @@ def _clock(t: torch.Tensor) -> float:
     return time.perf_counter()
 
 
-def detect(module: Any, local_kv_heads: int) -> TensorParallel | None:
+def detect(module: Any, local_kv_heads: int, tp_group: Any = None) -> TensorParallel | None:
     """The tensor-parallel slice of ``module``'s (an attention module's) layer, whose keys reach the
     cache with ``local_kv_heads`` heads; None when this process holds every head (no parallelism, or
-    heads replicated on every rank)."""
+    heads replicated on every rank). ``tp_group``: the tensor-parallel process group (a ``torch.distributed``
+    ProcessGroup or a 1-D ``DeviceMesh``) where kvpolicy cannot find it: a transformers version whose
+    weights are plain tensors, with tensor parallelism over a part of the world (e.g. ``model._device_mesh``)."""
     config = module.config
     total = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if local_kv_heads == total:
@@ -150,26 +142,26 @@ def detect(module: Any, local_kv_heads: int) -> TensorParallel | None:
             "share of the KV heads"
         )
     size = total // local_kv_heads
-    group, rank = _group(module, size)
+    group, rank = _group(module, size, tp_group)
     return TensorParallel(group=group, rank=rank, size=size, local=local_kv_heads, total=total)
 
 
-def _group(module: Any, size: int) -> tuple[Any, int]:
+def _group(module: Any, size: int, named: Any) -> tuple[Any, int]:
     """(process group, this rank's index in it) of the ranks sharing ``module``'s heads."""
     import torch.distributed as dist
 
-    mesh = _mesh_of(_GROUP) if _GROUP is not None else _weight_mesh(module)
+    mesh = _mesh_of(named) if named is not None else _weight_mesh(module)
     if mesh is not None:
         group, rank = mesh.get_group(), mesh.get_local_rank()
-    elif _GROUP is not None:
-        group, rank = _GROUP, dist.get_rank(_GROUP)
+    elif named is not None:
+        group, rank = named, dist.get_rank(named)
     elif dist.get_world_size() == size:
         group, rank = dist.group.WORLD, dist.get_rank()
     else:
         raise UnsupportedModelError(
             f"the KV heads are split over {size} ranks of {dist.get_world_size()}, and kvpolicy cannot tell which "
             "ranks share this model's heads (its weights are not DTensors). Name the tensor-parallel group "
-            "before generating: kvpolicy.core.parallel.use_group(model._device_mesh)"
+            "with the cache: make_cache(..., tp_group=model._device_mesh)"
         )
     if dist.get_world_size(group) != size:
         raise UnsupportedModelError(

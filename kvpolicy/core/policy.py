@@ -19,7 +19,7 @@ import torch
 from .config import PolicyConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .layer_store import PolicyLayer
+    from .layers import KVLayer
     from .parallel import TensorParallel
 
 Phase = Literal["prefill", "decode"]
@@ -122,16 +122,20 @@ class LayerView:
     layer_idx: int
     num_layers: int
     phase: Phase
-    layer: PolicyLayer
+    layer: KVLayer
     seen: list[int]  # real (non-pad) tokens seen per row, including this forward
     prompt_len: list[int]  # real prompt tokens per row (set at prefill)
     new_tokens: int  # tokens appended by this forward
-    state: dict[str, Any] = field(default_factory=dict)  # the policy's own per-layer scratch
+    #: the policy's own per-layer state (what its ``new_layer_state`` made; values of type ``PerRow`` follow
+    #: the rows when they move)
+    state: Any = None
     #: this rank's share of the layer's KV heads under tensor parallelism (``core/parallel.py``); None: all
     parallel: TensorParallel | None = None
     #: set by mean_over_heads; a policy whose one-row scores need no merging (the same on every rank: from
     #: positions alone, say) sets it itself, else the cache refuses them under tensor parallelism
     heads_reduced: bool = field(default=False, repr=False)
+    #: the layer's attention module (for its rotary embedding)
+    module: Any = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -160,7 +164,7 @@ class LayerView:
     @property
     def scaling(self) -> float:
         """The layer's attention scaling (the factor on ``q . k`` before the softmax)."""
-        return self.layer.scaling
+        return self.layer.facts.scaling
 
     @property
     def device(self) -> torch.device:
@@ -251,7 +255,7 @@ class LayerView:
         model computes them (see :mod:`kvpolicy.core.rope`, whose ``rotate``/``unrotate`` apply them)."""
         from . import rope
 
-        return rope.cos_sin(self.layer.module_ref(), positions)
+        return rope.cos_sin(self.module, positions)
 
 
 class CachePolicy(ABC):
@@ -281,6 +285,12 @@ class CachePolicy(ABC):
         compute (the cache gathers the hidden states entering the next decoder layer; see
         ``core/hidden_pruning.py``). Needs one token set per layer (every KV head the same)."""
         return False
+
+    def new_layer_state(self) -> Any:
+        """A new value for one layer's :attr:`LayerView.state` (a dataclass of the policy's own; fields
+        holding :class:`~kvpolicy.core.rows.PerRow` values are re-indexed when rows move), or None for a
+        policy that keeps no state."""
+        return None
 
     def setup(self, num_layers: int, compressible: list[bool]) -> None:
         """Called once when the cache meets the model (before the first plan)."""
@@ -323,7 +333,7 @@ class CachePolicy(ABC):
     def score(self, view: LayerView, query: torch.Tensor, chunk: ScoringChunk) -> None:
         """After a layer's attention in a scoring forward: ``view`` holds the prompt's slots then the chunk's
         (``view.new_tokens`` of them), ``query`` the chunk's queries ``[B, H_q, Q, D]``. Keep what the plan needs
-        in ``view.state``."""
+        in ``view.state`` (see :meth:`new_layer_state`)."""
         return None
 
     def plan_scored(self, views: list[LayerView]) -> list[Plan | None]:

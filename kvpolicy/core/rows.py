@@ -8,6 +8,8 @@ shape: a cache is a thin list of layers) and the core free of import cycles.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +81,7 @@ class Rows:
             self.pad_host = self.pad.tolist()  # the forward's one read of the device for the cache
         self.prompt_len = None
 
-    def reindex(self, fn: Callable[[torch.Tensor], torch.Tensor], states: dict[int, dict]) -> None:
+    def reindex(self, fn: Callable[[torch.Tensor], torch.Tensor], states: dict[int, Any]) -> None:
         """Move rows: ``fn`` maps a ``[B, ...]`` tensor to the new rows (index_select, repeat, ...).
         The device tensor is rewritten in place when the batch keeps its size (its address may be
         captured by a compiled step)."""
@@ -95,21 +97,28 @@ class Rows:
         if self.prompt_len is not None:
             self.prompt_len = [self.prompt_len[i] for i in order]
         for state in states.values():
-            for key, value in state.items():
-                if isinstance(value, PerRow):
-                    state[key] = PerRow(value[i] for i in order)
+            for name in _per_row_fields(state):
+                setattr(state, name, PerRow(getattr(state, name)[i] for i in order))
 
 
-def concat_states(states: list[dict[int, dict]]) -> dict[int, dict]:
+def concat_states(states: list[dict[int, Any]]) -> dict[int, Any]:
     """The policies' layer states of row chunks of one batch, as one: per-row values joined in row
     order, everything else taken from the first chunk."""
-    merged: dict[int, dict] = {}
-    for layer_idx in states[0]:
-        out: dict[str, Any] = {}
-        for key, value in states[0][layer_idx].items():
-            if isinstance(value, PerRow):
-                out[key] = PerRow(x for s in states for x in s[layer_idx][key])
-            else:
-                out[key] = value
-        merged[layer_idx] = out
+    merged: dict[int, Any] = {}
+    for layer_idx, first in states[0].items():
+        joined = {name: PerRow(x for s in states for x in getattr(s[layer_idx], name))
+                  for name in _per_row_fields(first)}
+        merged[layer_idx] = dataclasses.replace(first, **joined) if joined else copy.copy(first)
     return merged
+
+
+def _per_row_fields(state: Any) -> list[str]:
+    """The fields of a policy's layer state (a dataclass, or None) that hold a :class:`PerRow` value."""
+    if state is None:
+        return []
+    if not dataclasses.is_dataclass(state):
+        raise TypeError(
+            f"a policy's layer state must be a dataclass instance (or None), not {type(state).__name__}: "
+            "return one from CachePolicy.new_layer_state()"
+        )
+    return [f.name for f in dataclasses.fields(state) if isinstance(getattr(state, f.name), PerRow)]

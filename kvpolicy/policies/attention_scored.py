@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from ..core.policy import LayerView, Signals
-from ..core.schedule import linear_budgets
 from .budget import BudgetConfig, BudgetPolicy, HeadBudgetConfig
+from .schedule import linear_budgets
 
 
 class H2OConfig(BudgetConfig):

@@ -10,6 +10,7 @@ on CPU (its forward, over twice the keys, and the scores' attention). See docs/p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -73,12 +74,26 @@ def kvzip_prompt_ids(tokenizer) -> dict[str, tuple[int, ...]]:
     return {"prompt_ids": ids(REPEAT_PROMPT), "chunk_prompt_ids": ids(REPEAT_PART_PROMPT), "suffix_ids": ids(suffix)}
 
 
+@dataclass
+class KVzipLayerState:
+    """One layer's scores from the scoring pass, ``[B, H_kv, T]`` over the prompt's columns (None before)."""
+
+    scores: torch.Tensor | None = None
+
+    def take_scores(self) -> torch.Tensor:
+        scores, self.scores = self.scores, None
+        return scores
+
+
 class KVzipPolicy(CachePolicy):
     """Context-reconstruction scores, budgets shared across layers and heads; the prompt only."""
 
     name = "kvzip"
     config_class = KVzipConfig
     needs_scoring_pass = True
+
+    def new_layer_state(self) -> KVzipLayerState:
+        return KVzipLayerState()
 
     def plan(self, view: LayerView) -> Plan | None:
         return None  # nothing before the scoring pass (plan_scored), nothing while decoding
@@ -116,7 +131,7 @@ class KVzipPolicy(CachePolicy):
     def score(self, view: LayerView, query: torch.Tensor, chunk: ScoringChunk) -> None:
         """The chunk's queries' softmax over the sinks, the chunk being reconstructed and the chunk's own
         tokens (causal): the largest probability any query of a row and any query head of a group pays
-        a prompt KV pair of the chunk is its score (``view.state["kvzip"]``, ``[B, H_kv, T]``)."""
+        a prompt KV pair of the chunk is its score (``view.state.scores``, ``[B, H_kv, T]``)."""
         c = self.config
         q_len = view.new_tokens
         width = view.step - q_len  # the prompt's columns: slots [0, width) hold the prompt, then the chunk's
@@ -155,9 +170,9 @@ class KVzipPolicy(CachePolicy):
             probs = torch.softmax(logits, dim=-1)[..., :scored]
             probs = probs * q_ok[:, s : s + _QUERY_CHUNK].view(b, 1, 1, -1, 1)
             best = torch.maximum(best, probs.amax(dim=(2, 3)))
-        scores = view.state.get("kvzip")
+        scores = view.state.scores
         if scores is None:
-            scores = view.state["kvzip"] = torch.zeros(b, hkv, width, device=keys.device)
+            scores = view.state.scores = torch.zeros(b, hkv, width, device=keys.device)
         for row, ((start, end, _), s) in enumerate(zip(spans, sinks)):
             cols = slice(pad_host[row] + start, pad_host[row] + end)
             scores[row, :, cols] = torch.maximum(scores[row, :, cols], best[row, :, s : s + end - start])
@@ -173,7 +188,7 @@ class KVzipPolicy(CachePolicy):
         ``"global"``: one top-k over every compressible layer's heads: each (layer, head) keeps what falls to
         it. Sinks and the window always stay."""
         c = self.config
-        scores = [self._protected(v, v.state.pop("kvzip")) for v in views]
+        scores = [self._protected(v, v.state.take_scores()) for v in views]
         keep = [self._keep(n) for n in views[0].seen] if views else []
         if c.allocation != "global":
             share = 0.0 if c.allocation == "layer" else None

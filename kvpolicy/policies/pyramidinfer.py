@@ -6,6 +6,7 @@ from the reference code (github.com/mutonix/pyramidinfer).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -13,7 +14,9 @@ from pydantic import Field, model_validator
 
 from ..core.policy import CachePolicy, LayerView, Plan, Signals, per_row
 from ..core.rows import PerRow
-from ..core.schedule import (
+from .attention_scored import max_pool
+from .budget import HeadBudgetConfig
+from .schedule import (
     DecayStrategy,
     decay_ratio,
     pyramid_context_lengths,
@@ -21,8 +24,17 @@ from ..core.schedule import (
     scaled_context_lengths,
     solve_context_scale,
 )
-from .attention_scored import max_pool
-from .budget import HeadBudgetConfig
+
+
+@dataclass
+class PyramidLayerState:
+    """One layer's decode bookkeeping, set at prefill: per row, the row-local position where the next
+    decode group starts (``frontier``) and decoding's recent window (``gen_window``, fixed by the prompt's
+    length); ``next_due_step``: no row's group fills before this step (plans before it return at once)."""
+
+    frontier: PerRow = field(default_factory=PerRow)
+    gen_window: PerRow = field(default_factory=PerRow)
+    next_due_step: int = 0
 
 
 class PyramidInferConfig(HeadBudgetConfig):
@@ -268,6 +280,9 @@ class PyramidInferPolicy(CachePolicy):
             return view.mean_over_heads(scores)  # across tensor-parallel ranks too
         return scores
 
+    def new_layer_state(self) -> PyramidLayerState:
+        return PyramidLayerState()
+
     def plan(self, view: LayerView) -> Plan | None:
         if view.phase == "prefill":
             return self._plan_prefill(view)
@@ -276,10 +291,10 @@ class PyramidInferPolicy(CachePolicy):
     def _plan_prefill(self, view: LayerView) -> Plan | None:
         c = self.config
         windows = [self.recent_window(n, c.prefill_recent_ratio) for n in view.seen]
-        view.state["frontier"] = PerRow(n - w for n, w in zip(view.seen, windows))
+        view.state.frontier = PerRow(n - w for n, w in zip(view.seen, windows))
         # decoding's recent window per row depends on the prompt alone: computed once here, not at
         # every decode step of every layer (a per-row Python loop in the static path's hot loop)
-        view.state["gen_window"] = PerRow(self.recent_window(n, c.gen_recent_ratio) for n in view.prompt_len)
+        view.state.gen_window = PerRow(self.recent_window(n, c.gen_recent_ratio) for n in view.prompt_len)
         self._note_next_due(view)
         keep = [self.prefill_keep(n)[view.layer_idx] for n in view.seen]
         if all(k >= n for k, n in zip(keep, view.seen)):
@@ -294,10 +309,10 @@ class PyramidInferPolicy(CachePolicy):
     def _plan_decode(self, view: LayerView) -> Plan | None:
         c = self.config
         group = c.exceed_length_to_compress
-        if view.step < view.state.get("next_due_step", 0):
+        if view.step < view.state.next_due_step:
             return None  # no row can be due yet: skip the per-row check (it runs for every layer, every step)
-        frontier: list[int] = view.state["frontier"]
-        due = [s - w - f >= group for s, w, f in zip(view.seen, view.state["gen_window"], frontier)]
+        frontier: list[int] = view.state.frontier
+        due = [s - w - f >= group for s, w, f in zip(view.seen, view.state.gen_window, frontier)]
         if not any(due):
             self._note_next_due(view)
             return None
@@ -316,7 +331,7 @@ class PyramidInferPolicy(CachePolicy):
             keep = [[v - evict if d else v for v in row] for row, d in zip(view.valid_counts_per_head, due)]
         else:
             keep = [v - evict if d else v for v, d in zip(valid, due)]
-        view.state["frontier"] = PerRow(f + group if d else f for f, d in zip(frontier, due))
+        view.state.frontier = PerRow(f + group if d else f for f, d in zip(frontier, due))
         self._note_next_due(view)
         return Plan(keep=keep, scores=scores, sinks=0, recent=0)
 
@@ -325,8 +340,9 @@ class PyramidInferPolicy(CachePolicy):
         return at once. Rows moving (beam search) can only make the true first step later, so the note
         stays a safe lower bound."""
         group = self.config.exceed_length_to_compress
-        wait = min(w + f + group - s for s, w, f in zip(view.seen, view.state["gen_window"], view.state["frontier"]))
-        view.state["next_due_step"] = view.step + max(wait, 0)
+        state = view.state
+        wait = min(w + f + group - s for s, w, f in zip(view.seen, state.gen_window, state.frontier))
+        state.next_due_step = view.step + max(wait, 0)
 
 
 def distance_weights(windows: list[int], newest: float, device: torch.device) -> torch.Tensor:

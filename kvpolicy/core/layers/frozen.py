@@ -1,14 +1,14 @@
-"""The static layer kind: a compressed layer frozen into buffers of fixed shape and address.
+"""The frozen layer kind: a layer held in buffers of fixed shape and address for the compiled decode step.
 
 Why: an eager decode step of a 7B model is bound by per-step launch overhead (about 90 ms on
 an H100 whatever the batch), and a compiled *full* static cache beats any eager compressed
 cache. To compile the step (``torch.compile``, CUDA graphs) every tensor it touches must keep
 its shape and address, and it may read no Python number that changes from step to step. So a
-static layer holds ``kept + reserve`` slots; the step writes its key/value at the layer's
+frozen layer holds ``kept + reserve`` slots; the step writes its key/value at the layer's
 ``slot`` tensor and attends over the whole buffer under a validity mask; and between steps,
-eagerly, the host counters advance and the policy's plan gathers the kept slots in place
-(``PolicyCache.begin_step``). Plans therefore see exactly what the eager path's plans see after
-the same token's attention, so both paths keep the same tokens (tested).
+eagerly, the host counters advance (:meth:`FrozenLayer.settle`) and the policy's plan gathers the
+kept slots in place. Plans therefore see exactly what the eager path's plans see after the same
+token's attention, so both paths keep the same tokens (tested).
 """
 
 from __future__ import annotations
@@ -18,34 +18,38 @@ from typing import Any
 
 import torch
 
-from . import masks
-from .attention_hook import attend_masked
-from .errors import CacheMisuseError
-from .layer_store import PolicyLayer
+from .. import masks
+from ..attention_hook import attend_masked
+from ..errors import CacheMisuseError
+from . import attention_signals
+from .base import FreezeSpec, KVLayer, LayerSpec
 
 
-class StaticPolicyLayer(PolicyLayer):
-    """One layer of a compiled decode step. Build it with :meth:`freeze` from a prefilled
-    :class:`PolicyLayer`; :meth:`thaw` gives the dynamic kind back (for a further prefill)."""
+class FrozenLayer(KVLayer):
+    """One layer of a compiled decode step, made by a growing kind's ``to_frozen``; :meth:`to_dynamic`
+    gives that kind back (for a further prefill)."""
 
     is_compileable = True
 
-    slot: torch.Tensor  # [1]: where the next key goes (== length, on the device)
-    next_pos: torch.Tensor  # [1]: the absolute position of the next token (== total_seen)
-    qring: torch.Tensor | None = None  # recent queries, slot = position % window
-    ring_start = 0  # the first position the ring holds
-    shared = False  # every KV head keeps the same positions: one mask row serves all heads
-    window: int | None = None  # sliding-window size of this layer (None: global attention)
+    def __init__(self, spec: LayerSpec, freeze: FreezeSpec, thawed_kind: type[KVLayer]):
+        super().__init__(spec)
+        self.freeze = freeze
+        self.thawed_kind = thawed_kind
+        self.shared = freeze.shared
+        self.qring: torch.Tensor | None = None  # recent queries, slot = position % window
+        self.ring_start = 0  # the first position the ring holds
+        self.valid_shift = 0  # tokens settled since valid_host was last brought up to date
+        self.slot: torch.Tensor | None = None  # [1]: where the next key goes (== length, on the device)
+        self.next_pos: torch.Tensor | None = None  # [1]: the absolute position of the next token (== total_seen)
 
     @classmethod
-    def freeze(cls, layer: PolicyLayer, capacity: int, query_window: int, shared: bool, window: int | None):
-        """A static copy of ``layer`` with room for ``capacity`` slots and a ring of ``query_window``
-        recent queries (0: none). The dynamic layer's buffers are released."""
-        self = cls.__new__(cls)
-        self.__dict__.update(layer.__dict__)
-        self.shared, self.window = shared, window
+    def from_dynamic(cls, layer: KVLayer, spec: FreezeSpec) -> FrozenLayer:
+        """``layer`` frozen with room for ``spec.capacity`` slots and a ring of ``spec.query_window`` recent
+        queries. ``layer``'s buffers are released."""
+        self = cls(layer.spec, spec, type(layer))
+        self.carry_over(layer)
         b, h, _, d = layer.keys.shape
-        n = layer.length
+        n, capacity = layer.length, spec.capacity
         self.keys = layer.keys.new_zeros(b, h, capacity, d)
         self.values = layer.values.new_zeros(b, h, capacity, d)
         self.pos = layer.pos.new_full((b, h, capacity), -1)
@@ -56,16 +60,16 @@ class StaticPolicyLayer(PolicyLayer):
             self.acc = layer.acc.new_zeros(b, h, capacity)
             self.acc[:, :, :n] = layer.acc[:, :, :n]
         self.valid_host = layer.valid_counts()
-        recorded = min(query_window, layer.qwin.shape[2]) if query_window and layer.qwin is not None else 0
-        self.qring = None
+        self.head_deficit = layer.head_deficit
+        window = spec.query_window
+        recorded = min(window, layer.qwin.shape[2]) if window and layer.qwin is not None else 0
         if recorded:
-            self.qring = layer.qwin.new_zeros(b, layer.qwin.shape[1], query_window, d)
+            self.qring = layer.qwin.new_zeros(b, layer.qwin.shape[1], window, d)
             self.ring_start = layer.total_seen - recorded
             qpos = layer.qwin_pos[..., -recorded:]
             if qpos.dim() == 2:  # per-row positions (prune-hidden prefill): the recent window agrees
                 qpos = qpos.max(0).values
-            self.qring.index_copy_(2, qpos % query_window, layer.qwin[:, :, -recorded:])
-        self.qwin = self.qwin_pos = None
+            self.qring.index_copy_(2, qpos % window, layer.qwin[:, :, -recorded:])
         self.contiguous = False
         device = self.keys.device
         self.slot = torch.full((1,), n, dtype=torch.long, device=device)
@@ -79,13 +83,14 @@ class StaticPolicyLayer(PolicyLayer):
             if t is not None:
                 torch._dynamo.mark_static_address(t)
 
-    def thaw(self) -> PolicyLayer:
-        """The dynamic kind holding the same slots and recent queries."""
+    def to_frozen(self, spec: FreezeSpec) -> KVLayer:
+        return self
+
+    def to_dynamic(self) -> KVLayer:
+        """The growing kind holding the same slots and recent queries."""
         self.valid_counts()  # fold in the counts settle() deferred
-        layer = PolicyLayer.__new__(PolicyLayer)
-        layer.__dict__.update(self.__dict__)
-        for name in ("slot", "next_pos", "qring", "ring_start", "shared", "window", "_valid_shift"):
-            layer.__dict__.pop(name, None)
+        layer = self.thawed_kind(self.spec)
+        layer.carry_over(self)
         n = self.length
         layer.keys, layer.values, layer.pos = self.keys[:, :, :n], self.values[:, :, :n], self.pos[:, :, :n]
         layer.acc = None if self.acc is None else self.acc[:, :, :n]
@@ -96,14 +101,19 @@ class StaticPolicyLayer(PolicyLayer):
             layer.qwin, layer.qwin_pos = ring[:, :, order], pos[order]
         return layer
 
-    def grow(self, capacity: int) -> None:
-        """Room for ``capacity`` slots: new buffers, so the next compiled step re-records its graph."""
-        self._reallocate(capacity, zero_kv=True)
+    def make_room(self, growth: Callable[[], int]) -> None:
+        """Room for the next token; when full, new buffers of ``length + growth()`` slots, by half again at
+        least: each re-size re-records the step's graph (transformers compiles with static shapes), so a
+        long generation must take few of them."""
+        if self.length < self.capacity:
+            return
+        self._reallocate(max(self.length + growth(), self.capacity * 3 // 2), zero_kv=True)
         self._mark_static()
 
     # ----------------------------------------------------------------- inside the compiled step
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if key_states.shape[2] != 1:
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None,
+               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if key_states.shape[2] != 1 or positions is not None:
             raise CacheMisuseError(
                 "a compiled decode step takes one token per row; the cache thaws its layers for longer inputs"
             )
@@ -127,29 +137,26 @@ class StaticPolicyLayer(PolicyLayer):
             args = args[1:]
         else:
             kwargs.pop("attention_mask", None)
-        qpos = self.next_pos - 1  # update() has run: the token being decoded
+        qpos = self.next_pos - 1  # append() has run: the token being decoded
         pos = self.pos[:, :1] if self.shared else self.pos
         allowed = masks.allowed(pos, self.rows.pad, qpos.view(1, 1, 1, 1), self.window)
         if self.qring is not None:
             self.qring.index_copy_(2, qpos % self.qring.shape[2], query)
         if self.acc is not None:  # H2O: this token's attention, added to every slot's running score
-            probs = self._attention_probs(query, qpos, whole=True)
-            self.acc.add_(probs.sum(dim=(2, 3)) / probs.shape[2])
+            attention_signals.accumulate_into(self.acc, self.keys, self.pos, self.rows, self.facts.scaling, query, qpos)
         return attend_masked(fn, impl, module, query, key, value, allowed, None, args, kwargs)
 
     # ----------------------------------------------------------------- between steps (eager)
     def settle(self, steps: int) -> None:
-        """Count on the host the ``steps`` tokens compiled steps appended since the last call."""
         self.length += steps
         self.total_seen += steps
         self.since_compress += steps
-        self._valid_shift = getattr(self, "_valid_shift", 0) + steps  # added when asked (valid_counts)
+        self.valid_shift += steps  # added when asked (valid_counts)
 
     def valid_counts(self) -> list[int]:
-        shift = getattr(self, "_valid_shift", 0)
-        if shift and self.valid_host is not None:
-            self.valid_host = [n + shift for n in self.valid_host]
-        self._valid_shift = 0
+        if self.valid_shift and self.valid_host is not None:
+            self.valid_host = [n + self.valid_shift for n in self.valid_host]
+        self.valid_shift = 0
         return super().valid_counts()
 
     def recorded_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,17 +169,18 @@ class StaticPolicyLayer(PolicyLayer):
 
     def _compaction_target(self, kept: int):
         if kept > self.capacity:
-            raise AssertionError("static layer asked to hold more than its capacity")  # pragma: no cover
+            raise AssertionError("frozen layer asked to hold more than its capacity")  # pragma: no cover
         return self.keys, self.values, self.pos, self.acc
 
-    def compact(self, index: torch.Tensor, keep_counts: list[int], start: int | None = None) -> None:
-        super().compact(index, keep_counts, start)
+    def compact(self, index: torch.Tensor, keep_counts, start: int | None = None,
+                group_uneven: bool | None = None) -> None:
+        super().compact(index, keep_counts, start, group_uneven)
         self.pos[:, :, self.length :] = -1  # attention reads every slot: stale ones must be invalid
         if self.acc is not None:
             self.acc[:, :, self.length :] = 0.0
         self.slot.fill_(self.length)
 
-    def _rows(self, fn) -> None:
+    def move_rows(self, fn) -> None:
         """Move rows in place where the batch keeps its size (a compiled step holds the addresses)."""
         self.valid_host = None
         for name in ("keys", "values", "pos", "acc", "qring"):

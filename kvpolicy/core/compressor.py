@@ -1,0 +1,146 @@
+"""Where the policy's decisions meet the layers: the signals recorded after a layer's attention, the
+policy's plan, the slots it selects, and the compaction that applies them.
+
+The cache calls :meth:`Compressor.after_attention` for a compressible layer after its attention in
+an eager forward, and :meth:`Compressor.after_compiled_steps` between compiled decode steps (the
+same plans, over the tokens those steps appended). The policy's own per-layer state
+(``CachePolicy.new_layer_state``) lives here, one typed value per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .binding import ModelBinding
+from .errors import CacheMisuseError
+from .layers import KVLayer, first_moved_slot
+from .policy import CachePolicy, LayerView, Plan
+from .rows import Rows
+from .selection import select_per_head_parallel, select_slots
+
+Selection = tuple[torch.Tensor, "list[int] | list[list[int]]", "bool | None"]
+
+
+class Compressor:
+    def __init__(self, policy: CachePolicy, rows: Rows):
+        self.policy, self.rows = policy, rows
+        self.states: dict[int, Any] = {}  # the policy's state per layer (``CachePolicy.new_layer_state``)
+
+    def view(self, layer: KVLayer, binding: ModelBinding, new_tokens: int, prefill: bool) -> LayerView:
+        """What the policy's ``plan`` sees of ``layer`` after a forward of ``new_tokens`` per row."""
+        idx = layer.layer_idx
+        if idx not in self.states:
+            self.states[idx] = self.policy.new_layer_state()
+        seen = self.rows.seen(layer.total_seen)  # host-side: each device read drains the GPU's queue
+        return LayerView(
+            layer_idx=idx, num_layers=binding.num_layers, phase="prefill" if prefill else "decode", layer=layer,
+            seen=seen, prompt_len=seen if prefill else self.rows.prompt_len, new_tokens=new_tokens,
+            state=self.states[idx], parallel=binding.parallel, module=binding.module(idx),
+        )
+
+    def after_attention(self, layer: KVLayer, binding: ModelBinding, query: torch.Tensor,
+                        qpos: torch.Tensor | None, plans_deferred: bool) -> None:
+        """After ``layer``'s attention in an eager forward of ``query``'s tokens (at absolute positions
+        ``qpos`` ``[B, q]`` in a prune-hidden prefill, else the newest ones): record the signals the policy
+        asked for, then apply its plan. ``plans_deferred``: a scoring pass is still to come (checked)."""
+        signals = self.policy.signals
+        prefill = self.rows.prompt_len is None
+        if prefill:
+            window = signals.prefill_query_window(max(self.rows.seen(layer.total_seen)))
+            layer.record_queries(query, max(window, signals.decode_query_window), qpos)
+        elif signals.decode_query_window:
+            layer.record_queries(query, signals.decode_query_window, qpos)
+        if signals.accumulated_attention:
+            layer.accumulate_attention(query, qpos)
+        if not prefill and plans_deferred:
+            raise CacheMisuseError(
+                f"the {self.policy.name} policy scores the prompt with a second forward, run by the model call that "
+                "fills the cache (model(...), generate or kvpolicy.prefill); this cache's prompt went through another "
+                "route (model.forward(...) called directly, or inputs_embeds without input_ids), so nothing was "
+                "scored or evicted. Call the model itself with input_ids on a new cache"
+            )
+        view = self.view(layer, binding, query.shape[2], prefill)
+        self.apply(view, self.plan(view))
+        if prefill and layer.layer_idx == binding.last_compressible:
+            self.rows.prompt_len = list(view.seen)
+        if prefill:  # keep only what decoding will use
+            layer.keep_recent_queries(signals.decode_query_window)
+
+    def after_compiled_steps(self, layers: list[KVLayer], binding: ModelBinding, steps: int) -> None:
+        """The plans of every compressible layer after ``steps`` compiled steps appended tokens (counted
+        already): what the eager path's plans would have done after those tokens' attention."""
+        due = []
+        for layer in layers:
+            if layer.compressible:
+                view = self.view(layer, binding, steps, prefill=False)
+                plan = self.plan(view)
+                if plan is not None and (sel := self.select(view, plan)) is not None:
+                    due.append((layer, sel))
+        if due:  # one read of the device for all layers (each read drains the queue)
+            starts = torch.stack([first_moved_slot(index) for _, (index, _, _) in due]).tolist()
+            for (layer, (index, keep, uneven)), start in zip(due, starts):
+                layer.compact(index, keep, start, uneven)
+
+    def plan(self, view: LayerView) -> Plan | None:
+        """The policy's plan for ``view``; under tensor parallelism, refuses one score row per layer that
+        was not merged across the ranks (each rank would keep other tokens, see ``core/parallel.py``).
+        Plans ranking slots across heads are exact there: :meth:`select` gathers what they need."""
+        plan = self.policy.plan(view)
+        if (
+            view.parallel is not None
+            and plan is not None
+            and plan.scores is not None
+            and plan.scores.shape[1] == 1
+            # one row for several heads here, or for a policy whose heads share tokens (with one KV head per
+            # rank a per-head policy's scores have one row too)
+            and (view.layer.keys.shape[1] > 1 or self.policy.shared_positions)
+            and not view.heads_reduced
+        ):
+            raise CacheMisuseError(
+                f"policy {self.policy.name!r} gave one score per slot for all heads of layer {view.layer_idx}, "
+                f"computed from the {view.layer.keys.shape[1]} of {view.kv_heads} KV heads this rank holds under "
+                "tensor parallelism, so each rank would keep other tokens. Merge heads with "
+                "view.mean_over_heads(scores), which reduces across the ranks"
+            )
+        return plan
+
+    def apply(self, view: LayerView, plan: Plan | None) -> None:
+        if plan is not None and (selection := self.select(view, plan)) is not None:
+            view.layer.compact(*selection)
+
+    def select(self, view: LayerView, plan: Plan) -> Selection | None:
+        """The slots ``view.layer`` keeps under ``plan`` (see ``select_slots``), with, under tensor
+        parallelism, whether the whole layer's heads now hold different counts."""
+        layer = view.layer
+        if view.parallel is not None and ranks_across_heads(layer, plan):
+            return self._select_whole_layer(view, plan)
+        selection = select_slots(
+            plan, layer.valid_counts(), layer.local_positions(), layer.pos_view(), view.seen,
+            self.policy.shared_positions, layer.valid_counts_per_head(),
+        )
+        return None if selection is None else (*selection, None)
+
+    def _select_whole_layer(self, view: LayerView, plan: Plan) -> Selection | None:
+        """``select_per_head_parallel``: this rank's heads' share of the selection one process makes
+        over the whole layer."""
+        layer = view.layer
+        local = layer.keys.shape[1]
+        head_valid = layer.valid_counts_per_head() or [[n] * local for n in layer.valid_counts()]
+        selection = select_per_head_parallel(view.parallel, plan, head_valid, layer.local_positions(),
+                                             layer.pos_view(), view.seen, view.phase)
+        if selection is None:
+            return None
+        index, counts, whole = selection
+        return index, counts, any(len(set(row)) > 1 for row in whole)
+
+
+def ranks_across_heads(layer: KVLayer, plan: Plan) -> bool:
+    """Whether, under tensor parallelism, selecting ``plan`` needs every rank's heads: a head-adaptive
+    split (one top-k over a row's heads), per-head counts, or a layer whose heads over all ranks hold
+    different counts. Each leaves the heads with counts that set the layer's width (its fullest head
+    over ALL ranks), so a rank alone could not size its buffer as one process does. Decided from the
+    plan's structure and the layer's ``group_uneven`` (the same on every rank), never from this rank's
+    counts alone: every rank must make the same collective calls."""
+    return plan.head_adaptive is not None or plan.per_head or layer.group_uneven
