@@ -34,7 +34,7 @@ class DynamicLayer(KVLayer):
             self.valid_host = None  # empty slots (-1) are counted on the device
         if self.keys is None or self.length == 0 and self.capacity < q:
             # first fill: adopt the tensors as the buffer (no copy); growth happens on decode
-            self.keys, self.values = self.stored(key_states), self.stored(value_states)
+            self.keys, self.values = self.stored(key_states, value_states)
             self.pos = new_pos.contiguous()
             if self.spec.track_attention:
                 self.acc = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
@@ -54,10 +54,10 @@ class DynamicLayer(KVLayer):
         self.since_compress += q
         return self.keys_view(), self.values_view()
 
-    def stored(self, states: torch.Tensor) -> torch.Tensor:
-        """How the first fill keeps the new keys or values as its buffer (a kind storing another dtype
-        converts here)."""
-        return states.contiguous()
+    def stored(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers the first fill keeps (later appends write into them): the new tensors themselves
+        here; a kind storing another dtype converts them."""
+        return key_states.contiguous(), value_states.contiguous()
 
     def _check_compatible(self, key_states: torch.Tensor) -> None:
         held, given = self.keys.shape, key_states.shape
