@@ -120,6 +120,15 @@ def test_auto_prefers_the_novels_where_installed(monkeypatch):
     assert texts.fell_back("auto", chosen) is None
 
 
+def test_auto_does_not_hide_a_broken_install(monkeypatch):
+    def broken():
+        raise texts.TextsUnavailableError("janeaustenr data lacks some novels; reinstall")
+
+    monkeypatch.setattr(texts, "novels", broken)
+    with pytest.raises(texts.TextsUnavailableError, match="reinstall"):
+        texts.source()
+
+
 def _in_order(passage: str, paragraphs: list[str]) -> bool:
     """Whether ``passage`` is consecutive paragraphs of ``paragraphs`` (cut at either end)."""
     joined = "\n\n".join(paragraphs + paragraphs)

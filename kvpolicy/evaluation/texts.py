@@ -40,6 +40,11 @@ class TextsUnavailableError(KVPolicyError):
     (or the other source)."""
 
 
+class NovelsNotInstalledError(TextsUnavailableError):
+    """Debian's r-cran-janeaustenr is not on R's search path (``auto`` then reads the Python docs;
+    an installed but unreadable package is an error, not a reason to read other text)."""
+
+
 def _data_stem() -> Path:
     given = [os.environ.get(var, "") for var in ("R_LIBS", "R_LIBS_USER")]
     dirs = [d for paths in given for d in paths.split(os.pathsep) if d] + list(_R_LIBRARIES)
@@ -47,8 +52,8 @@ def _data_stem() -> Path:
         stem = Path(d) / "janeaustenr" / "data" / "Rdata"
         if stem.with_suffix(".rdx").is_file():
             return stem
-    raise TextsUnavailableError(f"the evaluation texts (Jane Austen's novels) are not installed; run: {INSTALL_HINT} "
-                                "(as root), or use --texts python-docs (Python's own reference docs)")
+    raise NovelsNotInstalledError(f"the evaluation texts (Jane Austen's novels) are not installed; run: {INSTALL_HINT} "
+                                  "(as root), or use --texts python-docs (Python's own reference docs)")
 
 
 def _paragraphs(lines: list[str | None]) -> list[str]:
@@ -120,7 +125,7 @@ def source(choice: str = AUTO) -> TextSource:
     if choice == AUTO:
         try:
             novels()
-        except TextsUnavailableError:
+        except NovelsNotInstalledError:
             return source("python-docs")
         return SOURCES["austen"]
     if choice not in SOURCES:
