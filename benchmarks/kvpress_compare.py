@@ -567,8 +567,9 @@ def _cpu_name() -> str:
 
 # --------------------------------------------------------------------------- merge
 #: the sizes that, with its task, length and index, decide a ruler sample: runs that agree on them
-#: share their samples, whatever tasks, lengths or sample counts each ran (kvpolicy.evaluation.ruler.suite)
-SAMPLE_KEYS = ("seed", "question", "ruler_haystack")
+#: share their samples, whatever tasks, lengths or sample counts each ran (kvpolicy.evaluation.ruler.suite);
+#: with the value a file written before the key existed stands for (``texts``: only the novels were read then)
+SAMPLE_KEYS = {"seed": None, "question": None, "ruler_haystack": None, "texts": "austen"}
 
 
 def inputs_of(data: dict[str, Any]) -> Any:
@@ -576,7 +577,7 @@ def inputs_of(data: dict[str, Any]) -> Any:
     :data:`SAMPLE_KEYS` (so runs split by press, ratio, task or length merge), else every size."""
     sizes = data.get("size_values", {})
     if "ruler" in data["tasks"]:
-        return {key: sizes.get(key) for key in SAMPLE_KEYS}
+        return {key: sizes.get(key, before) for key, before in SAMPLE_KEYS.items()}
     return sizes
 
 

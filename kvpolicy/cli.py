@@ -89,7 +89,11 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ruler-tasks",
                    help="comma-separated RULER tasks (default: the calibrated default suite; see docs/cli.md)")
     p.add_argument("--samples", type=int, help="ruler: samples per task and context length (overrides --sizes)")
-    p.add_argument("--haystack", help="ruler: a UTF-8 text file to hide the needles in (default: Jane Austen)")
+    p.add_argument("--texts", choices=texts_choices(), default="auto",
+                   help="the prose of the tasks: 'austen' (Jane Austen's novels, Debian's r-cran-janeaustenr), "
+                        "'python-docs' (the Python language reference, ships with Python) or 'auto': the novels "
+                        "where installed, else the Python docs (default: %(default)s)")
+    p.add_argument("--haystack", help="ruler: a UTF-8 text file to hide the needles in (default: the --texts)")
     p.add_argument("--context",
                    help="tokens of the ppl prefix and agreement prompts (overrides --sizes); with the ruler "
                         "suite, its context lengths in the model's tokens, comma-separated (e.g. 2048,4096)")
@@ -104,6 +108,12 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32)")
+
+
+def texts_choices() -> tuple[str, ...]:
+    from .evaluation.texts import CHOICES
+
+    return CHOICES
 
 
 def _check_output(path: str | None, flag: str, suffix: str | None = None) -> None:
@@ -144,7 +154,7 @@ def _ruler_sizes(args: argparse.Namespace, contexts: list[int] | None, sizes: An
                "ruler_samples": args.samples, "ruler_haystack": args.haystack}
     merged = sizes.replace(**changes)
     ruler_config(tasks=merged.ruler_tasks, lengths=merged.ruler_lengths, samples=merged.ruler_samples,
-                 seed=merged.seed, haystack=merged.ruler_haystack)
+                 seed=merged.seed, haystack=merged.ruler_haystack, texts=args.texts)
     if merged.ruler_haystack is not None:
         Haystack.from_file(merged.ruler_haystack)
     return changes
@@ -174,10 +184,13 @@ def build_sizes(args: argparse.Namespace, task_names: list[str]) -> Any:
     changes: dict[str, Any] = {}
     if ruler:
         changes = _ruler_sizes(args, contexts, sizes)
+    choice = args.texts
     if any(t != "ruler" for t in task_names) or sizes.replace(**changes).ruler_haystack is None:
-        texts.novels()  # the texts must be there before we spend time loading a model
+        # the texts must be there before we spend time loading a model; ``auto`` is recorded as what it chose
+        choice = texts.source(args.texts).name
     single = contexts[0] if contexts and not ruler else None
     return sizes.replace(
+        texts=choice,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         ppl_prefix=single,
@@ -233,6 +246,15 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     return {"tasks": task_names, "specs": specs, "sizes": sizes}
 
 
+def texts_note(args: argparse.Namespace, sizes: Any) -> str | None:
+    """The line saying that ``--texts auto`` fell back from the novels (what a run used is never silent)."""
+    from .evaluation import texts
+
+    if sizes.texts == texts.AUTO:  # no task reads the texts (the suite on a --haystack file)
+        return None
+    return texts.fell_back(args.texts, texts.SOURCES[sizes.texts])
+
+
 def compare(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
@@ -245,6 +267,9 @@ def compare(args: argparse.Namespace) -> int:
     plan = _prepare(args)
     plan["started"] = started
     err = Console(stderr=True)
+    note = texts_note(args, plan["sizes"])
+    if note:
+        err.print(note, style="yellow", highlight=False, soft_wrap=True)
     if not args.quiet:
         err.print(f"[dim]loading {args.model or 'default model (SmolLM2-135M-Instruct GGUF)'}...[/dim]")
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
@@ -318,9 +343,17 @@ def results_meta(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, An
         suite=args.suite,
         sizes_preset=args.sizes,
         sizes=dataclasses.asdict(plan["sizes"]),
+        texts=texts_title(plan["sizes"]),
         labels=[spec.label for spec in plan["specs"]],
         wall_s=round(time.time() - plan["started"], 1),
     )
+
+
+def texts_title(sizes: Any) -> str | None:
+    """What the run's prose was (``meta.texts``): the source's title, or None when no task read it."""
+    from .evaluation import texts
+
+    return texts.SOURCES[sizes.texts].title if sizes.texts in texts.SOURCES else None
 
 
 def main(argv: list[str] | None = None) -> int:

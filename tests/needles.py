@@ -19,7 +19,7 @@ def build(tokenizer, count: int = 6, hay_tokens: int = 1550, seed: int = TEST_SE
     rng = random.Random(seed)
     prompts, answers = [], []
     for i in range(count):
-        hay = texts.haystack(tokenizer, hay_tokens, rng)
+        hay = texts.haystack(tokenizer, hay_tokens, rng, texts.source("austen"))  # what the records were made on
         code = str(rng.randrange(10000, 99999))
         depth = (0.1, 0.2, 0.3, 0.4)[i % 4]
         k = max(1, int(len(hay) * depth))

@@ -125,15 +125,49 @@ def test_corrupt_gguf(tmp_path, capsys):
     _fails(capsys, ["compare", "--model", str(path), "--quiet"], "cannot load model")
 
 
-def test_missing_texts_names_install_command(monkeypatch, capsys):
-    monkeypatch.undo()  # the real texts.novels, with no R library to find
+@pytest.fixture
+def no_novels(monkeypatch):
+    """The real texts.novels, with no R library to find: a machine without Debian's package."""
+    monkeypatch.undo()
     monkeypatch.setattr(texts, "_R_LIBRARIES", ())
     monkeypatch.setenv("R_LIBS", "/nonexistent")
+    monkeypatch.delenv("R_LIBS_USER", raising=False)
     texts.novels.cache_clear()
-    try:
-        _fails(capsys, ["compare", "--tasks", "ppl"], texts.INSTALL_HINT)
-    finally:
-        texts.novels.cache_clear()
+    yield
+    texts.novels.cache_clear()
+
+
+def test_missing_novels_name_install_command(no_novels, capsys):
+    _fails(capsys, ["compare", "--tasks", "ppl", "--texts", "austen"], texts.INSTALL_HINT)
+    _fails(capsys, ["compare", "--texts", "shakespeare"], "invalid choice")
+
+
+def test_compare_without_the_novels(no_novels, tiny_model_dir, tmp_path, capsys):
+    """No Debian package: the default run reads the Python docs, says so once on stderr, and records it."""
+    out = tmp_path / "rows.json"
+    argv = ["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "h2o",
+            "--json", str(out), "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "novels are not installed" in err and texts.INSTALL_HINT in err and "--texts python-docs" in err
+    data = json.loads(out.read_text())
+    report.validate_results(data, ["ppl", "needle", "agreement"])
+    assert data["meta"]["sizes"]["texts"] == "python-docs"
+    assert data["meta"]["texts"] == texts.SOURCES["python-docs"].title
+    assert main([*argv, "--texts", "python-docs"]) == 0
+    assert "novels" not in capsys.readouterr().err, "a source chosen by name needs no note"
+    again = json.loads(out.read_text())
+    assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in data["rows"]], "auto read the same text"
+
+
+def test_compare_records_the_novels(tiny_model_dir, tmp_path, capsys):
+    """With the novels there (here: the stand-ins), ``auto`` reads them, silently, and records them."""
+    out = tmp_path / "rows.json"
+    assert main(["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "h2o",
+                 "--tasks", "ppl", "--json", str(out), "--quiet"]) == 0
+    assert "note" not in capsys.readouterr().err
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["sizes"]["texts"] == "austen" and meta["texts"] == texts.SOURCE
 
 
 def test_module_entry_point_exit_code():
@@ -426,3 +460,24 @@ def test_a_policy_at_one_ratio():
         build_specs(["snapkv@half"], [0.3])
     with pytest.raises(ConfigError, match="outside"):
         build_specs(["snapkv@1.5"], [0.3])
+
+
+#: the same run on the Python docs, measured 68.4 (full) and 1.039 (h2o's ratio), torch 2.13 CPU float32
+REAL_DOCS_FULL_PPL_BAND = (30.0, 150.0)
+
+
+@pytest.mark.real_model
+def test_real_model_compare_without_the_novels(no_novels, tmp_path, capsys):
+    """The README's main job on a machine without Debian's package, at the tiny sizes: it runs, on the Python docs."""
+    out = tmp_path / "rows.json"
+    argv = ["compare", "--sizes", "tiny", "--policies", "h2o", "--tasks", "ppl,needle,agreement",
+            "--json", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert "--texts python-docs" in capsys.readouterr().err
+    data = json.loads(out.read_text())
+    report.validate_results(data, ["ppl", "needle", "agreement"])
+    assert data["meta"]["sizes"]["texts"] == "python-docs"
+    full, h2o = data["rows"]
+    assert REAL_DOCS_FULL_PPL_BAND[0] < full["ppl"] < REAL_DOCS_FULL_PPL_BAND[1], full["ppl"]
+    assert full["agreement"] == 1.0 and abs(h2o["kv_reduction"] - 0.54) < 0.02
+    assert h2o["ppl_ratio"] < REAL_H2O_PPL_RATIO_BOUND, h2o["ppl_ratio"]

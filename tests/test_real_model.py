@@ -11,9 +11,20 @@ import functools
 import needles
 import pytest
 
+from kvpolicy.evaluation import texts
 from kvpolicy.models import load_model
 
-pytestmark = pytest.mark.real_model
+
+def _novels_installed() -> bool:
+    try:
+        texts.novels()
+    except texts.TextsUnavailableError:
+        return False
+    return True
+
+
+#: the counts below were recorded on the novels (the Python docs run in tests/test_cli.py and test_texts.py)
+pytestmark = [pytest.mark.real_model, pytest.mark.skipif(not _novels_installed(), reason=texts.INSTALL_HINT)]
 
 RATIO = 0.54
 #: ``pyramidinfer_54_floor`` removes 53.9% (0.5388) on each of the three needle sets

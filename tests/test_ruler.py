@@ -170,17 +170,17 @@ def check_sample(sample, tokenizer) -> None:
 
 
 # ----------------------------------------------------------------------------- generator
-@NOVELS
-def test_every_task_on_the_novels(tok):
-    """The default haystack: two samples of every task at 2k tokens, every invariant checked."""
-    samples = generate(tok, RulerConfig(tasks=TASK_NAMES, lengths=(2048,), samples=2, seed=5))
+@pytest.mark.parametrize("source", [pytest.param("austen", marks=NOVELS), "python-docs"])
+def test_every_task_on_the_evaluation_texts(tok, source):
+    """The haystacks of ``--texts``: two samples of every task at 2k tokens, every invariant checked."""
+    samples = generate(tok, RulerConfig(tasks=TASK_NAMES, lengths=(2048,), samples=2, seed=5, texts=source))
     assert [(s.task, s.index) for s in samples] == [(t, i) for t in TASK_NAMES for i in range(2)]
     for s in samples:
         check_sample(s, tok)
         assert s.tokens >= 0.99 * s.length
     first = NEEDLE_RE.sub("", samples[0].context.split("\n")[1]).split()[:8]
-    assert any(" ".join(first) in " ".join(ws) for ws in Haystack.austen().documents.values()), \
-        "the needle task's haystack is a passage of the novels"
+    assert any(" ".join(first) in " ".join(ws) for ws in Haystack.from_texts(source).documents.values()), \
+        f"the needle task's haystack is a passage of {source}"
 
 
 def test_deterministic_for_a_seed(tok, prose_file):
@@ -372,7 +372,6 @@ def _plan(*argv: str):
     return _prepare(args)
 
 
-@NOVELS
 def test_default_compare_is_at_equal_budgets():
     plan = _plan()
     labels = [s.label for s in plan["specs"]]
@@ -384,7 +383,6 @@ def test_default_compare_is_at_equal_budgets():
                                                              "compression_ratio": 0.54}
 
 
-@NOVELS
 def test_suite_options():
     plan = _plan("--suite", "ruler", "--context", "2048,4096", "--samples", "3", "--ruler-tasks", "vt,cwe",
                  "--policies", "snapkv,pyramidinfer_54_floor,pyramidinfer@0.5")

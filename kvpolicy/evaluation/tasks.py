@@ -32,6 +32,9 @@ class EvalSizes:
 
     seed: int = 0
     batch_size: int = 1
+    # the prose of every task (kvpolicy.evaluation.texts): "austen", "python-docs", or "auto" (the
+    # novels where installed, else the Python docs; the CLI records the source it resolved to)
+    texts: str = "auto"
     # ppl: documents of ppl_prefix + ppl_tokens tokens; the last ppl_tokens are scored ppl_step at a time
     ppl_docs: int = 1
     ppl_prefix: int = 2048
@@ -51,7 +54,7 @@ class EvalSizes:
     # (compress once, ask many)
     question: str = "in_prompt"
     # ruler: the RULER-style suite (kvpolicy.evaluation.ruler): its tasks, target lengths in the
-    # model's tokens, samples per task and length, and haystack text file (None: Jane Austen)
+    # model's tokens, samples per task and length, and haystack text file (None: the ``texts`` above)
     ruler_tasks: tuple[str, ...] = RULER_DEFAULT_TASKS
     ruler_lengths: tuple[int, ...] = (4096,)
     ruler_samples: int = 5
@@ -65,6 +68,8 @@ class EvalSizes:
         return EvalSizes(**data)
 
     def __post_init__(self) -> None:
+        if self.texts not in texts.CHOICES:
+            raise ValueError(f"texts must be one of {', '.join(texts.CHOICES)}, not {self.texts!r}")
         if self.question not in QUESTION_POSITIONS:
             raise ValueError(f"question must be one of {', '.join(QUESTION_POSITIONS)}, not {self.question!r}")
 
@@ -143,7 +148,7 @@ class PerplexityTask(Task):
     def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
         self.sizes = sizes
         self.docs = texts.token_documents(
-            tokenizer, sizes.ppl_docs, sizes.ppl_prefix + sizes.ppl_tokens + 1, sizes.seed
+            tokenizer, sizes.ppl_docs, sizes.ppl_prefix + sizes.ppl_tokens + 1, sizes.seed, texts.source(sizes.texts)
         )
 
     def run(self, model: Any, new_cache: CacheFactory, meter: Meter, reference: Any) -> TaskResult:
@@ -206,17 +211,18 @@ class NeedleTask(Task):
 
     def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
         self.sizes, self.tokenizer = sizes, tokenizer
+        source = texts.source(sizes.texts)
         rng = random.Random(sizes.seed + 1)
         grid = [(n, d) for n in sizes.needle_lengths for d in sizes.needle_depths]
         self.samples: list[dict[str, Any]] = []
         for k in range(sizes.needle_samples):
             length, depth = grid[k % len(grid)]
             secret = str(rng.randrange(10000, 100000))
-            paras = texts.haystack(tokenizer, length, rng)
+            paras = texts.haystack(tokenizer, length, rng, source)
             where = min(len(paras), max(0, round(depth * len(paras))))
             needle = f"The secret passkey is {secret}. Remember it: the secret passkey is {secret}."
             body = "\n\n".join(paras[:where] + [needle] + paras[where:])
-            document = f"Below is an extract from a novel. A secret passkey is hidden in it.\n\n{body}\n\n"
+            document = f"Below is an extract from {source.extract_of}. A secret passkey is hidden in it.\n\n{body}\n\n"
             sample = {"secret": secret, "length": length, "depth": depth}
             if sizes.question == "in_prompt":
                 sample["ids"] = _chat_ids(tokenizer, document + self.QUESTION)
@@ -259,7 +265,7 @@ class AgreementTask(Task):
     def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
         self.sizes, self.tokenizer = sizes, tokenizer
         self.prompts = texts.token_documents(
-            tokenizer, sizes.agreement_prompts, sizes.agreement_prompt_tokens, sizes.seed + 2
+            tokenizer, sizes.agreement_prompts, sizes.agreement_prompt_tokens, sizes.seed + 2, texts.source(sizes.texts)
         )
 
     def run(self, model: Any, new_cache: CacheFactory, meter: Meter, reference: Any) -> TaskResult:

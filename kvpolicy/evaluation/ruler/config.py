@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ...core.errors import ConfigError
+from ..texts import CHOICES as TEXTS_CHOICES
 from .generators import TASK_NAMES
 
 #: the tasks ``kvpolicy compare --suite ruler`` runs unless told otherwise: those where the embedded
@@ -18,7 +19,8 @@ MIN_LENGTH = 64
 
 class RulerConfig(BaseModel):
     """Which tasks, at which lengths (tokens of the model's tokenizer), how many samples each, the
-    seed and the haystack text (``None``: Jane Austen's novels)."""
+    seed and the haystack: a text file, or (``haystack=None``) the evaluation texts named by ``texts``
+    (``kvpolicy.evaluation.texts``: ``austen``, ``python-docs`` or ``auto``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -27,6 +29,7 @@ class RulerConfig(BaseModel):
     samples: int = Field(20, ge=1)
     seed: int = 0
     haystack: str | None = None
+    texts: str = "auto"
     #: a prompt must come within this share below its target length (at least 16 tokens below a
     #: short target: see ``prompt.slack``)
     tolerance: float = Field(0.01, gt=0, lt=0.5)
@@ -39,6 +42,13 @@ class RulerConfig(BaseModel):
             raise ValueError(f"unknown RULER task {', '.join(unknown) or '(none given)'}; "
                              f"choose from {', '.join(TASK_NAMES)}")
         return tuple(dict.fromkeys(tasks))
+
+    @field_validator("texts")
+    @classmethod
+    def _known_texts(cls, choice: str) -> str:
+        if choice not in TEXTS_CHOICES:
+            raise ValueError(f"unknown texts {choice!r}; choose from {', '.join(TEXTS_CHOICES)}")
+        return choice
 
     @field_validator("lengths")
     @classmethod

@@ -7,7 +7,7 @@ depths do not depend on how many tries the fitting took.
 
 The tasks follow RULER (Hsieh et al., 2024, github.com/NVIDIA/RULER): its needle sentence, its
 questions and answer prefixes, its default complexities (4 keys, values or queries; one chain of
-4 hops; 10 common words). Differences: the haystack is any prose (Jane Austen by default, RULER
+4 hops; 10 common words). Differences: the haystack is any prose (the --texts by default, RULER
 uses Paul Graham's essays), keys come from :mod:`.words`, and the word lists of ``cwe`` and
 ``fwe`` are sized for the length (see each builder).
 """

@@ -1,4 +1,5 @@
-"""The text the RULER-style tasks hide their needles in: Jane Austen's novels, or any text file.
+"""The text the RULER-style tasks hide their needles in: the evaluation texts (Jane Austen's novels
+or the Python docs, ``kvpolicy.evaluation.texts``), or any text file.
 
 Why words and not paragraphs: a sample must hit a target length in the model's own tokens to
 within 1%, and a word (about 1.3 tokens) is a fine enough step for that, where a paragraph of
@@ -44,9 +45,17 @@ class Haystack:
     @classmethod
     def austen(cls) -> Haystack:
         """The six novels the other quality tasks use (``kvpolicy.evaluation.texts``)."""
+        return cls.from_texts("austen")
+
+    @classmethod
+    def from_texts(cls, choice: str = "auto") -> Haystack:
+        """One of the evaluation texts the other quality tasks use: ``austen``, ``python-docs`` or
+        ``auto`` (:func:`kvpolicy.evaluation.texts.source`)."""
         from .. import texts
 
-        return cls.from_paragraphs("janeaustenr", texts.novels())
+        chosen = texts.source(choice)
+        name = "janeaustenr" if chosen.name == "austen" else chosen.name
+        return cls.from_paragraphs(name, chosen.documents())
 
     @classmethod
     def from_file(cls, path: str | Path) -> Haystack:
@@ -54,7 +63,7 @@ class Haystack:
         p = Path(path)
         if not p.is_file():
             raise HaystackError(f"haystack file {str(p)!r} does not exist; pass a UTF-8 text file or omit it "
-                                "for Jane Austen's novels")
+                                "for the evaluation texts (--texts)")
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
@@ -62,8 +71,9 @@ class Haystack:
         return cls.from_paragraphs(p.name, {p.stem: [text]})
 
     @classmethod
-    def load(cls, path: str | Path | None) -> Haystack:
-        return cls.austen() if path is None else cls.from_file(path)
+    def load(cls, path: str | Path | None, texts: str = "auto") -> Haystack:
+        """The file at ``path``, or without one the evaluation texts ``texts`` names."""
+        return cls.from_texts(texts) if path is None else cls.from_file(path)
 
     def start(self, rng: random.Random) -> tuple[str, int]:
         """A seeded document and word offset to read from."""

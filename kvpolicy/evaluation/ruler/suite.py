@@ -72,7 +72,7 @@ def _clean(draft) -> bool:
 
 def generate(tokenizer: Any, config: RulerConfig, haystack: Haystack | None = None) -> list[RulerSample]:
     """Every sample of ``config``, ordered by length, then task, then index."""
-    hay = haystack if haystack is not None else Haystack.load(config.haystack)
+    hay = haystack if haystack is not None else Haystack.load(config.haystack, config.texts)
     out: list[RulerSample] = []
     for length in config.lengths:
         specs = task_specs(length)

@@ -71,7 +71,8 @@ class RulerTask(Task):
     def prepare(self, tokenizer: Any, sizes: EvalSizes) -> None:
         self.sizes, self.tokenizer = sizes, tokenizer
         self.config = ruler_config(tasks=sizes.ruler_tasks, lengths=sizes.ruler_lengths,
-                                   samples=sizes.ruler_samples, seed=sizes.seed, haystack=sizes.ruler_haystack)
+                                   samples=sizes.ruler_samples, seed=sizes.seed, haystack=sizes.ruler_haystack,
+                                   texts=sizes.texts)
         self.samples = generate(tokenizer, self.config)
         self.chance = {(s.task, s.length, s.index): copy_baseline(s.body, s.answers, tokenizer, s.max_new_tokens)
                        for s in self.samples}
