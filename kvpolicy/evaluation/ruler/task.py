@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..tasks import CacheFactory, EvalSizes, Task, TaskResult, _left_pad
+from ..task_base import CacheFactory, EvalSizes, Task, TaskResult, left_pad
 from .config import ruler_config
 from .generators import TASK_NAMES
 from .scoring import binomial_stderr, copy_baseline, string_match_all
@@ -81,8 +81,8 @@ class RulerTask(Task):
 
     def _inputs(self, batch: list[RulerSample], pad: int, device: Any) -> tuple[dict, dict | None]:
         if self.sizes.question != "after_context":
-            return _left_pad([s.ids for s in batch], pad, device), None
-        context = _left_pad([s.context_ids for s in batch], pad, device)
+            return left_pad([s.ids for s in batch], pad, device), None
+        context = left_pad([s.context_ids for s in batch], pad, device)
         question = torch.tensor([s.question_ids for s in batch], device=device)  # one length per batch
         inputs = {"input_ids": torch.cat([context["input_ids"], question], 1),
                   "attention_mask": torch.cat([context["attention_mask"], torch.ones_like(question)], 1)}
