@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config",
                        help="preset name or YAML/JSON file with a 'policy' key: the settings of that policy")
         p.add_argument("--ratio", type=float,
-                       help="compression ratio of the budget policies and presets, in [0, 1) "
-                            f"(default: {DEFAULT_RATIO})")
-        p.add_argument("--ratios", help="comma-separated ratios: run every budget policy at each (sweep mode)"
+                       help="compression_ratio of every policy that takes one (pyramidinfer included) and of "
+                            f"presets, in [0, 1) (default: {DEFAULT_RATIO})")
+        p.add_argument("--ratios", help="comma-separated ratios: run every policy that takes a compression_ratio "
+                                        "at each (sweep mode)"
                        + (f"; default {SWEEP_RATIOS}" if name == "sweep" else "; default with --suite ruler: "
                           + SUITES["ruler"][1]))
         p.add_argument("--tasks", help=f"comma-separated tasks: ppl, needle, agreement, ruler "

@@ -243,9 +243,9 @@ def test_ratio_and_budget_together_rejected_naming_the_fix():
         make_policy("pyramidinfer", budget=0)
 
 
-def test_sweeps_leave_pyramidinfer_on_its_own_settings():
-    """``compare --ratio`` sets the ratio of the budget policies only: PyramidInfer's is opt-in (None)."""
-    assert takes_ratio("h2o") and not takes_ratio("pyramidinfer")
+def test_sweeps_set_the_ratio_of_every_policy_that_takes_one():
+    """``compare --ratio`` sets PyramidInfer's ratio too (issue #26: it used to run its own schedule)."""
+    assert takes_ratio("h2o") and takes_ratio("pyramidinfer") and not takes_ratio("full")
 
 
 # ----------------------------------------------------------------------------- on a model
