@@ -23,9 +23,10 @@ class BudgetConfig(PolicyConfig):
     54%); ``budget`` instead fixes the tokens kept per layer and head (overrides the ratio).
     ``sink_size`` leading tokens and the ``window_size`` most recent ones are always kept
     (clipped to the budget: the window first, then as many sinks as fit, so the target is met
-    at any prompt length; a prompt too short to remove the share in whole tokens warns). ``compress`` says when: after the prompt only (``prefill``, the
-    SnapKV way: the cache then grows by one token per generated token) or also while
-    decoding (``both``), every ``evict_every`` new tokens so the per-token cost stays low.
+    at any prompt length; a prompt too short to remove the share in whole tokens warns).
+    ``compress`` says when: after the prompt only (``prefill``, the SnapKV way: the cache then
+    grows by one token per generated token) or also while decoding (``both``), every
+    ``evict_every`` new tokens so the per-token cost stays low.
     """
 
     compression_ratio: float = Field(0.5, ge=0.0, lt=1.0)
