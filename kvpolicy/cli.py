@@ -108,13 +108,30 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_output(path: str | None, flag: str, suffix: str | None = None) -> None:
+    """An output path that cannot be written fails now, before the model loads, not after the first
+    policy's minutes of work: a missing folder, a folder given as the file, a file or folder without
+    write permission (tried by opening the file for appending, which leaves an existing file as it is
+    and removes one it had to create)."""
     if path is None:
         return
-    parent = Path(path).resolve().parent
+    target = Path(path)
+    parent = target.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"{flag}: folder {str(parent)!r} does not exist; create it or pick another path")
-    if suffix and Path(path).suffix.lower() != suffix:
+    if target.is_dir():
+        raise UsageError(f"{flag}: {path!r} is a folder; give a file name in it, e.g. {flag} "
+                         f"{str(target / ('results' + (suffix or '.json')))!r}")
+    if suffix and target.suffix.lower() != suffix:
         raise UsageError(f"{flag}: {path!r} should end in {suffix}")
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag}: cannot write {path!r} ({err.strerror or err}); pick a path you can write, "
+                         "or fix the folder's permissions") from None
+    if not existed:
+        target.unlink(missing_ok=True)
 
 
 def _positive(flag: str, text: str) -> list[int]:

@@ -122,7 +122,7 @@ def test_not_a_gguf_file(tmp_path, capsys):
 def test_corrupt_gguf(tmp_path, capsys):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"GGUF" + b"\0garbage" * 8)
-    _fails(capsys, ["compare", "--model", str(path), "--quiet"], "cannot load model")
+    _fails(capsys, ["compare", "--model", str(path), "--quiet"], "is truncated or corrupt")
 
 
 def test_missing_texts_names_install_command(monkeypatch, capsys):
