@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config",
                        help="preset name or YAML/JSON file with a 'policy' key: the settings of that policy")
         p.add_argument("--ratio", type=float,
-                       help="compression ratio of the budget policies and presets, in [0, 1) "
-                            f"(default: {DEFAULT_RATIO})")
-        p.add_argument("--ratios", help="comma-separated ratios: run every budget policy at each (sweep mode)"
+                       help="compression_ratio of every policy that takes one (pyramidinfer included) and of "
+                            f"presets, in [0, 1) (default: {DEFAULT_RATIO})")
+        p.add_argument("--ratios", help="comma-separated ratios: run every policy that takes a compression_ratio "
+                                        "at each (sweep mode)"
                        + (f"; default {SWEEP_RATIOS}" if name == "sweep" else "; default with --suite ruler: "
                           + SUITES["ruler"][1]))
         p.add_argument("--tasks", help=f"comma-separated tasks: ppl, needle, agreement, ruler "
@@ -117,13 +118,30 @@ def texts_choices() -> tuple[str, ...]:
 
 
 def _check_output(path: str | None, flag: str, suffix: str | None = None) -> None:
+    """An output path that cannot be written fails now, before the model loads, not after the first
+    policy's minutes of work: a missing folder, a folder given as the file, a file or folder without
+    write permission (tried by opening the file for appending, which leaves an existing file as it is
+    and removes one it had to create)."""
     if path is None:
         return
-    parent = Path(path).resolve().parent
+    target = Path(path)
+    parent = target.resolve().parent
     if not parent.is_dir():
         raise UsageError(f"{flag}: folder {str(parent)!r} does not exist; create it or pick another path")
-    if suffix and Path(path).suffix.lower() != suffix:
+    if target.is_dir():
+        raise UsageError(f"{flag}: {path!r} is a folder; give a file name in it, e.g. {flag} "
+                         f"{str(target / ('results' + (suffix or '.json')))!r}")
+    if suffix and target.suffix.lower() != suffix:
         raise UsageError(f"{flag}: {path!r} should end in {suffix}")
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag}: cannot write {path!r} ({err.strerror or err}); pick a path you can write, "
+                         "or fix the folder's permissions") from None
+    if not existed:
+        target.unlink(missing_ok=True)
 
 
 def _positive(flag: str, text: str) -> list[int]:

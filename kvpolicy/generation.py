@@ -107,6 +107,17 @@ def prefill(
     """
     if cache.layers:
         raise CacheMisuseError("prefill() fills an empty cache; use a new one (or call cache.reset())")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise CacheMisuseError(f"prefill() takes input_ids as a [batch, tokens] tensor, got {shape}; for one "
+                               "prompt use ids.unsqueeze(0), or the tokenizer's return_tensors='pt'")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise CacheMisuseError(
+            f"prefill(): attention_mask has shape {list(attention_mask.shape)} but input_ids {list(input_ids.shape)}; "
+            "they must match, one mask entry per token (1: a token, 0: left padding). Pass the mask the tokenizer "
+            "returned with these ids (tokenizer(texts, padding=True, return_tensors='pt')), or attention_mask=None "
+            "when no row is padded"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch = input_ids.shape[0]

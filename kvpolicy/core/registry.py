@@ -140,9 +140,24 @@ def make_policy(name_or_config: Any = "full", **overrides: Any) -> CachePolicy:
         except ConfigError:
             if looks_like_file:
                 raise
+            if Path(name).is_dir() or "/" in name or "\\" in name:
+                raise ConfigError(_not_a_preset_file(name, list(policies))) from None
             raise UnknownPolicyError(name, list(policies)) from None
         return make_policy(data, **overrides)
     raise ConfigError(f"cannot build a policy from {type(name_or_config).__name__}; pass a name, preset or config")
+
+
+def _not_a_preset_file(name: str, policies: list[str]) -> str:
+    """The message for a path that is no preset file: a directory (a model folder, often) or a path without
+    a preset suffix. Reported as such rather than as an unknown policy, which would send the user
+    looking for a policy named like their folder."""
+    what = "a directory" if Path(name).is_dir() else "a path"
+    return (
+        f"{name!r} looks like {what}, not a policy: make_cache takes a policy name ({', '.join(sorted(policies))}), "
+        "a preset name (kvpolicy.preset_names()), a preset file ending in .yaml, .yml or .json with a 'policy' key, "
+        "or a config dict or model. A model folder goes to AutoModelForCausalLM.from_pretrained; pass the cache "
+        "to its generate"
+    )
 
 
 def _class_for_config(config: Any) -> type[CachePolicy]:

@@ -157,13 +157,25 @@ def series(row: dict[str, Any]) -> str:
     return row["label"].split("@")[0]
 
 
+def asked(row: dict[str, Any]) -> str:
+    """The share of the prompt's KV the row asked to remove (its ``compression_ratio``, or its ``budget`` in
+    tokens per layer; ``-`` for a policy run on its own schedule), beside which the table puts what it
+    removed (``kv_reduction_prefill``): a policy that falls short of its target shows at a glance."""
+    if row.get("ratio") is not None:
+        return f"{row['ratio']:.1%}"
+    budget = (row.get("settings") or {}).get("budget")
+    return "-" if budget is None else f"{budget} tok"
+
+
 def print_table(rows: list[dict[str, Any]], task_names: list[str], console: Any = None) -> None:
+    """The rows as a table: ``asked`` (:func:`asked`) and ``removed`` (the share of the prompts' KV removed
+    after prefill, the quantity ``compression_ratio`` sets), then the KV held at the end and the costs."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     table = Table(title="kvpolicy compare", show_lines=False)
-    columns = ["policy", "KV MiB", "KV reduction", "peak MiB", "prefill s", "decode tok/s"]
+    columns = ["policy", "asked", "removed", "KV MiB", "KV reduction", "peak MiB", "prefill s", "decode tok/s"]
     metric_keys = _metric_columns(rows, task_names)
     titles = {k: TASKS[name].title(k) for name in task_names for k in TASKS[name].columns(rows)}
     for col in columns + [titles[k] for k in metric_keys]:
@@ -171,6 +183,8 @@ def print_table(rows: list[dict[str, Any]], task_names: list[str], console: Any 
     for r in rows:
         cells = [
             r["label"],
+            asked(r),
+            f"{r['kv_reduction_prefill']:.1%}",
             _mib(r["kv_bytes"]),
             f"{r['kv_reduction']:.1%}",
             _mib(r["peak_memory_bytes"]),

@@ -69,8 +69,9 @@ class SnapKVPolicy(BudgetPolicy):
 
 class PyramidKVConfig(SnapKVConfig):
     """PyramidKV spends the same total budget as SnapKV but more in low layers: the bottom layer
-    gets ``2*avg - top`` and the top ``avg / beta`` (never below ``window_size + sink_size``).
-    It compresses the prompt only; generated tokens are all kept."""
+    gets ``2*avg - top`` and the top ``avg / beta`` (never below ``window_size + sink_size``, unless
+    the mean budget ``avg`` itself is smaller: that floor then shrinks to ``avg``, every layer keeps
+    ``avg`` and the ratio is still met). It compresses the prompt only; generated tokens are all kept."""
 
     compress: str = Field("prefill", pattern="^prefill$")
     beta: float = Field(20.0, ge=1.0)
@@ -84,7 +85,8 @@ class PyramidKVPolicy(SnapKVPolicy):
 
     def target(self, view: LayerView, seen: int) -> int:
         avg = super().target(view, seen)
-        floor = min(seen, self.config.window_size + self.config.sink_size)
+        # the protections' floor gives way to the target: a floor above the mean would keep more than asked
+        floor = min(seen, self.config.window_size + self.config.sink_size, avg)
         budgets = linear_budgets(avg * view.num_layers, view.num_layers, self.config.beta, floor)
         return spread_surplus(budgets, seen)[view.layer_idx]
 

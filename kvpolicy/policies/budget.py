@@ -13,6 +13,7 @@ from pydantic import Field
 
 from ..core.config import PolicyConfig
 from ..core.policy import CachePolicy, LayerView, Plan
+from .targets import warn_if_missed
 
 
 class BudgetConfig(PolicyConfig):
@@ -21,9 +22,11 @@ class BudgetConfig(PolicyConfig):
     ``compression_ratio`` is the share of the tokens seen that is evicted (0.54 removes about
     54%); ``budget`` instead fixes the tokens kept per layer and head (overrides the ratio).
     ``sink_size`` leading tokens and the ``window_size`` most recent ones are always kept
-    (clipped to the budget). ``compress`` says when: after the prompt only (``prefill``, the
-    SnapKV way: the cache then grows by one token per generated token) or also while
-    decoding (``both``), every ``evict_every`` new tokens so the per-token cost stays low.
+    (clipped to the budget: the window first, then as many sinks as fit, so the target is met
+    at any prompt length; a prompt too short to remove the share in whole tokens warns).
+    ``compress`` says when: after the prompt only (``prefill``, the SnapKV way: the cache then
+    grows by one token per generated token) or also while decoding (``both``), every
+    ``evict_every`` new tokens so the per-token cost stays low.
     """
 
     compression_ratio: float = Field(0.5, ge=0.0, lt=1.0)
@@ -96,7 +99,21 @@ class BudgetPolicy(CachePolicy):
         """Score per kept slot, ``[B, H_kv or 1, L]`` (higher kept first); ``None`` keeps the newest."""
         raise NotImplementedError
 
+    def check_target(self, view: LayerView) -> None:
+        """At prefill, once per forward (the first compressible layer): warn for each row whose prompt is
+        too short for ``compression_ratio`` to be met in whole tokens (:mod:`~kvpolicy.policies.targets`).
+        A ``budget`` is always met: a layer keeps ``min(budget, n)``."""
+        c = self.config
+        if view.phase != "prefill" or c.budget is not None or view.layer_idx != first_compressible(self):
+            return
+        for n in sorted(set(view.seen)):
+            if n > 0:
+                kept = min(n, self._budget(n))
+                warn_if_missed(self.name, n, c.compression_ratio, 1.0 - kept / n,
+                               f"each layer keeps a whole number of tokens ({kept} of {n})")
+
     def plan(self, view: LayerView) -> Plan | None:
+        self.check_target(view)
         if not self.due(view):
             return None
         keep = [self.target(view, s) for s in view.seen]
@@ -104,3 +121,9 @@ class BudgetPolicy(CachePolicy):
             return None  # under budget: nothing to score, nothing to evict
         return Plan(keep=keep, scores=self.scores(view), sinks=self.config.sink_size, recent=self.config.window_size,
                     head_adaptive=getattr(self.config, "head_adaptive", None))
+
+
+def first_compressible(policy: CachePolicy) -> int:
+    """The first layer the policy may compress (0 before ``setup``): where a once-per-forward check runs."""
+    compressible = getattr(policy, "compressible", None) or [True]
+    return compressible.index(True) if True in compressible else -1

@@ -34,6 +34,7 @@ class KnormPolicy(BudgetPolicy):
 
     def plan(self, view: LayerView) -> Plan | None:
         if view.layer_idx in self.config.skip_layers:
+            self.check_target(view)  # a skipped first layer still checks the target once
             return None
         return super().plan(view)
 

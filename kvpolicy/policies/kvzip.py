@@ -18,6 +18,7 @@ from pydantic import Field
 
 from ..core.config import PolicyConfig
 from ..core.policy import CachePolicy, LayerView, Plan, ScoringChunk
+from .targets import warn_if_missed
 
 _QUERY_CHUNK = 512  # reconstruction queries scored at once: bounds the [B, H, G, chunk, K] logits
 
@@ -190,6 +191,11 @@ class KVzipPolicy(CachePolicy):
         c = self.config
         scores = [self._protected(v, v.state.take_scores()) for v in views]
         keep = [self._keep(n) for n in views[0].seen] if views else []
+        if c.budget is None:  # a budget is met exactly; a ratio in whole tokens, which a short prompt may miss
+            for n, k in sorted(set(zip(views[0].seen, keep))):
+                if n > 0:
+                    warn_if_missed(self.name, n, c.compression_ratio, 1.0 - k / n,
+                                   f"each layer and head keeps {k} of {n} tokens on average, a whole number")
         if c.allocation != "global":
             share = 0.0 if c.allocation == "layer" else None
             return [Plan(keep=keep, scores=s, sinks=c.sink_size, recent=c.window_size, head_adaptive=share)

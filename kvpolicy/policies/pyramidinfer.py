@@ -24,6 +24,7 @@ from .schedule import (
     scaled_context_lengths,
     solve_context_scale,
 )
+from .targets import asked_share, shrink_protections, warn_if_missed
 
 
 @dataclass
@@ -80,7 +81,8 @@ class PyramidInferConfig(HeadBudgetConfig):
     compression_ratio: float | None = Field(
         None, ge=0.0, lt=1.0,
         description="ours: share of the prompt's KV removed at prefill, summed over all layers; the pyramid's "
-        "shape is kept and scaled to meet it at each prompt length (None: off)",
+        "shape is kept and scaled to meet it at each prompt length, the floor and then the kept recent window "
+        "shrinking where they do not fit (None: off)",
     )
     budget: int | None = Field(
         None, ge=1,
@@ -155,6 +157,9 @@ class PyramidInferPolicy(CachePolicy):
         #: below the target where the target is out of reach at that length, see prefill_keep)
         self.solved: dict[int, float] = {}
         self._keep_memo: dict[int, list[int]] = {}
+        #: prompt length -> the recent window its layers keep (the voting window, or less where a target
+        #: needs the room; filled beside ``_keep_memo``)
+        self._window_memo: dict[int, int] = {}
         self._memo_config: PyramidInferConfig | None = None
 
     def setup(self, num_layers: int, compressible: list[bool]) -> None:
@@ -171,6 +176,13 @@ class PyramidInferPolicy(CachePolicy):
 
     def recent_window(self, prompt_len: int, ratio: float) -> int:
         return min(prompt_len, 1 + int(prompt_len * ratio))
+
+    def kept_window(self, prompt_len: int) -> int:
+        """Newest prompt tokens every compressible layer keeps: the voting window
+        (``prefill_recent_ratio``), or fewer where a target leaves no room for it (:meth:`prefill_keep`).
+        The voters stay the whole voting window either way."""
+        self.prefill_keep(prompt_len)
+        return self._window_memo[prompt_len]
 
     @property
     def signals(self) -> Signals:
@@ -208,19 +220,22 @@ class PyramidInferPolicy(CachePolicy):
         ``compression_ratio`` or ``budget``: ``C_l + w`` with ``C_l`` the pyramid's shape
         (:func:`pyramid_profile`) scaled by the one factor that removes the target share of the
         prompt over all layers (:func:`solve_context_scale`), the floor clipping each layer. Where
-        the recent window and the floor keep more than the target allows, the scale is clipped to
-        the nearest reachable end and ``solved[prompt_len]`` records the share actually removed.
+        the recent window and the floor keep more than the target allows, they shrink first
+        (:func:`~kvpolicy.policies.targets.shrink_protections`: the floor, then the kept window, down
+        to one token); a target still out of reach (every layer keeps at least one token, layers not
+        compressible keep all) warns and ``solved[prompt_len]`` records the share actually removed.
 
         Computed once per distinct prompt length (``plan`` asks once per layer and row).
         """
         if self._memo_config is not self.config:  # settings or depth changed since the last call
-            self._keep_memo, self.solved, self._memo_config = {}, {}, self.config
+            self._keep_memo, self._window_memo, self.solved, self._memo_config = {}, {}, {}, self.config
         keep = self._keep_memo.get(prompt_len)
         if keep is None:
             keep = self._keep_memo[prompt_len] = self._solve_keep(prompt_len)
             if len(self._keep_memo) > MEMO_LENGTHS:
                 oldest = next(iter(self._keep_memo))
                 del self._keep_memo[oldest]
+                self._window_memo.pop(oldest, None)
                 self.solved.pop(oldest, None)
         return keep
 
@@ -228,21 +243,34 @@ class PyramidInferPolicy(CachePolicy):
         c = self.config
         layers = self.num_layers
         w = self.recent_window(n, c.prefill_recent_ratio)
+        self._window_memo[n] = w
+        if n == 0:  # an all-padding row: nothing to keep, nothing to solve
+            return [0] * layers
         context = n - w
         if not self.has_target:
             return [b + w for b in self.context_budgets(context)]
         kept_total = min(c.budget, n) * layers if c.budget is not None else (1.0 - c.compression_ratio) * layers * n
         on = [layer for layer in range(layers) if self.compressible[layer]]
+        if not on:
+            return [n] * layers
         profile = pyramid_profile(layers, c.prefill_decay_ratio, c.prefill_decay_strategy,
                                   c.layerwise_downsample_interval)
-        floor = self.context_floor(context)
-        # what the target leaves for the compressible layers' context once their recent windows and the
-        # other layers (which keep everything) are counted
+        # the mean each compressible layer may keep once the other layers (which keep everything) are counted;
+        # the floor, then the kept window, give way where they would not fit in it
+        per_layer = (kept_total - (layers - len(on)) * n) / len(on)
+        w, floor = shrink_protections(w, self.context_floor(context), n, per_layer)
+        self._window_memo[n] = w
+        context = n - w
+        # what the target leaves for the compressible layers' context once their recent windows are counted
         target = kept_total - len(on) * w - (layers - len(on)) * n
         scale = solve_context_scale(context, [profile[layer] for layer in on], floor, target)
         lengths = scaled_context_lengths(context, profile, scale, floor)
         keep = [lengths[layer] + w if self.compressible[layer] else n for layer in range(layers)]
         self.solved[n] = 1.0 - sum(keep) / (layers * n)
+        why = ("every compressible layer keeps at least one token" if len(on) == layers
+               else f"{layers - len(on)} of {layers} layers are not compressible and keep the whole prompt, "
+               "the others at least one token")
+        warn_if_missed(self.name, n, asked_share(n, c.compression_ratio, c.budget), self.solved[n], why)
         return keep
 
     def group_keep(self, layer_idx: int) -> int:
@@ -264,7 +292,7 @@ class PyramidInferPolicy(CachePolicy):
         worst = 0
         for n in set(prompt_lens):
             window = self.recent_window(n, c.gen_recent_ratio)
-            frontier = n - self.recent_window(n, c.prefill_recent_ratio)
+            frontier = n - self.kept_window(n)
             count = peak = 0
             for step in range(1, new_tokens + 1):
                 count += 1
@@ -290,7 +318,8 @@ class PyramidInferPolicy(CachePolicy):
 
     def _plan_prefill(self, view: LayerView) -> Plan | None:
         c = self.config
-        windows = [self.recent_window(n, c.prefill_recent_ratio) for n in view.seen]
+        voters = [self.recent_window(n, c.prefill_recent_ratio) for n in view.seen]
+        windows = [self.kept_window(n) for n in view.seen]  # the voters, or fewer under a tight target
         view.state.frontier = PerRow(n - w for n, w in zip(view.seen, windows))
         # decoding's recent window per row depends on the prompt alone: computed once here, not at
         # every decode step of every layer (a per-row Python loop in the static path's hot loop)
@@ -299,8 +328,8 @@ class PyramidInferPolicy(CachePolicy):
         keep = [self.prefill_keep(n)[view.layer_idx] for n in view.seen]
         if all(k >= n for k, n in zip(keep, view.seen)):
             return None
-        w_max = max(windows)
-        weights = distance_weights(windows, c.distance_weight, view.device)
+        w_max = max(voters)
+        weights = distance_weights(voters, c.distance_weight, view.device)
         votes = view.window_attention(weights=weights, num_queries=w_max)
         scores = self._aggregate(view, max_pool(votes, c.pool_kernel))
         return Plan(keep=keep, scores=scores, sinks=c.streamingllm_sink_len, recent=windows,
