@@ -65,6 +65,11 @@ class ModelBinding:
             )
         return None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the modules (weak references do not pickle; a cache is pickled apart from its
+        model): the next forward's modules are taken as this model's."""
+        return {**self.__dict__, "modules": {}}
+
     def module(self, layer_idx: int) -> Any:
         """The attention module of ``layer_idx`` (None once the model is gone)."""
         ref = self.modules.get(layer_idx)

@@ -27,6 +27,7 @@ from .binding import ModelBinding
 from .compressor import Compressor
 from .errors import CacheMisuseError, ConfigError
 from .layers import FreezeSpec, KVLayer, LayerSpec, choose_kind
+from .ownership import ForwardOwner
 from .policy import CachePolicy
 from .rows import Rows, concat_states
 from .scoring_pass import ScoringPass
@@ -96,6 +97,7 @@ class PolicyCache(Cache):
         self._frozen = False  # the layers are the frozen kind (between compiled decode steps)
         self._stepping = False  # a compiled step (``compiled_step.CompiledStep``) is running
         self._pending = 0  # tokens compiled steps appended that the host has not counted yet
+        self._owner = ForwardOwner()  # the thread whose forward fills the cache
 
     # ----------------------------------------------------------------- per-row facts
     @property
@@ -126,6 +128,7 @@ class PolicyCache(Cache):
         if self._frozen:
             if q == 1:
                 if not torch.compiler.is_compiling() and not self._stepping:
+                    self._owner.enter(layer_idx, self.binding.num_layers)
                     # an eager decode step over the frozen layers, not begun by CompiledStep: begin it here,
                     # and route this layer's attention through the note (as the dynamic path does)
                     if layer_idx == 0:
@@ -134,6 +137,7 @@ class PolicyCache(Cache):
                 return self.layers[layer_idx].append(key_states, value_states)
             self.thaw()
         check_new_tokens(q, self)
+        self._owner.enter(layer_idx, None if self.binding is None else self.binding.num_layers)
         attention_hook.check_consumed()
         if not self.layers:
             attention_hook.install()
