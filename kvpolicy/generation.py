@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .compiled_parts import compiled_parts
+from .core import model_call
 from .core.attention_hook import FROZEN_CACHE
 from .core.cache import PolicyCache, make_cache
 from .core.compat import cache_argument, takes_cache_position
@@ -97,13 +98,8 @@ def prefill(
 
     Each chunk goes through its own cache with the same policy, and ``cache`` then adopts them
     all, so the peak holds one chunk's activations and full-length keys rather than the batch's.
-    ``model.generate`` continues on the filled cache: pass the prompt followed by the next
-    token (the logits' argmax, or a sampled one)::
-
-        logits = kvpolicy.prefill(model, ids, mask, cache, rows=32)
-        nxt = logits.argmax(-1, keepdim=True)
-        model.generate(torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
-                       **{kvpolicy.cache_argument(model): cache}, max_new_tokens=255)
+    To generate so, give the cache the rows instead: ``model.generate(**inputs,
+    cache=make_cache(name, prefill_rows=32))`` runs its prompt forward this way in the one call.
     """
     if cache.layers:
         raise CacheMisuseError("prefill() fills an empty cache; use a new one (or call cache.reset())")
@@ -124,24 +120,14 @@ def prefill(
     rows = rows or batch
     if rows < 1:
         raise ConfigError(f"rows must be at least 1, got {rows}")
-    cache_arg = cache_argument(model)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    chunks, logits = [], []
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                  logits_to_keep=1, **{cache_argument(model): cache})
     parts = contextlib.nullcontext() if compile is False else compiled_parts(
         model, None if compile is True else compile)
     with torch.no_grad(), parts:
-        for start in range(0, batch, rows):
-            part = slice(start, start + rows)
-            target = cache if rows >= batch else cache.empty_copy(compiled_decode=False)
-            out = model(input_ids=input_ids[part], attention_mask=attention_mask[part], position_ids=positions[part],
-                        use_cache=True, logits_to_keep=1, **{cache_arg: target})
-            logits.append(out.logits[:, -1])
-            del out
-            if target is not cache:
-                chunks.append(target)
-        if chunks:
-            cache.adopt(chunks)
-    return torch.cat(logits)
+        out = model(**inputs) if rows >= batch else model_call.forward_in_row_chunks(model, cache, rows, inputs)
+    return out.logits[:, -1]
 
 
 def generate_static(

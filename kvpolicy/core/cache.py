@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from . import attention_hook, compiled_step, hidden_pruning
+from . import attention_hook, compiled_step, hidden_pruning, model_call
 from .binding import ModelBinding
 from .compressor import Compressor
 from .errors import CacheMisuseError, ConfigError
@@ -33,7 +33,7 @@ from .rows import Rows, concat_states
 from .scoring_pass import ScoringPass
 
 #: Settings of the cache itself (the rest of a ``PolicyCache(name, **settings)`` call configures the policy).
-CACHE_SETTINGS = ("compiled_decode", "decode_reserve", "layer_kind", "tp_group")
+CACHE_SETTINGS = ("compiled_decode", "decode_reserve", "prefill_rows", "layer_kind", "tp_group")
 
 
 class PolicyCache(Cache):
@@ -54,6 +54,8 @@ class PolicyCache(Cache):
     policy's plan runs eagerly, so the tokens kept are those of the eager path.
     ``compiled_decode``: None (default) freezes on a GPU only, True always (also on CPU, where the
     frozen step runs eagerly unless compiled), False never (every step eager, as ``DynamicCache``).
+    ``prefill_rows``: run a prompt of a larger batch that many rows at a time (one ``generate`` call
+    still: the peak holds one chunk's activations and keys; ``core/model_call.py``).
     ``layer_kind``: the class the layers are made as (see ``layers.choose_kind``); ``tp_group``: the
     tensor-parallel process group where kvpolicy cannot find it (``core/parallel.py``).
     """
@@ -64,6 +66,7 @@ class PolicyCache(Cache):
         *,
         compiled_decode: bool | None = None,
         decode_reserve: int = 256,
+        prefill_rows: int | None = None,
         layer_kind: type[KVLayer] | None = None,
         tp_group: Any = None,
         **overrides: Any,
@@ -80,10 +83,14 @@ class PolicyCache(Cache):
         if not isinstance(decode_reserve, int) or decode_reserve < 1:
             raise ConfigError(f"decode_reserve must be a positive number of tokens, got {decode_reserve!r}")
         self.policy: CachePolicy = policy
-        self.compiled_decode, self.decode_reserve = compiled_decode, decode_reserve
+        if prefill_rows is not None and (not isinstance(prefill_rows, int) or prefill_rows < 1):
+            raise ConfigError(f"prefill_rows takes a positive number of rows (None: all at once), not {prefill_rows!r}")
+        self.compiled_decode, self.decode_reserve, self.prefill_rows = compiled_decode, decode_reserve, prefill_rows
         self.layer_kind, self.tp_group = layer_kind, tp_group
         self._kind = choose_kind(layer_kind)
         compiled_step.install()
+        if prefill_rows:
+            model_call.install()
         self._start()
 
     def _start(self) -> None:
@@ -349,7 +356,7 @@ class PolicyCache(Cache):
 
     # ----------------------------------------------------------------- scoring pass
     def begin_scoring_pass(self) -> bool:
-        """Asked by the model-call wrapper (``core/scoring_pass.py``) before a forward: True when this is a
+        """Asked by the model-call wrapper (``core/model_call.py``) before a forward: True when this is a
         fresh cache whose policy scores the prompt with a second forward; the pass then follows the forward."""
         return self._scoring.begin(cache_is_empty=not self.layers)
 
@@ -431,7 +438,8 @@ def check_new_tokens(query_length, cache: PolicyCache) -> None:
 def make_cache(name_or_config: Any = "full", **overrides: Any) -> PolicyCache:
     """``make_cache("pyramidinfer", prefill_decay_ratio=0.8)`` or ``make_cache(config)``: a
     :class:`PolicyCache` with the named (or configured) policy, settings validated; the cache's own
-    settings (``compiled_decode``, ``decode_reserve``, ``layer_kind``, ``tp_group``) may be passed too."""
+    settings (``compiled_decode``, ``decode_reserve``, ``prefill_rows``, ``layer_kind``, ``tp_group``) may be
+    passed too."""
     from .registry import make_policy
 
     settings = {k: overrides.pop(k) for k in CACHE_SETTINGS if k in overrides}
