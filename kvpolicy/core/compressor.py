@@ -47,7 +47,6 @@ class Compressor:
         asked for, then apply its plan. ``plans_deferred``: a scoring pass is still to come (checked)."""
         signals = self.policy.signals
         prefill = self.rows.prompt_len is None
-        differentiable = query.requires_grad
         query = query.detach()  # the signals are bookkeeping, never part of the model's autograd graph
         if prefill:
             window = signals.prefill_query_window(max(self.rows.seen(layer.total_seen)))
@@ -64,14 +63,7 @@ class Compressor:
                 "scored or evicted. Call the model itself with input_ids on a new cache"
             )
         view = self.view(layer, binding, query.shape[2], prefill)
-        plan = self.plan(view)
-        if plan is not None and differentiable:
-            raise CacheMisuseError(
-                f"the {self.policy.name} policy compresses the cache in place, which autograd cannot differentiate "
-                "through (the evicted keys and values are saved for the backward pass). Run generation under "
-                "torch.no_grad() or torch.inference_mode(), or train with the 'full' policy (or no cache)"
-            )
-        self.apply(view, plan)
+        self.apply(view, self.plan(view))
         if prefill and layer.layer_idx == binding.last_compressible:
             self.rows.prompt_len = list(view.seen)
         if prefill:  # keep only what decoding will use

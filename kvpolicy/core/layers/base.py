@@ -306,7 +306,8 @@ class KVLayer(CacheLayerMixin):
         b, h, _, d = self.keys.shape
         index = index.expand(b, h, k)
         idx4 = index.unsqueeze(-1).expand(b, h, k, d)
-        keys, values, pos, acc = self._compaction_target(k)
+        # under autograd the attention that just ran saved these buffers for its backward: gather into new ones
+        keys, values, pos, acc = self._compaction_target(k, fresh=self.keys.requires_grad)
         if keys is not self.keys or self.contiguous:
             # a new buffer; or a first compaction, whose evictions spread over the whole prompt, so
             # that reading the first moved slot back (waiting for the device) would save almost nothing
@@ -339,9 +340,21 @@ class KVLayer(CacheLayerMixin):
         if group_uneven is not None:
             self.group_uneven = group_uneven
 
-    def _compaction_target(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The buffers a compaction to ``kept`` slots writes into (here: the current ones, in place)."""
-        return self.keys, self.values, self.pos, self.acc
+    def _compaction_target(self, kept: int, fresh: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The buffers a compaction to ``kept`` slots writes into (here: the current ones, in place; ``fresh``:
+        new ones, since the current ones must not change)."""
+        return self.new_buffers(kept) if fresh else (self.keys, self.values, self.pos, self.acc)
+
+    def new_buffers(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Empty keys, values, positions (-1) and accumulated attention for ``capacity`` slots."""
+        b, h, _, d = self.keys.shape
+        return (
+            self.keys.new_empty(b, h, capacity, d),
+            self.values.new_empty(b, h, capacity, d),
+            self.pos.new_full((b, h, capacity), -1),
+            None if self.acc is None else self.acc.new_zeros(b, h, capacity),
+        )
 
     # ----------------------------------------------------------------- signals
     def query_positions(self, q: int, device: torch.device) -> torch.Tensor:

@@ -41,7 +41,8 @@ class DynamicLayer(KVLayer):
             self.length = q
         else:
             self._check_compatible(key_states)
-            if self.length + q > self.capacity:
+            # under autograd an earlier forward's attention saved the buffers: append into new ones
+            if self.length + q > self.capacity or key_states.requires_grad or self.keys.requires_grad:
                 self._reallocate(self.length + q + self.spec.headroom)
             end = self.length + q
             self.keys[:, :, self.length : end] = key_states
@@ -73,21 +74,15 @@ class DynamicLayer(KVLayer):
                 "use a new cache per model (or call cache.reset())"
             )
 
-    def _compaction_target(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _compaction_target(self, kept: int, fresh: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A right-sized new set when the old one is too small or would waste more than twice the headroom
-        (the prefill case: the evicted memory is really returned), else the current buffers, in place."""
+        (the prefill case: the evicted memory is really returned), or must not change (``fresh``), else the
+        current buffers, in place."""
         slack = self.capacity - kept
-        headroom = self.spec.headroom
-        if 0 <= slack <= 2 * headroom:
+        if 0 <= slack <= 2 * self.spec.headroom and not fresh:
             return self.keys, self.values, self.pos, self.acc
-        b, h, _, d = self.keys.shape
-        new_cap = kept + headroom
-        return (
-            self.keys.new_empty(b, h, new_cap, d),
-            self.values.new_empty(b, h, new_cap, d),
-            self.pos.new_full((b, h, new_cap), -1),
-            None if self.acc is None else self.acc.new_zeros(b, h, new_cap),
-        )
+        return self.new_buffers(kept + self.spec.headroom)
 
     def to_frozen(self, spec: FreezeSpec) -> KVLayer:
         from .frozen import FrozenLayer

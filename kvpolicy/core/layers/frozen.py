@@ -167,7 +167,7 @@ class FrozenLayer(KVLayer):
         pos = last - ((last - slot) % w)
         return self.qring, torch.where(pos >= self.ring_start, pos, torch.full_like(pos, -1))
 
-    def _compaction_target(self, kept: int):
+    def _compaction_target(self, kept: int, fresh: bool = False):
         if kept > self.capacity:
             raise AssertionError("frozen layer asked to hold more than its capacity")  # pragma: no cover
         return self.keys, self.values, self.pos, self.acc
