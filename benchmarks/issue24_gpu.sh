@@ -2,7 +2,8 @@
 # Issue #24 on the GPU: the cache redesign changes no token and no speed. Run from the repository root on
 # the device, with the checkouts before (.gpu_trees/old: e02b2b4) and after the core change alone
 # (.gpu_trees/r24) carried beside this one (git archive <commit> kvpolicy benchmarks configs | tar -x -C ...).
-#   bash benchmarks/issue24_gpu.sh tokens       # same_tokens_check on old, r24 and this checkout, compared
+#   bash benchmarks/issue24_gpu.sh tokens A B ...       # same_tokens_check on checkouts A, B, ... (old, r24, new),
+#                                                       # each compared with the first
 #   bash benchmarks/issue24_gpu.sh throughput A B ...   # throughput rows of checkouts A, B, ... (old, r24, new)
 set -euo pipefail
 ROOT=$(pwd)
@@ -11,12 +12,14 @@ mkdir -p "$OUT"
 tree() { [ "$1" = new ] && echo "$ROOT" || echo "$ROOT/.gpu_trees/$1"; }
 case "$1" in
 tokens)
-    for t in old r24 new; do
+    shift
+    files=()
+    for t in "$@"; do
         (cd "$(tree $t)" && PYTHONPATH=.:$ROOT/.gpu_deps python3 "$ROOT/benchmarks/same_tokens_check.py" \
             --label $t --out "$OUT/tokens_$t.pt") > "$OUT/tokens_$t.log" 2>&1
+        files+=("$OUT/tokens_$t.pt")
     done
-    python3 benchmarks/same_tokens_check.py --compare "$OUT"/tokens_old.pt "$OUT"/tokens_r24.pt "$OUT"/tokens_new.pt \
-        --json "$OUT/same_tokens.json" ;;
+    python3 benchmarks/same_tokens_check.py --compare "${files[@]}" --json "$OUT/same_tokens.json" || true ;;
 throughput)
     shift
     for t in "$@"; do
