@@ -43,7 +43,7 @@ def run(label: str, policies: list[str], steps: int, out: Path) -> None:
             cache = kvpolicy.make_cache(name, **settings, **overrides)
             out_ids = cpc.greedy_generate(model, inputs, cache, steps).sequences
             entry[path] = {"tokens": out_ids.cpu(),
-                           "kept": [cache.kept_positions(i).cpu() for i in range(len(cache.layers))],
+                           "kept": [cache.kept_positions(i).cpu().int() for i in range(len(cache.layers))],
                            "frozen": cache.is_frozen()}
             print(f"{label} {policy} {path}: frozen={cache.is_frozen()} kv={cache.kv_tokens_per_layer()}", flush=True)
         saved["policies"][policy] = entry
