@@ -181,11 +181,11 @@ def test_full_generates_what_transformers_own_cache_does():
     assert cache.kv_tokens_per_layer() == [ids.shape[1] + NEW_TOKENS - 1] * model.config.num_hidden_layers
 
 
-#: (policy, settings): a per-head prefill selection, decode-time eviction, a pyramid, sinks + recent
+#: (policy, settings): a prefill selection by votes, eviction at every decode step, a pyramid re-compressed
+#: while decoding (each case costs about a minute on 2 CPU cores)
 ORACLE_CASES = {
     "snapkv": ("snapkv", dict(compression_ratio=0.5, window_size=16, sink_size=4, kernel_size=5), False),
     "h2o": ("h2o", dict(compression_ratio=0.5, window_size=16, sink_size=4), True),
-    "streamingllm": ("streamingllm", dict(compression_ratio=0.5, window_size=16, sink_size=4, evict_every=3), True),
     "pyramidinfer": ("pyramidinfer", dict(prefill_recent_ratio=0.2, prefill_decay_ratio=0.5, gen_recent_ratio=0.1,
                                           exceed_length_to_compress=64, gen_query_window=16), True),
 }
@@ -202,7 +202,7 @@ def test_compressed_sliding_layers_match_the_oracle_on_the_real_model(case, monk
     model, _ = gemma()
     monkeypatch.setattr(test_oracle, "batch", text_batch)  # Run's prompts: real text, not random ids
     w = window()
-    run = Run(model, ORACLE_CASES[case], lengths=[w + w // 2, w + w // 4])
+    run = Run(model, ORACLE_CASES[case], lengths=[w + w // 4, w + w // 8])
     assert run.cache.seen_tokens() == run.seen, "the cache misread the rows' padding"
     assert_compressed(run)
     token = run.next_token
@@ -212,8 +212,7 @@ def test_compressed_sliding_layers_match_the_oracle_on_the_real_model(case, monk
         hidden = sum(int(((k.local >= 0) & ~v[..., :-1]).sum()) for k, v in zip(kept, allowed))
         got, _ = check_step(run, token, f"{case} decode step {step}")
         token = got.argmax(-1)
-    if case != "streamingllm":  # streamingllm keeps sinks + the newest tokens: all in the window but the sinks
-        assert hidden, "no kept token lay outside the window: the sliding layers were not exercised"
+    assert hidden, "no kept token lay outside the window: the sliding layers were not exercised"
     assert (got - full_cache_logits(run)).abs().max().item() > TEETH, "the compression changed nothing"
 
 
