@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("sweep", "compare at several compression ratios (default 0.2,0.4,0.6,0.8), saving JSON and a plot"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--model", help="model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+        p.add_argument("--model", help="model folder, .gguf file, or an embedded model: smollm2-135m "
+                                       "(SmolLM2-135M-Instruct, the default) or gemma3-270m (Gemma 3 270M)")
         p.add_argument("--policies", default=DEFAULT_POLICIES,
                        help=f"comma-separated policies (default: {DEFAULT_POLICIES}); "
                             "'full' always runs first as the reference")
@@ -232,6 +233,7 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything that needs no model; returns the pieces of the run."""
     from .evaluation.runner import build_specs
     from .evaluation.tasks import TASKS
+    from .models import EMBEDDED_MODELS, resolve_model
 
     task_names = tasks_of(args)
     unknown = [t for t in task_names if t not in TASKS]
@@ -251,11 +253,13 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if not policies:
         raise UsageError("--policies is empty; e.g. --policies full,pyramidinfer,h2o")
     specs = build_specs(policies, ratios, args.config)
-    if args.model is not None:
+    if args.model in EMBEDDED_MODELS:
+        resolve_model(args.model)  # installed (and, for gemma3-270m, assembled) before any model work
+    elif args.model is not None:
         path = Path(args.model)
         if not path.exists():
-            raise UsageError(f"--model {args.model!r} does not exist; pass a model folder or a .gguf file, "
-                             "or omit --model for the default")
+            raise UsageError(f"--model {args.model!r} does not exist; pass a model folder, a .gguf file or an "
+                             f"embedded model ({', '.join(EMBEDDED_MODELS)}), or omit --model for the default")
         if path.is_file() and path.suffix != ".gguf":
             raise UsageError(f"--model {args.model!r} is a file but not a .gguf; pass a model folder or a .gguf file")
     _check_output(args.json_path, "--json")
