@@ -273,7 +273,7 @@ def test_prefill_selection_on_global_layers_follows_the_models_own_attention(cas
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="core bug: PolicyLayer._attention_probs (kvpolicy/core/layer_store.py) masks the scoring "
+    reason="core bug: attention_probs (kvpolicy/core/layers/attention_signals.py) masks the scoring "
     "attention as causal only, not with the layer's sliding window, so on sliding layers H2O and SnapKV "
     "score (and keep) tokens the model's own attention gives nothing and will never attend again",
 )
@@ -287,7 +287,7 @@ def test_prefill_selection_on_sliding_layers_follows_the_models_own_attention(ca
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="core gap: PolicyCache keeps every token in sliding-window layers (kvpolicy/core/cache.py never drops "
+    reason="core gap: PolicyCache keeps every token in sliding-window layers (kvpolicy/core/layers never drop "
     "what fell out of the window), while transformers' DynamicCache keeps window - 1 there; so `full` holds "
     "more than transformers' cache on Gemma 3, and 'KV removed' counts tokens that were free to drop",
 )
