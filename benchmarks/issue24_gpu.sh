@@ -14,11 +14,12 @@ case "$1" in
 tokens)
     shift
     files=()
-    for t in "$@"; do
+    for t in "$@"; do  # side by side on the one GPU (a small model; tokens, not timings, are compared)
         (cd "$(tree $t)" && PYTHONPATH=.:$ROOT/.gpu_deps python3 "$ROOT/benchmarks/same_tokens_check.py" \
-            --label $t --out "$OUT/tokens_$t.pt") > "$OUT/tokens_$t.log" 2>&1
+            --label $t --out "$OUT/tokens_$t.pt") > "$OUT/tokens_$t.log" 2>&1 &
         files+=("$OUT/tokens_$t.pt")
     done
+    wait
     python3 benchmarks/same_tokens_check.py --compare "${files[@]}" --json "$OUT/same_tokens.json" || true ;;
 throughput)
     shift
