@@ -32,3 +32,18 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def no_novels(monkeypatch):
+    """As on a machine without Debian's r-cran-janeaustenr: the real ``texts.novels`` (earlier patches undone),
+    with no R library to find."""
+    from kvpolicy.evaluation import texts
+
+    monkeypatch.undo()
+    monkeypatch.setattr(texts, "_R_LIBRARIES", ())
+    monkeypatch.setenv("R_LIBS", "/nonexistent")
+    monkeypatch.delenv("R_LIBS_USER", raising=False)
+    texts.novels.cache_clear()
+    yield
+    texts.novels.cache_clear()

@@ -125,18 +125,6 @@ def test_corrupt_gguf(tmp_path, capsys):
     _fails(capsys, ["compare", "--model", str(path), "--quiet"], "is truncated or corrupt")
 
 
-@pytest.fixture
-def no_novels(monkeypatch):
-    """The real texts.novels, with no R library to find: a machine without Debian's package."""
-    monkeypatch.undo()
-    monkeypatch.setattr(texts, "_R_LIBRARIES", ())
-    monkeypatch.setenv("R_LIBS", "/nonexistent")
-    monkeypatch.delenv("R_LIBS_USER", raising=False)
-    texts.novels.cache_clear()
-    yield
-    texts.novels.cache_clear()
-
-
 def test_missing_novels_name_install_command(no_novels, capsys):
     _fails(capsys, ["compare", "--tasks", "ppl", "--texts", "austen"], texts.INSTALL_HINT)
     _fails(capsys, ["compare", "--texts", "shakespeare"], "invalid choice")

@@ -36,17 +36,6 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-@pytest.fixture
-def no_novels(monkeypatch):
-    """As on a machine without Debian's r-cran-janeaustenr (nothing on R's search path)."""
-    monkeypatch.setattr(texts, "_R_LIBRARIES", ())
-    monkeypatch.setenv("R_LIBS", "/nonexistent")
-    monkeypatch.delenv("R_LIBS_USER", raising=False)
-    texts.novels.cache_clear()
-    yield
-    texts.novels.cache_clear()
-
-
 TOPIC = """The "spam" statement
 ********************
 
