@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "at each (sweep mode)"
                        + (f"; default {SWEEP_RATIOS}" if name == "sweep" else "; default with --suite ruler: "
                           + SUITES["ruler"][1]))
+        p.add_argument("--kv-dtype", default="auto",
+                       help="how the caches store kept keys/values, comma-separated to run each policy at each: "
+                            "auto (the model's dtype), int8, fp8 (8-bit codes and a scale per vector, about half "
+                            "the bytes; docs/kv-dtype.md); full at auto stays the reference (default: auto)")
         p.add_argument("--tasks", help=f"comma-separated tasks: ppl, needle, agreement, ruler "
                                        f"(default: {DEFAULT_TASKS})")
         p.add_argument("--sizes", default="sweep" if name == "sweep" else "small",
@@ -252,7 +256,10 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     policies = _csv(args.policies)
     if not policies:
         raise UsageError("--policies is empty; e.g. --policies full,pyramidinfer,h2o")
-    specs = build_specs(policies, ratios, args.config)
+    kv_dtypes = tuple(_csv(args.kv_dtype))
+    if not kv_dtypes:
+        raise UsageError("--kv-dtype is empty; e.g. --kv-dtype auto,int8")
+    specs = build_specs(policies, ratios, args.config, kv_dtypes)
     if args.model in EMBEDDED_MODELS:
         resolve_model(args.model)  # installed (and, for gemma3-270m, assembled) before any model work
     elif args.model is not None:

@@ -26,14 +26,14 @@ from . import attention_hook, compiled_step, hidden_pruning, model_call
 from .binding import ModelBinding
 from .compressor import Compressor
 from .errors import CacheMisuseError, ConfigError
-from .layers import FreezeSpec, KVLayer, LayerSpec, choose_kind
+from .layers import FreezeSpec, KVCodec, KVLayer, LayerSpec, choose_codec, choose_kind
 from .ownership import ForwardOwner
 from .policy import CachePolicy
 from .rows import Rows, concat_states
 from .scoring_pass import ScoringPass
 
 #: Settings of the cache itself (the rest of a ``PolicyCache(name, **settings)`` call configures the policy).
-CACHE_SETTINGS = ("compiled_decode", "decode_reserve", "prefill_rows", "layer_kind", "tp_group")
+CACHE_SETTINGS = ("compiled_decode", "decode_reserve", "prefill_rows", "layer_kind", "kv_dtype", "tp_group")
 
 
 class PolicyCache(Cache):
@@ -56,7 +56,9 @@ class PolicyCache(Cache):
     frozen step runs eagerly unless compiled), False never (every step eager, as ``DynamicCache``).
     ``prefill_rows``: run a prompt of a larger batch that many rows at a time (one ``generate`` call
     still: the peak holds one chunk's activations and keys; ``core/model_call.py``).
-    ``layer_kind``: the class the layers are made as (see ``layers.choose_kind``); ``tp_group``: the
+    ``layer_kind``: the class the layers are made as (see ``layers.choose_kind``); ``kv_dtype``: how
+    kept keys/values are stored, ``"auto"`` (the model's dtype), ``"int8"`` or ``"fp8"`` (8-bit codes with
+    a scale per vector: about half the bytes; ``layers/codecs.py``, docs/kv-dtype.md); ``tp_group``: the
     tensor-parallel process group where kvpolicy cannot find it (``core/parallel.py``).
     """
 
@@ -68,6 +70,7 @@ class PolicyCache(Cache):
         decode_reserve: int = 256,
         prefill_rows: int | None = None,
         layer_kind: type[KVLayer] | None = None,
+        kv_dtype: str | KVCodec = "auto",
         tp_group: Any = None,
         **overrides: Any,
     ):
@@ -86,8 +89,8 @@ class PolicyCache(Cache):
         if prefill_rows is not None and (not isinstance(prefill_rows, int) or prefill_rows < 1):
             raise ConfigError(f"prefill_rows takes a positive number of rows (None: all at once), not {prefill_rows!r}")
         self.compiled_decode, self.decode_reserve, self.prefill_rows = compiled_decode, decode_reserve, prefill_rows
-        self.layer_kind, self.tp_group = layer_kind, tp_group
-        self._kind = choose_kind(layer_kind)
+        self.layer_kind, self.kv_dtype, self.tp_group = layer_kind, kv_dtype, tp_group
+        self._kind, self._codec = choose_kind(layer_kind), choose_codec(kv_dtype)
         compiled_step.install()
         if prefill_rows:
             model_call.install()
@@ -150,7 +153,8 @@ class PolicyCache(Cache):
             attention_hook.install()
         while len(self.layers) <= layer_idx:
             idx = len(self.layers)
-            spec = LayerSpec(idx, self.rows, self.policy.headroom(idx), self.policy.signals.accumulated_attention)
+            spec = LayerSpec(idx, self.rows, self.policy.headroom(idx), self.policy.signals.accumulated_attention,
+                             self._codec)
             self.layers.append(self._kind(spec))
         keys, values = self.layers[layer_idx].append(key_states, value_states, **self._pruned.cut(layer_idx))
         attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
@@ -350,6 +354,7 @@ class PolicyCache(Cache):
             qpos = self._pruned.query_positions()
             self.compressor.after_attention(layer, self.binding, query, qpos, self._scoring.defers_plans)
         self._pruned.layer_done(layer)
+        layer.release_exact()
         if (layer_idx == self.binding.num_layers - 1 and self.prompt_len is not None
                 and not self._scoring.prompt_running):  # a scoring pass comes first (it freezes when done)
             self.start_decoding()
@@ -438,9 +443,12 @@ def check_new_tokens(query_length, cache: PolicyCache) -> None:
 def make_cache(name_or_config: Any = "full", **overrides: Any) -> PolicyCache:
     """``make_cache("pyramidinfer", prefill_decay_ratio=0.8)`` or ``make_cache(config)``: a
     :class:`PolicyCache` with the named (or configured) policy, settings validated; the cache's own
-    settings (``compiled_decode``, ``decode_reserve``, ``prefill_rows``, ``layer_kind``, ``tp_group``) may be
-    passed too."""
+    settings (``compiled_decode``, ``decode_reserve``, ``prefill_rows``, ``layer_kind``, ``kv_dtype``,
+    ``tp_group``) may be passed too, and a config dict or preset file may hold them beside the policy's
+    (``kv_dtype: int8`` in a preset); a keyword wins over the config's."""
+    from .config import preset_settings
     from .registry import make_policy
 
-    settings = {k: overrides.pop(k) for k in CACHE_SETTINGS if k in overrides}
+    name_or_config, settings = preset_settings(name_or_config, CACHE_SETTINGS)
+    settings |= {k: overrides.pop(k) for k in CACHE_SETTINGS if k in overrides}
     return PolicyCache(make_policy(name_or_config, **overrides), **settings)

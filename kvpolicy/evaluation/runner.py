@@ -9,6 +9,7 @@ model work, so a typo fails in a second rather than after the first policy.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ..core.cache import make_cache
 from ..core.compat import cache_argument
 from ..core.config import ConfigError, load_preset
 from ..core.errors import UnknownPolicyError
+from ..core.layers import choose_codec
 from ..core.registry import available_policies, make_policy, policy_class
 from .measure import Meter
 from .tasks import TASKS, EvalSizes, Task
@@ -38,14 +40,23 @@ class PolicySpec:
     config: str | None = None
     #: the name it was asked for by, when not the policy's (a preset named in ``--policies``)
     name: str | None = None
+    #: how the cache stores kept keys/values (``--kv-dtype``): ``auto`` is the model's dtype
+    kv_dtype: str = "auto"
 
     @property
     def label(self) -> str:
         base = self.name or self.policy
+        if self.kv_dtype != "auto":  # before the ratio: a plot draws h2o and h2o+int8 as two lines
+            base = f"{base}+{self.kv_dtype}"
         return base if self.ratio is None else f"{base}@{self.ratio:g}"
 
+    @property
+    def is_reference(self) -> bool:
+        """The row every other one is measured against: ``full`` at the model's dtype."""
+        return self.policy == REFERENCE and self.ratio is None and self.kv_dtype == "auto"
+
     def new_cache(self) -> Any:
-        return make_cache({"policy": self.policy, **self.settings})
+        return make_cache({"policy": self.policy, **self.settings}, kv_dtype=self.kv_dtype)
 
 
 def takes_ratio(policy: str) -> bool:
@@ -76,8 +87,10 @@ def _named(name: str) -> tuple[str, dict[str, Any], bool]:
     return preset.pop("policy"), preset, True
 
 
-def build_specs(policies: list[str], ratios: list[float], config: str | None = None) -> list[PolicySpec]:
-    """One spec per policy and ratio (ratio-free policies once), ``full`` first; all validated.
+def build_specs(policies: list[str], ratios: list[float], config: str | None = None,
+                kv_dtypes: tuple[str, ...] = ("auto",)) -> list[PolicySpec]:
+    """One spec per policy, ratio and ``kv_dtypes`` entry (ratio-free policies once per dtype), ``full`` at the
+    model's dtype first (the reference, also when ``kv_dtypes`` leaves ``auto`` out); all validated.
 
     ``config`` (a preset name or file) gives the settings of the policy it names; its own
     ``compression_ratio`` or ``budget``, if set, wins over ``ratios`` for that policy. A name
@@ -125,6 +138,10 @@ def build_specs(policies: list[str], ratios: list[float], config: str | None = N
                 specs.append(PolicySpec(name, {**base, "compression_ratio": r}, r, config if base else None))
         else:
             specs.append(PolicySpec(name, base, base.get("compression_ratio"), config if base else None))
+    for kv_dtype in kv_dtypes:
+        choose_codec(kv_dtype)  # validated now
+    specs = [specs[0]] + [dataclasses.replace(spec, kv_dtype=kv_dtype) for spec in specs for kv_dtype in kv_dtypes
+                          if not (spec is specs[0] and kv_dtype == "auto")]
     for spec in specs:
         make_policy({"policy": spec.policy, **spec.settings})  # validate settings now
     return specs
@@ -139,6 +156,7 @@ def _row(spec: PolicySpec, meter: Meter, metrics: dict[str, float], peak_cuda: i
         "policy": spec.policy,
         "label": spec.label,
         "ratio": spec.ratio,
+        "kv_dtype": spec.kv_dtype,
         "config": spec.config,
         "settings": spec.settings,
         "sequences": len(seqs),
@@ -224,7 +242,7 @@ def run_compare(
                 progress(f"{spec.label}: {task.name}")
             task.on_unit = on_step if task.units > 1 else None
             result = task.run(model, spec.new_cache, meter, references.get(task.name))
-            if spec.policy == REFERENCE and spec.ratio is None:
+            if spec.is_reference:
                 references.setdefault(task.name, result.reference)
             metrics.update(result.metrics)
             extra.update(result.extra)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import FreezeSpec, KVLayer, LayerSpec, ModuleFacts, first_moved_slot
+from .codecs import KV_DTYPES, Fp8Codec, Int8Codec, KVCodec, choose_codec
 from .dynamic import DynamicLayer
 from .frozen import FrozenLayer
 
-__all__ = ["DynamicLayer", "FreezeSpec", "FrozenLayer", "KVLayer", "LayerSpec", "ModuleFacts", "choose_kind",
-           "first_moved_slot"]
+__all__ = ["KV_DTYPES", "DynamicLayer", "Fp8Codec", "FreezeSpec", "FrozenLayer", "Int8Codec", "KVCodec", "KVLayer",
+           "LayerSpec", "ModuleFacts", "choose_codec", "choose_kind", "first_moved_slot"]
 
 
 def choose_kind(layer_kind: type[KVLayer] | None = None) -> type[KVLayer]:

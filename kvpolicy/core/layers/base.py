@@ -1,8 +1,9 @@
 """What every layer kind is: one layer's kept keys/values, their positions, and the signals beside them.
 
-Layout: ``keys``/``values`` are ``[B, H_kv, capacity, D]`` buffers of which the first ``length``
-slots are in use; ``pos`` ``[B, H_kv, capacity]`` holds each slot's absolute cache index (the
-column transformers would give it; -1 for an empty slot). A slot is valid for row ``b`` when
+Layout: ``keys``/``values`` are ``[B, H_kv, capacity, W]`` buffers of which the first ``length``
+slots are in use (``W``: the head dimension, or the codec's packed row, ``codecs.py``); ``pos``
+``[B, H_kv, capacity]`` holds each slot's absolute cache index (the column transformers would give
+it; -1 for an empty slot). A slot is valid for row ``b`` when
 ``pos >= pad[b]`` (left padding is never attended).
 
 A layer is self-contained, as transformers' layer classes are: what it needs from outside comes
@@ -28,18 +29,21 @@ from .. import masks
 from ..errors import CacheMisuseError
 from ..rows import Rows
 from . import attention_signals
+from .codecs import KVCodec
 
 
 @dataclass(frozen=True)
 class LayerSpec:
     """What a layer is told when it is made: its index, the per-row facts every layer of the cache
-    shares, the free slots to keep after a compression (the policy's ``headroom``) and whether to keep
-    H2O's accumulated attention."""
+    shares, the free slots to keep after a compression (the policy's ``headroom``), whether to keep
+    H2O's accumulated attention, and how each key/value vector is stored (``codec``: the cache's
+    ``kv_dtype``, ``codecs.py``)."""
 
     layer_idx: int
     rows: Rows
     headroom: int = 64
     track_attention: bool = False
+    codec: KVCodec = KVCodec()
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ class KVLayer(CacheLayerMixin):
         self.qwin: torch.Tensor | None = None  # recent queries [B, Hq, W, D]
         self.qwin_pos: torch.Tensor | None = None  # their absolute positions [W] (or [B, W], -1: none)
         self.valid_host: list[int] | None = None  # valid tokens per row once compacted, host-side
+        #: a quantizing codec's first fill: the prompt's keys/values as the model gave them, which attention and
+        #: the policy's signals read until the layer's attention is done (``release_exact``) or its slots change
+        self.exact: tuple[torch.Tensor, torch.Tensor] | None = None
         #: per row and KV head, how many fewer valid tokens the head holds than the row's fullest head (after
         #: a head-adaptive plan); None: every head holds the same count. A recount from the device refreshes it.
         self.head_deficit: list[list[int]] | None = None
@@ -142,6 +149,7 @@ class KVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
+        self.spec.codec.check(self.dtype, self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -163,7 +171,7 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.pos = self.acc = self.qwin = self.qwin_pos = self.valid_host = None
-        self.head_deficit = None
+        self.head_deficit = self.exact = None
         self.length = self.total_seen = self.since_compress = 0
         self.contiguous = True
         self.is_initialized = False
@@ -183,6 +191,7 @@ class KVLayer(CacheLayerMixin):
             )
         self.length -= n
         self.total_seen -= n
+        self.exact = None
         self.keys = self.keys[:, :, : self.length]
         self.values = self.values[:, :, : self.length]
         self.pos = self.pos[:, :, : self.length]
@@ -191,7 +200,7 @@ class KVLayer(CacheLayerMixin):
         """Re-index the batch rows (beam reorder, repeat, select): ``fn`` maps a ``[B, ...]`` tensor."""
         if self.keys is None:
             return
-        self.valid_host = None  # recounted from the device on the next valid_counts()
+        self.valid_host = self.exact = None  # counts: recounted from the device on the next valid_counts()
         self.keys, self.values, self.pos = fn(self.keys), fn(self.values), fn(self.pos)
         self.acc = None if self.acc is None else fn(self.acc)
         self.qwin = None if self.qwin is None else fn(self.qwin)
@@ -221,10 +230,20 @@ class KVLayer(CacheLayerMixin):
         self.facts = facts
 
     def keys_view(self) -> torch.Tensor:
-        return self.keys[:, :, : self.length]
+        """The kept keys ``[B, H_kv, length, D]`` at the model's dtype (dequantized where the codec quantizes,
+        except the prompt's own keys while its layer's attention and scoring run: ``exact``)."""
+        if self.exact is not None:
+            return self.exact[0]
+        return self.spec.codec.decode(self.keys[:, :, : self.length], self.dtype)
 
     def values_view(self) -> torch.Tensor:
-        return self.values[:, :, : self.length]
+        if self.exact is not None:
+            return self.exact[1]
+        return self.spec.codec.decode(self.values[:, :, : self.length], self.dtype)
+
+    def release_exact(self) -> None:
+        """The layer's attention and the policy's plan are done: from now on the stored form is what is read."""
+        self.exact = None
 
     def pos_view(self) -> torch.Tensor:
         return self.pos[:, :, : self.length]
@@ -272,6 +291,7 @@ class KVLayer(CacheLayerMixin):
         self.length -= q
         self.total_seen -= q
         self.since_compress -= q
+        self.exact = None
         if self.valid_host is not None:
             self.valid_host = [n - q for n in self.valid_host]
 
@@ -304,6 +324,7 @@ class KVLayer(CacheLayerMixin):
         """
         k = index.shape[2]
         b, h, _, d = self.keys.shape
+        self.exact = None  # the slots change: the stored form is read from here on
         index = index.expand(b, h, k)
         idx4 = index.unsqueeze(-1).expand(b, h, k, d)
         # under autograd the attention that just ran saved these buffers for its backward: gather into new ones

@@ -6,11 +6,13 @@ gathers the kept slots into a right-sized buffer so the evicted memory is really
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import CacheMisuseError
 from ..rows import Rows
-from .base import FreezeSpec, KVLayer, LayerSpec
+from .base import FreezeSpec, KVLayer
 
 
 class DynamicLayer(KVLayer):
@@ -32,8 +34,9 @@ class DynamicLayer(KVLayer):
             new_pos = positions.unsqueeze(1).expand(b, h, q)
             self.contiguous = False
             self.valid_host = None  # empty slots (-1) are counted on the device
-        if self.keys is None or self.length == 0 and self.capacity < q:
-            # first fill: adopt the tensors as the buffer (no copy); growth happens on decode
+        first_fill = self.keys is None or self.length == 0 and self.capacity < q
+        if first_fill:
+            # adopt the tensors as the buffer (no copy unless the codec converts); growth happens on decode
             self.keys, self.values = self.stored(key_states, value_states)
             self.pos = new_pos.contiguous()
             if self.spec.track_attention:
@@ -45,23 +48,29 @@ class DynamicLayer(KVLayer):
             if self.length + q > self.capacity or key_states.requires_grad or self.keys.requires_grad:
                 self._reallocate(self.length + q + self.spec.headroom)
             end = self.length + q
-            self.keys[:, :, self.length : end] = key_states
-            self.values[:, :, self.length : end] = value_states
+            codec = self.spec.codec
+            self.keys[:, :, self.length : end] = codec.encode(key_states)
+            self.values[:, :, self.length : end] = codec.encode(value_states)
             self.pos[:, :, self.length : end] = new_pos
             if self.acc is not None:
                 self.acc[:, :, self.length : end] = 0.0
             self.length = end
         self.total_seen += q if width is None else width
         self.since_compress += q
+        self.exact = None
+        if first_fill and self.spec.codec.quantized:  # the prompt attends and is scored by its own keys exactly
+            self.exact = key_states, value_states
         return self.keys_view(), self.values_view()
 
     def stored(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The buffers the first fill keeps (later appends write into them): the new tensors themselves
-        here; a kind storing another dtype converts them."""
-        return key_states.contiguous(), value_states.contiguous()
+        """The buffers the first fill keeps (later appends write into them): the new tensors in the
+        codec's form (themselves at ``kv_dtype="auto"``)."""
+        codec = self.spec.codec
+        return codec.encode(key_states).contiguous(), codec.encode(value_states).contiguous()
 
     def _check_compatible(self, key_states: torch.Tensor) -> None:
-        held, given = self.keys.shape, key_states.shape
+        held, given = list(self.keys.shape), key_states.shape
+        held[3] -= self.spec.codec.stored_width(0)  # the head dimension the packed rows hold
         if given[0] != held[0]:
             raise CacheMisuseError(
                 f"this cache holds a batch of {held[0]} rows but was given {given[0]}; "
@@ -96,14 +105,14 @@ class DynamicLayer(KVLayer):
         The parts' buffers are released."""
         ref = parts[0]
         spec = ref.spec
-        layer = cls(LayerSpec(spec.layer_idx, rows, spec.headroom, spec.track_attention))
+        layer = cls(dataclasses.replace(spec, rows=rows))
         layer.carry_over(ref)
         layer.since_compress = max(p.since_compress for p in parts)
         layer.length = max(p.length for p in parts)
         layer.contiguous = all(p.contiguous for p in parts) and all(p.length == layer.length for p in parts)
         counts = [n for p in parts for n in p.valid_counts()]
         for p in parts:  # in-use slots only
-            p.keys, p.values, p.pos = p.keys_view(), p.values_view(), p.pos_view()
+            p.keys, p.values, p.pos = p.keys[:, :, : p.length], p.values[:, :, : p.length], p.pos_view()
             if p.acc is not None:
                 p.acc = p.acc[:, :, : p.length]
         layer.keys = _joined([p.keys for p in parts], 0.0)

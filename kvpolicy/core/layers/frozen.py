@@ -53,8 +53,8 @@ class FrozenLayer(KVLayer):
         self.keys = layer.keys.new_zeros(b, h, capacity, d)
         self.values = layer.values.new_zeros(b, h, capacity, d)
         self.pos = layer.pos.new_full((b, h, capacity), -1)
-        self.keys[:, :, :n] = layer.keys_view()
-        self.values[:, :, :n] = layer.values_view()
+        self.keys[:, :, :n] = layer.keys[:, :, :n]  # as stored (codes and scales, where quantized)
+        self.values[:, :, :n] = layer.values[:, :, :n]
         self.pos[:, :, :n] = layer.pos_view()
         if layer.acc is not None:
             self.acc = layer.acc.new_zeros(b, h, capacity)
@@ -64,7 +64,7 @@ class FrozenLayer(KVLayer):
         window = spec.query_window
         recorded = min(window, layer.qwin.shape[2]) if window and layer.qwin is not None else 0
         if recorded:
-            self.qring = layer.qwin.new_zeros(b, layer.qwin.shape[1], window, d)
+            self.qring = layer.qwin.new_zeros(b, layer.qwin.shape[1], window, layer.qwin.shape[3])
             self.ring_start = layer.total_seen - recorded
             qpos = layer.qwin_pos[..., -recorded:]
             if qpos.dim() == 2:  # per-row positions (prune-hidden prefill): the recent window agrees
@@ -118,12 +118,13 @@ class FrozenLayer(KVLayer):
                 "a compiled decode step takes one token per row; the cache thaws its layers for longer inputs"
             )
         b, h = key_states.shape[:2]
-        self.keys.index_copy_(2, self.slot, key_states)
-        self.values.index_copy_(2, self.slot, value_states)
+        codec = self.spec.codec
+        self.keys.index_copy_(2, self.slot, codec.encode(key_states))
+        self.values.index_copy_(2, self.slot, codec.encode(value_states))
         self.pos.index_copy_(2, self.slot, self.next_pos.view(1, 1, 1).expand(b, h, 1))
         self.slot.add_(1)
         self.next_pos.add_(1)
-        return self.keys, self.values
+        return codec.decode(self.keys, self.dtype), codec.decode(self.values, self.dtype)
 
     def attend(self, fn: Callable, impl: str, module: Any, query, key, value, args: tuple, kwargs: dict):
         """This step's attention over the whole buffer, under the layer's own mask (transformers'
@@ -143,7 +144,7 @@ class FrozenLayer(KVLayer):
         if self.qring is not None:
             self.qring.index_copy_(2, qpos % self.qring.shape[2], query)
         if self.acc is not None:  # H2O: this token's attention, added to every slot's running score
-            attention_signals.accumulate_into(self.acc, self.keys, self.pos, self.rows, self.facts.scaling, query, qpos)
+            attention_signals.accumulate_into(self.acc, key, self.pos, self.rows, self.facts.scaling, query, qpos)
         return attend_masked(fn, impl, module, query, key, value, allowed, None, args, kwargs)
 
     # ----------------------------------------------------------------- between steps (eager)
