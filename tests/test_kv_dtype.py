@@ -131,6 +131,7 @@ def test_full_cache_equals_the_dequantize_then_attend_reference(kv_dtype, compil
     assert torch.equal(expected.sequences, got.sequences)
     assert logits_gap(expected, got) < 1e-5
     assert cache.layers[0].keys.dtype == torch.int8
+    assert all(layer.attended is None for layer in cache.layers), "a forward's dequantized keys outlived it"
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])

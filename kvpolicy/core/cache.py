@@ -354,7 +354,7 @@ class PolicyCache(Cache):
             qpos = self._pruned.query_positions()
             self.compressor.after_attention(layer, self.binding, query, qpos, self._scoring.defers_plans)
         self._pruned.layer_done(layer)
-        layer.release_exact()
+        layer.release_attended()
         if (layer_idx == self.binding.num_layers - 1 and self.prompt_len is not None
                 and not self._scoring.prompt_running):  # a scoring pass comes first (it freezes when done)
             self.start_decoding()
@@ -446,9 +446,11 @@ def make_cache(name_or_config: Any = "full", **overrides: Any) -> PolicyCache:
     settings (``compiled_decode``, ``decode_reserve``, ``prefill_rows``, ``layer_kind``, ``kv_dtype``,
     ``tp_group``) may be passed too, and a config dict or preset file may hold them beside the policy's
     (``kv_dtype: int8`` in a preset); a keyword wins over the config's."""
-    from .config import preset_settings
-    from .registry import make_policy
+    from .registry import make_policy, preset_config
 
-    name_or_config, settings = preset_settings(name_or_config, CACHE_SETTINGS)
+    config, settings = preset_config(name_or_config), {}
+    if isinstance(config, dict):  # read once: the policy is made from the same dict
+        settings = {k: config[k] for k in CACHE_SETTINGS if k in config}
+        config = {k: v for k, v in config.items() if k not in CACHE_SETTINGS}
     settings |= {k: overrides.pop(k) for k in CACHE_SETTINGS if k in overrides}
-    return PolicyCache(make_policy(name_or_config, **overrides), **settings)
+    return PolicyCache(make_policy(config, **overrides), **settings)

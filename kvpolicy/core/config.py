@@ -107,18 +107,3 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
         f"no preset or file named {str(name_or_path)!r}; presets: {', '.join(preset_names()) or '(none)'}"
     )
 
-
-def preset_settings(name_or_config: Any, names: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
-    """``(config, settings)``: the cache settings ``names`` taken out of a config dict or a preset (by name or
-    file), the rest left for the policy; anything else is returned as it is, with no settings."""
-    data = None
-    if isinstance(name_or_config, dict):
-        data = name_or_config
-    elif isinstance(name_or_config, (str, Path)):
-        try:
-            data = load_preset(name_or_config)
-        except ConfigError:
-            return name_or_config, {}  # a policy name, or no preset: the registry says which
-    if data is None or not any(k in data for k in names):
-        return name_or_config, {}
-    return {k: v for k, v in data.items() if k not in names}, {k: data[k] for k in names if k in data}

@@ -116,6 +116,20 @@ def policy_class(name: str) -> type[CachePolicy]:
     return policies[name]
 
 
+def preset_config(name_or_config: Any) -> Any:
+    """A preset's settings (a dict with ``policy``) where ``name_or_config`` names a preset or its file and no
+    registered policy; else ``name_or_config`` as it is (a policy name, a config, or no preset at all: then
+    :func:`make_policy` says what is wrong)."""
+    from .config import load_preset
+
+    if not isinstance(name_or_config, (str, Path)) or str(name_or_config) in _policies():
+        return name_or_config
+    try:
+        return load_preset(name_or_config)
+    except ConfigError:
+        return name_or_config
+
+
 def make_policy(name_or_config: Any = "full", **overrides: Any) -> CachePolicy:
     """Build a policy from a name, a preset name/path, a config dict or a config model."""
     from .config import PolicyConfig, load_preset

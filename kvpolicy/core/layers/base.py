@@ -94,9 +94,10 @@ class KVLayer(CacheLayerMixin):
         self.qwin: torch.Tensor | None = None  # recent queries [B, Hq, W, D]
         self.qwin_pos: torch.Tensor | None = None  # their absolute positions [W] (or [B, W], -1: none)
         self.valid_host: list[int] | None = None  # valid tokens per row once compacted, host-side
-        #: a quantizing codec's first fill: the prompt's keys/values as the model gave them, which attention and
-        #: the policy's signals read until the layer's attention is done (``release_exact``) or its slots change
-        self.exact: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: under a quantizing codec, the keys/values this forward's attention reads (the prompt's first fill: as
+        #: the model gave them; later: dequantized once), which the policy's signals read too, until the layer's
+        #: attention is done (``release_attended``) or its slots change
+        self.attended: tuple[torch.Tensor, torch.Tensor] | None = None
         #: per row and KV head, how many fewer valid tokens the head holds than the row's fullest head (after
         #: a head-adaptive plan); None: every head holds the same count. A recount from the device refreshes it.
         self.head_deficit: list[list[int]] | None = None
@@ -171,7 +172,7 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.pos = self.acc = self.qwin = self.qwin_pos = self.valid_host = None
-        self.head_deficit = self.exact = None
+        self.head_deficit = self.attended = None
         self.length = self.total_seen = self.since_compress = 0
         self.contiguous = True
         self.is_initialized = False
@@ -191,7 +192,7 @@ class KVLayer(CacheLayerMixin):
             )
         self.length -= n
         self.total_seen -= n
-        self.exact = None
+        self.attended = None
         self.keys = self.keys[:, :, : self.length]
         self.values = self.values[:, :, : self.length]
         self.pos = self.pos[:, :, : self.length]
@@ -200,7 +201,7 @@ class KVLayer(CacheLayerMixin):
         """Re-index the batch rows (beam reorder, repeat, select): ``fn`` maps a ``[B, ...]`` tensor."""
         if self.keys is None:
             return
-        self.valid_host = self.exact = None  # counts: recounted from the device on the next valid_counts()
+        self.valid_host = self.attended = None  # counts: recounted from the device on the next valid_counts()
         self.keys, self.values, self.pos = fn(self.keys), fn(self.values), fn(self.pos)
         self.acc = None if self.acc is None else fn(self.acc)
         self.qwin = None if self.qwin is None else fn(self.qwin)
@@ -230,20 +231,20 @@ class KVLayer(CacheLayerMixin):
         self.facts = facts
 
     def keys_view(self) -> torch.Tensor:
-        """The kept keys ``[B, H_kv, length, D]`` at the model's dtype (dequantized where the codec quantizes,
-        except the prompt's own keys while its layer's attention and scoring run: ``exact``)."""
-        if self.exact is not None:
-            return self.exact[0]
+        """The kept keys ``[B, H_kv, length, D]`` at the model's dtype (dequantized where the codec quantizes;
+        while a forward's attention and plan run, what that attention read: ``attended``)."""
+        if self.attended is not None:
+            return self.attended[0]
         return self.spec.codec.decode(self.keys[:, :, : self.length], self.dtype)
 
     def values_view(self) -> torch.Tensor:
-        if self.exact is not None:
-            return self.exact[1]
+        if self.attended is not None:
+            return self.attended[1]
         return self.spec.codec.decode(self.values[:, :, : self.length], self.dtype)
 
-    def release_exact(self) -> None:
+    def release_attended(self) -> None:
         """The layer's attention and the policy's plan are done: from now on the stored form is what is read."""
-        self.exact = None
+        self.attended = None
 
     def pos_view(self) -> torch.Tensor:
         return self.pos[:, :, : self.length]
@@ -291,7 +292,7 @@ class KVLayer(CacheLayerMixin):
         self.length -= q
         self.total_seen -= q
         self.since_compress -= q
-        self.exact = None
+        self.attended = None
         if self.valid_host is not None:
             self.valid_host = [n - q for n in self.valid_host]
 
@@ -324,7 +325,7 @@ class KVLayer(CacheLayerMixin):
         """
         k = index.shape[2]
         b, h, _, d = self.keys.shape
-        self.exact = None  # the slots change: the stored form is read from here on
+        self.attended = None  # the slots change: the stored form is read from here on
         index = index.expand(b, h, k)
         idx4 = index.unsqueeze(-1).expand(b, h, k, d)
         # under autograd the attention that just ran saved these buffers for its backward: gather into new ones

@@ -10,7 +10,8 @@ freeze for the compiled step) moves codes and scales together without knowing th
 Why per token and head (one scale per key/value vector) and not KIVI's per-channel keys: an
 eviction policy drops single tokens, and a per-channel scale is shared by a group of tokens
 that the policy then breaks up (kvpress re-quantizes after every prune for that reason). A
-per-token scale travels with its token. Measured: docs/kv-dtype.md.
+per-token scale travels with its token (chosen on that argument; the per-channel variant was not
+measured: docs/kv-dtype.md).
 
 Attention reads the dequantized buffer (``decode``): the cache holds the codes; a forward's
 own new tokens (the prompt's first fill) are attended exactly and stored quantized.
@@ -18,12 +19,12 @@ own new tokens (the prompt's first fill) are attended exactly and stored quantiz
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import ConfigError
 
-#: what ``kv_dtype`` takes (``"int4"`` is named so its refusal can say what to use instead)
-KV_DTYPES = ("auto", "int8", "fp8")
 _HOLDS = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_BYTES = 4  # a float32 scale per vector, bit-cast into the row
 
@@ -119,13 +120,29 @@ class Fp8Codec(_EightBit):
 
     def check(self, dtype: torch.dtype, device: torch.device) -> None:
         super().check(dtype, device)
-        try:
-            torch.zeros(1, device=device).to(torch.float8_e4m3fn).float()
-        except (RuntimeError, TypeError) as err:
+        problem = _fp8_problem(torch.device(device).type)
+        if problem:
             raise ConfigError(
                 f"kv_dtype='fp8' needs float8_e4m3fn on {device}, which this torch ({torch.__version__}) "
-                f"cannot do there ({err}); use kv_dtype='int8' (the same bytes)"
-            ) from err
+                f"cannot do there ({problem}); use kv_dtype='int8' (the same bytes)"
+            )
+
+
+@functools.cache
+def _fp8_problem(device_type: str) -> str | None:
+    """Why float8_e4m3fn cannot be made on this kind of device (None: it can); tried once per kind, not
+    per layer."""
+    try:
+        torch.zeros(1, device=device_type).to(torch.float8_e4m3fn).float()
+    except (RuntimeError, TypeError) as err:
+        return str(err)
+    return None
+
+
+#: the codec of each ``kv_dtype`` name
+_CODECS: dict[str, type[KVCodec]] = {"auto": KVCodec, "int8": Int8Codec, "fp8": Fp8Codec}
+#: what ``kv_dtype`` takes (``"int4"`` is refused by name, saying what to use instead)
+KV_DTYPES = tuple(_CODECS)
 
 
 def choose_codec(kv_dtype: str | KVCodec = "auto") -> KVCodec:
@@ -140,7 +157,6 @@ def choose_codec(kv_dtype: str | KVCodec = "auto") -> KVCodec:
     if kv_dtype == "fp8" and not hasattr(torch, "float8_e4m3fn"):
         raise ConfigError(f"kv_dtype='fp8' needs torch.float8_e4m3fn (torch >= 2.1), not in torch "
                           f"{torch.__version__}; use kv_dtype='int8'")
-    codecs = {"auto": KVCodec, "int8": Int8Codec, "fp8": Fp8Codec}
-    if kv_dtype not in codecs:
+    if kv_dtype not in _CODECS:
         raise ConfigError(f"kv_dtype takes one of {', '.join(map(repr, KV_DTYPES))}, not {kv_dtype!r}")
-    return codecs[kv_dtype]()
+    return _CODECS[kv_dtype]()

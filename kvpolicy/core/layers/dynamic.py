@@ -57,9 +57,9 @@ class DynamicLayer(KVLayer):
             self.length = end
         self.total_seen += q if width is None else width
         self.since_compress += q
-        self.exact = None
-        if first_fill and self.spec.codec.quantized:  # the prompt attends and is scored by its own keys exactly
-            self.exact = key_states, value_states
+        self.attended = None
+        if self.spec.codec.quantized:  # the prompt attends and is scored by its own keys exactly; later, decoded once
+            self.attended = (key_states, value_states) if first_fill else (self.keys_view(), self.values_view())
         return self.keys_view(), self.values_view()
 
     def stored(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
