@@ -326,3 +326,23 @@ def test_compiled_generate_equals_the_eager_path(fresh_dynamo, monkeypatch):
     assert freezes == [1], "frozen once, after the scoring pass"
     for layer in range(4):
         assert per_head_sets(cache, layer) == per_head_sets(eager, layer)
+
+
+def test_a_4d_mask_scores_as_its_2d_padding_mask():
+    """transformers gives a compileable cache's prompt forward a 4-D additive mask (transformers 5.17 on a
+    GPU, where the compiled decode is the default): the scoring pass reads each row's padding from the cache,
+    and keeps what the 2-D mask keeps (it crashed indexing the prompt's tokens with the 4-D mask)."""
+    model = tiny_model("llama", "sdpa")
+    x = batch([40, 27], seed=3)
+    m2 = x["attention_mask"]
+    width = m2.shape[1]
+    allowed = torch.ones(width, width, dtype=torch.bool).tril().view(1, 1, width, width) & m2.bool().view(2, 1, 1, -1)
+    m4 = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    kept = []
+    for mask in (m2, m4):
+        cache = make_cache("kvzip", compression_ratio=0.5, compiled_decode=False)
+        with torch.no_grad():
+            model(input_ids=x["input_ids"], attention_mask=mask, past_key_values=cache)
+        kept.append([cache.kept_positions(i) for i in range(len(cache.layers))])
+    assert all(int((k >= 0).sum()) < (40 + 27) * k.shape[1] for k in kept[0])  # every layer compressed
+    assert all(torch.equal(a, b) for a, b in zip(*kept, strict=True))

@@ -228,7 +228,7 @@ class PolicyCache(Cache):
         """Valid kept tokens per layer and row (the fullest head's, where a head-adaptive policy left the
         heads holding different counts)."""
         self._settle()
-        return [[] if layer.keys is None else layer.valid_counts() for layer in self.layers]
+        return [[] if not layer.holds_tokens else layer.valid_counts() for layer in self.layers]
 
     def seen_tokens(self) -> list[int]:
         """Real (non-pad) tokens each row has given the cache, evicted ones included."""
@@ -292,7 +292,7 @@ class PolicyCache(Cache):
         """The prompt is in: freeze the layers for the compiled decode step, where this cache decodes so."""
         decodes_frozen = self.compiled_decode
         if decodes_frozen is None:
-            decodes_frozen = self.layers[0].keys.device.type == "cuda"
+            decodes_frozen = self.layers[0].device.type == "cuda"
         if not decodes_frozen:
             return
         window, shared = self.policy.signals.decode_query_window, bool(self.policy.shared_positions)
@@ -324,7 +324,7 @@ class PolicyCache(Cache):
         else the layer's own, boolean ``[B, H_kv or 1, Q, L]`` (one row per KV head, or one for all)."""
         layer = self.layers[layer_idx]
         if self.binding is None:
-            self.binding = ModelBinding.bind(module, self.policy, layer.keys.shape[1], self.tp_group)
+            self.binding = ModelBinding.bind(module, self.policy, layer.kv_heads, self.tp_group)
         facts = self.binding.meet(layer_idx, module)
         if facts is not None:
             layer.attach(facts)

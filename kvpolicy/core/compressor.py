@@ -96,12 +96,12 @@ class Compressor:
             and plan.scores.shape[1] == 1
             # one row for several heads here, or for a policy whose heads share tokens (with one KV head per
             # rank a per-head policy's scores have one row too)
-            and (view.layer.keys.shape[1] > 1 or self.policy.shared_positions)
+            and (view.layer.kv_heads > 1 or self.policy.shared_positions)
             and not view.heads_reduced
         ):
             raise CacheMisuseError(
                 f"policy {self.policy.name!r} gave one score per slot for all heads of layer {view.layer_idx}, "
-                f"computed from the {view.layer.keys.shape[1]} of {view.kv_heads} KV heads this rank holds under "
+                f"computed from the {view.layer.kv_heads} of {view.kv_heads} KV heads this rank holds under "
                 "tensor parallelism, so each rank would keep other tokens. Merge heads with "
                 "view.mean_over_heads(scores), which reduces across the ranks"
             )
@@ -127,7 +127,7 @@ class Compressor:
         """``select_per_head_parallel``: this rank's heads' share of the selection one process makes
         over the whole layer."""
         layer = view.layer
-        local = layer.keys.shape[1]
+        local = layer.kv_heads
         head_valid = layer.valid_counts_per_head() or [[n] * local for n in layer.valid_counts()]
         selection = select_per_head_parallel(view.parallel, plan, head_valid, layer.local_positions(),
                                              layer.pos_view(), view.seen, view.phase)

@@ -185,9 +185,9 @@ class PrunedPrefill:
         """Where the ``q`` queries of ``layer``'s attention sit, for its mask (``[B or 1, 1, q, 1]``), and
         whether one mask row serves all heads (a pruned prefill: every head holds the same tokens)."""
         pruner = self.running
-        device = layer.keys.device
+        device = layer.device
         if pruner is not None and pruner.layout.pos is not None:  # per row; empty slots query as the last token
-            return pruner.layout.columns.view(layer.keys.shape[0], 1, q, 1), True
+            return pruner.layout.columns.view(layer.batch_size, 1, q, 1), True
         return layer.query_positions(q, device).view(1, 1, q, 1), False
 
     def layer_done(self, layer: Any) -> None:

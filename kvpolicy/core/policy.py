@@ -170,7 +170,7 @@ class LayerView:
     def device(self) -> torch.device:
         """Where the layer's tensors live: build per-plan tensors there (a host tensor copied in waits
         for the device)."""
-        return self.layer.keys.device
+        return self.layer.device
 
     @property
     def valid_counts(self) -> list[int]:
@@ -183,7 +183,7 @@ class LayerView:
         """Valid kept tokens per row and KV head (host-side; they differ after a head-adaptive plan)."""
         per_head = self.layer.valid_counts_per_head()
         if per_head is None:
-            return [[n] * self.layer.keys.shape[1] for n in self.layer.valid_counts()]
+            return [[n] * self.layer.kv_heads for n in self.layer.valid_counts()]
         return per_head
 
     @property
@@ -211,7 +211,7 @@ class LayerView:
     def kv_heads(self) -> int:
         """KV heads of the whole layer; more than ``keys.shape[1]`` under tensor parallelism, where this
         process holds heads ``head_offset .. head_offset + keys.shape[1]`` of them."""
-        return self.layer.keys.shape[1] if self.parallel is None else self.parallel.total
+        return self.layer.kv_heads if self.parallel is None else self.parallel.total
 
     @property
     def head_offset(self) -> int:

@@ -73,7 +73,13 @@ class ScoringPass:
                 "so the prompt must be given as input_ids (not inputs_embeds)"
             )
         cache.thaw()
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = attention_mask
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            # no mask, or the 4-D one transformers builds for a compileable cache: each row's padding as the
+            # cache read it from the prompt's forward
+            width = input_ids.shape[1]
+            pads = cache.rows.pad_host or [0] * input_ids.shape[0]
+            mask = (torch.arange(width).view(1, -1) >= torch.tensor(pads).view(-1, 1)).long().to(input_ids.device)
         chunks = policy.scoring_inputs(input_ids, mask)
         base = getattr(model, "base_model", model)
         self.stage = Stage.CHUNKS

@@ -44,8 +44,8 @@ class HeadBudgetConfig(PolicyConfig):
     budget times the heads) by one top-k over all their scores, so a head whose attention is
     concentrated on few tokens gives slots to one whose attention is spread; each head keeps at
     least ``head_floor`` of the per-head budget (kvpress's ``alpha_safeguard``). Prompt compression
-    only. The layer's buffer is as wide as its fullest head (the other heads' surplus slots are
-    masked), so the KV memory saved is less than the tokens removed; see docs/policies/adakv.md."""
+    only. Each head is stored at its own length (``core/layers/ragged.py``), so the bytes freed equal the
+    tokens removed, except inside a compiled decode step (as wide as the fullest head); see docs/policies/adakv.md."""
 
     head_budget: Literal["uniform", "adaptive"] = "uniform"
     head_floor: float = Field(0.2, ge=0.0, le=1.0)

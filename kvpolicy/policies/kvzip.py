@@ -28,8 +28,9 @@ class KVzipConfig(PolicyConfig):
     layer and head. ``allocation`` says where the kept tokens may go: ``"global"`` (kvpress's default) ranks
     all compressible layers' and KV heads' pairs together, so each layer and head keeps what the ranking
     gives it; ``"layer"`` (kvpress's ``layerwise=True``) gives every layer the same share, split across its
-    heads; ``"uniform"`` gives every layer and head the same count (each head keeps its own best), so the
-    bytes saved equal the tokens removed (a layer's buffer is as wide as its fullest head). The
+    heads; ``"uniform"`` gives every layer and head the same count (each head keeps its own best). Whichever,
+    the bytes freed equal the tokens removed (each head is stored at its own length, ``core/layers/ragged.py``;
+    inside a compiled decode step, as wide as the layer's fullest head). The
     ``sink_size`` first tokens (and ``window_size`` newest) are kept in every layer and head.
 
     The reconstruction input of chunk ``c`` is ``prompt_ids`` (``chunk_prompt_ids`` and the previous chunk's

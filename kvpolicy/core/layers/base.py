@@ -223,6 +223,20 @@ class KVLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[2]
 
     @property
+    def kv_heads(self) -> int:
+        """KV heads this layer holds (read without touching the buffers' layout)."""
+        return self.keys.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def holds_tokens(self) -> bool:
+        """Whether the layer has been given keys yet (and not reset since)."""
+        return self.keys is not None
+
+    @property
     def compressible(self) -> bool:
         return self.facts is None or self.facts.compressible
 
