@@ -45,6 +45,7 @@ class RaggedStore:
     capacity: list[list[int]]  # per segment, host-side
     width: int  # the rectangle's columns when packed
     appended: int = 0
+    spare: int = 0  # the fewest entries any segment holds beyond its packed slots (set with ``capacity``)
 
     @classmethod
     def pack(cls, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, acc: torch.Tensor | None,
@@ -64,7 +65,7 @@ class RaggedStore:
         src, dst = _moves(head_len, head_len_host, torch.arange(head_len.numel(), device=pos.device) * width, offset)
         store = cls(keys.new_zeros(total, keys.shape[-1]), values.new_zeros(total, values.shape[-1]),
                     pos.new_full((total,), -1), None if acc is None else acc.new_zeros(total),
-                    offset, head_len, head_len_host, capacity, width)
+                    offset, head_len, head_len_host, capacity, width, spare=headroom)
         store.keys.index_copy_(0, dst, keys.reshape(-1, keys.shape[-1]).index_select(0, src))
         store.values.index_copy_(0, dst, values.reshape(-1, values.shape[-1]).index_select(0, src))
         store.pos.index_copy_(0, dst, pos.reshape(-1).index_select(0, src))
@@ -79,7 +80,7 @@ class RaggedStore:
 
     def room(self) -> int:
         """Tokens every segment can still take without growing."""
-        return min(c - n - self.appended for cr, nr in zip(self.capacity, self.head_len_host) for c, n in zip(cr, nr))
+        return self.spare - self.appended
 
     def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For each rectangle column ``[B, H, length]``: the flat entry that holds it, and whether it is padding."""
@@ -126,7 +127,7 @@ class RaggedStore:
             new = old.new_full((total, *old.shape[1:]), fill)
             new[dst] = old[src]
             setattr(self, name, new)
-        self.offset, self.capacity = offset, capacity
+        self.offset, self.capacity, self.spare = offset, capacity, self.appended + extra
 
     def stored_entries(self, allocated: bool) -> int:
         """Entries (one key or value vector each, per buffer) in use, or allocated."""
