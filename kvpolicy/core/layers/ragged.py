@@ -18,7 +18,7 @@ runs as the dynamic kind's; a compaction that leaves the heads uneven packs it a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,8 @@ class RaggedStore:
     width: int  # the rectangle's columns when packed
     appended: int = 0
     spare: int = 0  # the fewest entries any segment holds beyond its packed slots (set with ``capacity``)
+    #: ``columns()`` of the current layout (keys, values and positions of one step read the same ones)
+    _columns: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def pack(cls, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, acc: torch.Tensor | None,
@@ -84,12 +86,15 @@ class RaggedStore:
 
     def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For each rectangle column ``[B, H, length]``: the flat entry that holds it, and whether it is padding."""
+        if self._columns is not None:
+            return self._columns
         ramp = torch.arange(self.length, device=self.offset.device)
         head_len = self.head_len.unsqueeze(-1)
         src = torch.where(ramp < head_len, ramp, ramp - (self.width - head_len))
         padding = (ramp >= head_len) & (ramp < self.width)
         flat = (self.offset.unsqueeze(-1) + src.clamp_min(0)).clamp_(0, self.pos.shape[0] - 1)
-        return flat, padding
+        self._columns = (flat, padding)
+        return self._columns
 
     def rectangle(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys, values, positions (padding: -1) and accumulated attention (padding: 0) as the rectangle."""
@@ -113,6 +118,7 @@ class RaggedStore:
         if self.acc is not None:
             self.acc.index_fill_(0, dst, 0.0)
         self.appended += q
+        self._columns = None
 
     def _grow(self, extra: int) -> None:
         """New buffers where each segment has ``extra`` free entries (all move: one copy per growth)."""
@@ -128,6 +134,7 @@ class RaggedStore:
             new[dst] = old[src]
             setattr(self, name, new)
         self.offset, self.capacity, self.spare = offset, capacity, self.appended + extra
+        self._columns = None
 
     def stored_entries(self, allocated: bool) -> int:
         """Entries (one key or value vector each, per buffer) in use, or allocated."""
