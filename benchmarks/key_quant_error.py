@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicLayer as HFDynamicLayer
 
 from kvpolicy.evaluation import texts
 from kvpolicy.models import load_model
-from kvpolicy.provenance import run_meta
+from kvpolicy.provenance import markdown_provenance, run_meta
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int, group: int | None = None) -> torch.Tensor:
@@ -131,10 +131,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [
         "# Quantizing keys per token or per channel",
         "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: CPU ({meta['machine']['cpus']} CPUs), torch {meta['versions']['torch']}, transformers "
-        f"{meta['versions']['transformers']}, SmolLM2-135M-Instruct ({meta['dtype']}), commit {meta['commit'][:7]}"
-        f"{' (dirty)' if meta.get('dirty') else ''}, {meta['date']}.",
+        *markdown_provenance(meta, f"SmolLM2-135M-Instruct ({meta['dtype']})"),
         "",
         f"{meta['documents']} documents: a {meta['context']}-token prompt stored quantized, the next "
         f"{meta['continuation']} tokens scored attending it. Exact cache: perplexity {data['exact_ppl']:.3f}. "

@@ -29,7 +29,7 @@ from kvpolicy.core.layers import DynamicLayer, RaggedLayer
 from kvpolicy.core.registry import preset_config
 from kvpolicy.evaluation import texts
 from kvpolicy.models import load_model
-from kvpolicy.provenance import run_meta
+from kvpolicy.provenance import markdown_provenance, run_meta
 
 KINDS = {"rectangle": DynamicLayer, "ragged": RaggedLayer}
 
@@ -110,11 +110,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [
         "# KV bytes freed: rectangles vs head-ragged layers",
         "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']['device'] if 'device' in meta['machine'] else 'CPU'} "
-        f"({meta['machine']['cpus']} CPUs), torch {meta['versions']['torch']}, transformers "
-        f"{meta['versions']['transformers']}, model SmolLM2-135M-Instruct ({meta['dtype']}), commit "
-        f"{meta['commit'][:7]}{' (dirty)' if meta.get('dirty') else ''}, {meta['date']}.",
+        *markdown_provenance(meta, f"SmolLM2-135M-Instruct ({meta['dtype']})"),
         "",
         "Share of full's KV bytes freed (stored bytes, `memory_bytes(allocated=False)`), after the prompt and after "
         f"{meta['new_tokens']} greedy tokens; same tokens: both kinds generated the same tokens.",

@@ -90,6 +90,19 @@ def pasteable_command(argv: list[str]) -> str:
     return shlex.join((["python"] if argv[0].endswith(".py") else []) + list(argv))
 
 
+def markdown_provenance(meta: dict[str, Any], model: str) -> list[str]:
+    """The command and machine lines a results page opens with, read from its ``run_meta`` block."""
+    where, v = meta["machine"], meta["versions"]
+    device = where.get("device", "cpu")
+    commit = (meta.get("commit") or "unknown")[:7]
+    return [
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {'CPU' if device == 'cpu' else device} ({where['cpus']} CPUs), torch {v['torch']}, transformers "
+        f"{v['transformers']}, model {model}, commit {commit}{' (dirty)' if meta.get('dirty') else ''}, "
+        f"{meta['date']}.",
+    ]
+
+
 def run_meta(argv: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     """The ``meta`` block: command line, git commit (with a dirty flag), versions, machine, threads, date.
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from models import batch, tiny_model
 
 from kvpolicy import make_cache
-from kvpolicy.core.layers import DynamicLayer, RaggedLayer, RaggedStore
+from kvpolicy.core.layers import DynamicLayer, FreezeSpec, RaggedLayer, RaggedStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,6 +140,6 @@ def test_after_packing_a_row_reorder_a_copy_a_freeze_and_a_second_turn_match_the
             runs.append(model(input_ids=ids[:, -9:], attention_mask=mask, past_key_values=cache).logits)
     assert torch.equal(*runs)
     # frozen for the compiled step and thawed back: the ragged kind again, the same slots
-    frozen = ragged.layers[0].to_frozen(__import__("kvpolicy").core.layers.FreezeSpec(ragged.layers[0].length + 4))
+    frozen = ragged.layers[0].to_frozen(FreezeSpec(ragged.layers[0].length + 4))
     thawed = frozen.to_dynamic()
     assert type(thawed) is RaggedLayer and torch.equal(thawed.pos_view(), rect.layers[0].pos_view())
