@@ -118,6 +118,16 @@ GENERATE_POLICIES: dict[str, tuple[Any, dict]] = {
     "h2o-generate": (lambda: kvpolicy.make_cache("h2o", compression_ratio=0.54, evict_every=16), GREEDY),
     "streamingllm-generate":
         (lambda: kvpolicy.make_cache("streamingllm", compression_ratio=0.54, evict_every=16), GREEDY),
+    # kv_dtype and the decode kernel (issue 25): "-int8" stores K/V as int8 codes; "-sdpa" keeps the step's
+    # attention on dequantize + SDPA instead of the Triton kernel ("auto", the default, takes the kernel on CUDA)
+    "full-generate-top-p": (lambda: kvpolicy.make_cache("full"), TOP_P),
+    "full-generate-top-p-int8": (lambda: kvpolicy.make_cache("full", kv_dtype="int8"), TOP_P),
+    "pyramidinfer-floor-generate-top-p-int8":
+        (lambda: kvpolicy.make_cache("pyramidinfer_54_floor", kv_dtype="int8"), TOP_P),
+    "pyramidinfer-floor-generate-top-p-sdpa":
+        (lambda: kvpolicy.make_cache("pyramidinfer_54_floor", decode_kernel="sdpa"), TOP_P),
+    "pyramidinfer-floor-generate-top-p-int8-sdpa":
+        (lambda: kvpolicy.make_cache("pyramidinfer_54_floor", kv_dtype="int8", decode_kernel="sdpa"), TOP_P),
 }
 POLICIES.update({name: "generate" for name in GENERATE_POLICIES})
 

@@ -7,6 +7,12 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# tests/test_decode_kernel.py runs the Triton decode kernel in Triton's interpreter on CPU tensors. The
+# flag must be set before triton.language is first imported (its library functions are built then), so
+# it is set here, before any test module can import triton; `import torch` does not.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from . import attention_hook, compiled_step, hidden_pruning, model_call
+from . import attention_hook, compiled_step, decode_attention, hidden_pruning, model_call
 from .binding import ModelBinding
 from .compressor import Compressor
 from .errors import CacheMisuseError, ConfigError
@@ -33,7 +33,8 @@ from .rows import Rows, concat_states
 from .scoring_pass import ScoringPass
 
 #: Settings of the cache itself (the rest of a ``PolicyCache(name, **settings)`` call configures the policy).
-CACHE_SETTINGS = ("compiled_decode", "decode_reserve", "prefill_rows", "layer_kind", "kv_dtype", "tp_group")
+CACHE_SETTINGS = ("compiled_decode", "decode_reserve", "prefill_rows", "layer_kind", "kv_dtype", "decode_kernel",
+                  "tp_group")
 
 
 class PolicyCache(Cache):
@@ -58,7 +59,10 @@ class PolicyCache(Cache):
     still: the peak holds one chunk's activations and keys; ``core/model_call.py``).
     ``layer_kind``: the class the layers are made as (see ``layers.choose_kind``); ``kv_dtype``: how
     kept keys/values are stored, ``"auto"`` (the model's dtype), ``"int8"`` or ``"fp8"`` (8-bit codes with
-    a scale per vector: about half the bytes; ``layers/codecs.py``, docs/kv-dtype.md); ``tp_group``: the
+    a scale per vector: about half the bytes; ``layers/codecs.py``, docs/kv-dtype.md); ``decode_kernel``: what
+    computes a compiled decode step's attention, ``"auto"`` (kvpolicy's Triton kernel over the stored codes where
+    it applies, on CUDA; else dequantize + SDPA), ``"triton"`` (the kernel or an error) or ``"sdpa"``
+    (``core/decode_attention.py``); ``tp_group``: the
     tensor-parallel process group where kvpolicy cannot find it (``core/parallel.py``).
     """
 
@@ -71,6 +75,7 @@ class PolicyCache(Cache):
         prefill_rows: int | None = None,
         layer_kind: type[KVLayer] | None = None,
         kv_dtype: str | KVCodec = "auto",
+        decode_kernel: str = "auto",
         tp_group: Any = None,
         **overrides: Any,
     ):
@@ -91,6 +96,7 @@ class PolicyCache(Cache):
         self.compiled_decode, self.decode_reserve, self.prefill_rows = compiled_decode, decode_reserve, prefill_rows
         self.layer_kind, self.kv_dtype, self.tp_group = layer_kind, kv_dtype, tp_group
         self._kind, self._codec = choose_kind(layer_kind), choose_codec(kv_dtype)
+        self.decode_kernel = decode_attention.check_setting(decode_kernel)
         compiled_step.install()
         if prefill_rows:
             model_call.install()
@@ -154,7 +160,7 @@ class PolicyCache(Cache):
         while len(self.layers) <= layer_idx:
             idx = len(self.layers)
             spec = LayerSpec(idx, self.rows, self.policy.headroom(idx), self.policy.signals.accumulated_attention,
-                             self._codec)
+                             self._codec, self.decode_kernel)
             self.layers.append(self._kind(spec))
         keys, values = self.layers[layer_idx].append(key_states, value_states, **self._pruned.cut(layer_idx))
         attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
@@ -444,8 +450,8 @@ def make_cache(name_or_config: Any = "full", **overrides: Any) -> PolicyCache:
     """``make_cache("pyramidinfer", prefill_decay_ratio=0.8)`` or ``make_cache(config)``: a
     :class:`PolicyCache` with the named (or configured) policy, settings validated; the cache's own
     settings (``compiled_decode``, ``decode_reserve``, ``prefill_rows``, ``layer_kind``, ``kv_dtype``,
-    ``tp_group``) may be passed too, and a config dict or preset file may hold them beside the policy's
-    (``kv_dtype: int8`` in a preset); a keyword wins over the config's."""
+    ``decode_kernel``, ``tp_group``) may be passed too, and a config dict or preset file may hold them beside
+    the policy's (``kv_dtype: int8`` in a preset); a keyword wins over the config's."""
     from .registry import make_policy, preset_config
 
     config, settings = preset_config(name_or_config), {}

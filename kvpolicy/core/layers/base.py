@@ -36,14 +36,16 @@ from .codecs import KVCodec
 class LayerSpec:
     """What a layer is told when it is made: its index, the per-row facts every layer of the cache
     shares, the free slots to keep after a compression (the policy's ``headroom``), whether to keep
-    H2O's accumulated attention, and how each key/value vector is stored (``codec``: the cache's
-    ``kv_dtype``, ``codecs.py``)."""
+    H2O's accumulated attention, how each key/value vector is stored (``codec``: the cache's
+    ``kv_dtype``, ``codecs.py``), and what computes a frozen layer's decode attention (the cache's
+    ``decode_kernel``, ``core/decode_attention.py``)."""
 
     layer_idx: int
     rows: Rows
     headroom: int = 64
     track_attention: bool = False
     codec: KVCodec = KVCodec()
+    decode_kernel: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .. import masks
+from .. import decode_attention, masks
 from ..attention_hook import attend_masked
 from ..errors import CacheMisuseError
 from . import attention_signals
@@ -140,11 +140,17 @@ class FrozenLayer(KVLayer):
             kwargs.pop("attention_mask", None)
         qpos = self.next_pos - 1  # append() has run: the token being decoded
         pos = self.pos[:, :1] if self.shared else self.pos
-        allowed = masks.allowed(pos, self.rows.pad, qpos.view(1, 1, 1, 1), self.window)
         if self.qring is not None:
             self.qring.index_copy_(2, qpos % self.qring.shape[2], query)
         if self.acc is not None:  # H2O: this token's attention, added to every slot's running score
             attention_signals.accumulate_into(self.acc, key, self.pos, self.rows, self.facts.scaling, query, qpos)
+        if decode_attention.kernel_applies(self.spec.decode_kernel, query, self.spec.codec, kwargs):
+            # the stored codes, read once (the dequantized ``key``/``value`` append() returned go unused, and a
+            # compiled step never computes them unless H2O's signal above needs them)
+            out = decode_attention.kernel_attention(query, self.keys, self.values, pos, self.rows.pad, self.slot,
+                                                    self.next_pos, self.spec.codec, self.window, kwargs.get("scaling"))
+            return out, None
+        allowed = masks.allowed(pos, self.rows.pad, qpos.view(1, 1, 1, 1), self.window)
         return attend_masked(fn, impl, module, query, key, value, allowed, None, args, kwargs)
 
     # ----------------------------------------------------------------- between steps (eager)

@@ -1,0 +1,161 @@
+"""Decode attention (one query token per row) straight from a layer's stored buffers, in Triton.
+
+Why a kernel of its own: a quantized layer's keys and values are int8 or fp8 codes with a float32
+scale per vector (``layers/codecs.py``). Through SDPA the step first writes the whole layer back
+out at 16 bits and then reads that copy, so int8 *adds* traffic where it should halve it; and a
+kvpolicy layer needs its own mask (slots hold arbitrary positions), which SDPA takes only as a
+materialised tensor. This kernel reads each stored code and scale once, builds the mask from the
+slots' positions as it goes, and serves the whole GQA group of a KV head from one read of its
+keys (``G`` query heads as the ``M`` side of one ``tl.dot``).
+
+Shape of the work (flash-decoding): program ``(row * H_kv + head, split)`` walks one share of the
+filled slots and writes a partial (running max, normaliser, weighted sum) per query head; a second
+kernel combines the splits. The number of filled slots is read on the device (the frozen layer's
+``slot`` counter), so the launch is the same every step: capturable in a CUDA graph, no host read.
+
+The oracle is :func:`kvpolicy.core.decode_attention.reference` (dequantize, mask, SDPA on CPU);
+tests run this file under Triton's interpreter (``TRITON_INTERPRET=1``) against it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: ``codes`` values: how the stored rows hold a vector
+PLAIN, INT8, FP8 = 0, 1, 2
+
+
+@triton.jit
+def _partial_kernel(
+    Q, K, V, POS, PAD, SLOT, NEXT, O_PART, M_PART, L_PART,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_pb, stride_ph,
+    kv_heads, scaling,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CODES: tl.constexpr, WINDOW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    filled = tl.load(SLOT)
+    qpos = tl.load(NEXT) - 1  # the token being decoded (appended before attention)
+    pad = tl.load(PAD + b)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    gmask = g < G
+    dmask = d < D
+    q = tl.load(Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    q = (q * scaling).to(DOT_DTYPE)
+
+    per_split = (filled + SPLITS - 1) // SPLITS
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, filled)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    p_base = POS + b * stride_pb + h * stride_ph
+
+    m = tl.full([G_PAD], -1.0e30, tl.float32)
+    den = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    for s0 in range(start, end, BLOCK_N):
+        offs = s0 + tl.arange(0, BLOCK_N)
+        inside = offs < end
+        pos = tl.load(p_base + offs, mask=inside, other=-1)
+        ok = inside & (pos >= pad) & (pos <= qpos)
+        if WINDOW > 0:
+            ok = ok & (pos > qpos - WINDOW)
+        kv_mask = ok[:, None] & dmask[None, :]
+        k = tl.load(k_base + offs[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0)
+        v = tl.load(v_base + offs[:, None] * stride_vl + d[None, :], mask=kv_mask, other=0)
+        if CODES == 2:
+            k = k.to(tl.float8e4nv, bitcast=True)
+            v = v.to(tl.float8e4nv, bitcast=True)
+        # [G_PAD, BLOCK_N]: the group's queries against each key, read once
+        scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION, out_dtype=tl.float32)
+        if CODES > 0:  # the float32 scale sits bit-cast in the four bytes after the D codes
+            k_scale = tl.load((k_base + offs * stride_kl + D).to(tl.pointer_type(tl.float32)), mask=ok, other=0.0)
+            scores = scores * k_scale[None, :]
+        scores = tl.where(ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        den = den * alpha + tl.sum(p, 1)
+        if CODES > 0:
+            v_scale = tl.load((v_base + offs * stride_vl + D).to(tl.pointer_type(tl.float32)), mask=ok, other=0.0)
+            p = p * v_scale[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION,
+                                       out_dtype=tl.float32)
+        m = m_new
+
+    part = bh * SPLITS + split
+    tl.store(O_PART + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], acc)
+    tl.store(M_PART + part * G_PAD + g, m)
+    tl.store(L_PART + part * G_PAD + g, den)
+
+
+@triton.jit
+def _combine_kernel(
+    O_PART, M_PART, L_PART, OUT, stride_ob, stride_oh, kv_heads,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    s = tl.arange(0, SPLITS)
+    part = bh * SPLITS + s
+    m = tl.load(M_PART + part[:, None] * G_PAD + g[None, :])  # [SPLITS, G_PAD]
+    den = tl.load(L_PART + part[:, None] * G_PAD + g[None, :])
+    top = tl.max(m, 0)
+    w = tl.exp(m - top[None, :])  # an empty split: m = -1e30, den = 0, weight 0
+    total = tl.sum(w * den, 0)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    for i in range(SPLITS):
+        wi = tl.exp(tl.load(M_PART + (bh * SPLITS + i) * G_PAD + g) - top)
+        oi = tl.load(O_PART + ((bh * SPLITS + i) * G_PAD + g)[:, None] * D_PAD + d[None, :])
+        acc += wi[:, None] * oi
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(OUT + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=(g < G)[:, None] & (d < D)[None, :])
+
+
+#: built for Triton's interpreter (``TRITON_INTERPRET=1`` at import): the kernels then run on CPU tensors
+INTERPRETED = type(_partial_kernel).__name__ == "InterpretedFunction"
+
+
+def launch(query, keys, values, pos, pad, slot, next_pos, out, parts, *, codes: int, window: int, scaling: float,
+           block_n: int, splits: int, dot_dtype) -> None:
+    """Run both kernels: ``query`` ``[B, H_q, D]``; ``keys``/``values`` ``[B, H_kv, L, W]`` as stored; ``pos``
+    ``[B, H_kv or 1, L]``; ``pad`` ``[B]``; ``slot``/``next_pos`` ``[1]`` (filled slots, next position);
+    ``out`` ``[B, H_q, D]``; ``parts``: (o ``[B*H_kv*splits*G_PAD*D_PAD]``, m, l ``[B*H_kv*splits*G_PAD]``)
+    float32 scratch."""
+    b, hq, d = query.shape
+    hkv = keys.shape[1]
+    g = hq // hkv
+    g_pad = max(16, triton.next_power_of_2(g))
+    d_pad = max(16, triton.next_power_of_2(d))
+    o_part, m_part, l_part = parts
+    tl_dot = {"bfloat16": tl.bfloat16, "float16": tl.float16, "float32": tl.float32}[dot_dtype]
+    _partial_kernel[(b * hkv, splits)](
+        query, keys, values, pos, pad, slot, next_pos, o_part, m_part, l_part,
+        query.stride(0), query.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0,
+        hkv, scaling,
+        G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=block_n, SPLITS=splits, CODES=codes, WINDOW=window,
+        DOT_DTYPE=tl_dot, PRECISION="ieee" if dot_dtype == "float32" else "tf32",
+    )
+    _combine_kernel[(b * hkv,)](
+        o_part, m_part, l_part, out, out.stride(0), out.stride(1), hkv,
+        G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, SPLITS=splits,
+    )
