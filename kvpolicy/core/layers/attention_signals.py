@@ -5,48 +5,57 @@ Costed by memory traffic, since the probabilities are far larger than the querie
 goes on the few queries, the logits stay in the cache's dtype until the softmax writes float32,
 and callers sum over the GQA group and the queries in one reduction. Queries go ``_QUERY_CHUNK``
 at a time, which bounds the ``[B, H, chunk, L]`` temporary.
+
+The scores are masked exactly as the layer's attention is (``masks.allowed``: real tokens, causal, and
+on a sliding layer only the last ``window`` positions): a score must be what the model's attention
+can see. Masking them as causal only let a sliding layer's policy rank, and keep, tokens that fell out
+of the window, which the model gives no weight and will never attend again.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import masks
 from ..rows import Rows
 
 _QUERY_CHUNK = 128
 
 
 def attention_probs(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float, queries: torch.Tensor,
-                    qpos: torch.Tensor) -> torch.Tensor:
+                    qpos: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Softmax attention ``[B, H_kv, G, Q, L]`` (float32; ``G`` query heads per KV head) of ``queries``
     ``[B, H_q, Q, D]`` at absolute positions ``qpos`` (``[Q]`` or per row ``[B, Q]``) over ``keys``
-    ``[B, H_kv, L, D]`` held at ``pos`` ``[B, H_kv, L]``; invalid and future slots get none."""
+    ``[B, H_kv, L, D]`` held at ``pos`` ``[B, H_kv, L]``; invalid and future slots get none, nor, on a
+    sliding layer of ``window`` tokens (None: global), slots outside the window: the scores match the
+    model's own attention (``masks.allowed``), not a causal one that sees past the window."""
     b, hkv, _, d = keys.shape
     g = queries.shape[1] // hkv
     qq = (queries.float() * scaling).to(keys.dtype).reshape(b, hkv, g, queries.shape[2], d)
     logits = torch.einsum("bhgqd,bhld->bhgql", qq, keys)
-    valid = rows.valid(pos).unsqueeze(2).unsqueeze(2)  # [B,H,1,1,L]
-    qpos = qpos.view(-1 if qpos.dim() == 2 else 1, 1, 1, qpos.shape[-1], 1)
-    causal = pos.unsqueeze(2).unsqueeze(2) <= qpos
-    logits = logits.masked_fill(~(valid & causal), float("-inf"))
+    qpos = qpos.view(-1 if qpos.dim() == 2 else 1, 1, qpos.shape[-1], 1)
+    allowed = masks.allowed(pos, rows.pad, qpos, window).unsqueeze(2)  # [B,H,1,Q,L]: the layer's own mask
+    logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     return probs.nan_to_num_(nan=0.0)  # a pad query attends to nothing
 
 
 def accumulate_into(acc: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float,
-                    queries: torch.Tensor, qpos: torch.Tensor) -> None:
+                    queries: torch.Tensor, qpos: torch.Tensor, window: int | None = None) -> None:
     """Add to ``acc`` ``[B, H_kv, L]`` the attention each slot receives from ``queries`` (summed over the
-    queries, the GQA group averaged)."""
+    queries, the GQA group averaged), within the layer's sliding ``window`` (None: global)."""
     for s in range(0, queries.shape[2], _QUERY_CHUNK):
         probs = attention_probs(keys, pos, rows, scaling, queries[:, :, s : s + _QUERY_CHUNK],
-                                qpos[..., s : s + _QUERY_CHUNK])
+                                qpos[..., s : s + _QUERY_CHUNK], window)
         acc += probs.sum(dim=(2, 3)) / probs.shape[2]
 
 
 def window_attention(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float, queries: torch.Tensor,
-                     qpos: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+                     qpos: torch.Tensor, weights: torch.Tensor | None = None,
+                     window: int | None = None) -> torch.Tensor:
     """``[B, H_kv, L]``: the attention of the ``W`` recorded ``queries`` over the slots, each query weighted
-    by ``weights`` (``[W]`` or ``[B, W]``, oldest first; default 1), the GQA group's heads averaged."""
+    by ``weights`` (``[W]`` or ``[B, W]``, oldest first; default 1), the GQA group's heads averaged; within
+    the layer's sliding ``window`` (None: global)."""
     w = queries.shape[2]
     if weights is None:
         weights = torch.ones(w, device=queries.device)
@@ -56,7 +65,7 @@ def window_attention(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling:
     out = None
     for s in range(0, w, _QUERY_CHUNK):
         probs = attention_probs(keys, pos, rows, scaling, queries[:, :, s : s + _QUERY_CHUNK],
-                                qpos[..., s : s + _QUERY_CHUNK])
+                                qpos[..., s : s + _QUERY_CHUNK], window)
         part = torch.einsum("bhgql,bq->bhl", probs, weights[:, s : s + _QUERY_CHUNK])
         out = part if out is None else out + part
     return out / (queries.shape[1] // keys.shape[1])

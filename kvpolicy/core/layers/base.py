@@ -438,7 +438,7 @@ class KVLayer(CacheLayerMixin):
         if num_queries is not None:
             queries, qpos = queries[:, :, -num_queries:], qpos[..., -num_queries:]
         return attention_signals.window_attention(
-            self.keys_view(), self.pos_view(), self.rows, self.facts.scaling, queries, qpos, weights
+            self.keys_view(), self.pos_view(), self.rows, self.facts.scaling, queries, qpos, weights, self.window
         )
 
     def accumulate_attention(self, query: torch.Tensor, qpos: torch.Tensor | None = None) -> None:
@@ -446,7 +446,8 @@ class KVLayer(CacheLayerMixin):
         if qpos is None:
             qpos = self.query_positions(query.shape[2], query.device)
         attention_signals.accumulate_into(
-            self.acc[:, :, : self.length], self.keys_view(), self.pos_view(), self.rows, self.facts.scaling, query, qpos
+            self.acc[:, :, : self.length], self.keys_view(), self.pos_view(), self.rows, self.facts.scaling, query,
+            qpos, self.window,
         )
 
     def accumulated_attention(self) -> torch.Tensor:

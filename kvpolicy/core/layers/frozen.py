@@ -143,7 +143,8 @@ class FrozenLayer(KVLayer):
         if self.qring is not None:
             self.qring.index_copy_(2, qpos % self.qring.shape[2], query)
         if self.acc is not None:  # H2O: this token's attention, added to every slot's running score
-            attention_signals.accumulate_into(self.acc, key, self.pos, self.rows, self.facts.scaling, query, qpos)
+            attention_signals.accumulate_into(self.acc, key, self.pos, self.rows, self.facts.scaling, query, qpos,
+                                              self.window)
         if decode_attention.kernel_applies(self.spec.decode_kernel, query, self.spec.codec, kwargs):
             # the stored codes, read once (the dequantized ``key``/``value`` append() returned go unused, and a
             # compiled step never computes them unless H2O's signal above needs them)
