@@ -21,7 +21,8 @@ from models import batch, tiny_model  # noqa: E402
 
 from kvpolicy import ConfigError, make_cache  # noqa: E402
 from kvpolicy.core import decode_attention, decode_kernel  # noqa: E402
-from kvpolicy.core.layers import Fp8Codec, Int8Codec, KVCodec  # noqa: E402
+from kvpolicy.core.layers import DynamicLayer, Fp8Codec, Int8Codec, KVCodec  # noqa: E402
+from kvpolicy.core.layers.frozen_ragged import FrozenRaggedLayer  # noqa: E402
 
 if not decode_kernel.INTERPRETED:  # pragma: no cover - conftest.py sets the flag where there is no GPU
     pytest.skip("these tests run the kernel in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py "
@@ -134,3 +135,32 @@ def test_auto_keeps_to_sdpa_on_the_cpu():
     """The interpreter is for tests: ``auto`` on CPU tensors never takes the (slow) interpreted kernel."""
     assert not decode_attention.kernel_applies("auto", torch.zeros(1, 1, 1, 8), KVCodec(), {})
     assert decode_attention.kernel_applies("triton", torch.zeros(1, 1, 1, 8), Int8Codec(), {})
+
+
+@pytest.mark.parametrize(("policy", "settings_"), [
+    ("kvzip", dict(compression_ratio=0.5)),
+    ("snapkv_adakv", dict(compression_ratio=0.5, window_size=8)),
+    ("pyramidinfer", dict(min_context_length=8, prefill_decay_ratio=0.7, exceed_length_to_compress=4)),
+])
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_the_kernel_reads_frozen_segments_as_the_rectangle(policy, settings_, kv_dtype):
+    """Head-ragged frozen layers (``layers/frozen_ragged.py``): the kernel's segment mode gives the tokens
+    of the kernel over the rectangle kind, logits within float32 noise, pyramidinfer compacting between steps."""
+    model = tiny_model("llama", "sdpa")
+    inputs = batch([150, 97, 124], seed=5)
+    runs = []
+    for kind in (DynamicLayer, None):
+        cache = make_cache(policy, kv_dtype=kv_dtype, compiled_decode=True, decode_kernel="triton", layer_kind=kind,
+                           **settings_)
+        with torch.no_grad():
+            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=10, min_new_tokens=10,
+                                 do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                 disable_compile=True)
+        runs.append((out, cache))
+    (want, rect), (got, ragged) = runs
+    assert any(isinstance(layer, FrozenRaggedLayer) and layer.packed for layer in ragged.layers)
+    assert torch.equal(want.sequences, got.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(want.logits, got.logits, strict=True)) < 1e-4
+    for a, b in zip(rect.layers, ragged.layers, strict=True):
+        assert torch.equal(a.pos_view(), b.pos_view())
+    assert ragged.memory_bytes(allocated=False) < rect.memory_bytes(allocated=False)

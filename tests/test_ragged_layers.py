@@ -14,6 +14,7 @@ from models import batch, tiny_model
 
 from kvpolicy import make_cache
 from kvpolicy.core.layers import DynamicLayer, FreezeSpec, RaggedLayer, RaggedStore
+from kvpolicy.core.layers.frozen_ragged import FrozenRaggedLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,3 +144,58 @@ def test_after_packing_a_row_reorder_a_copy_a_freeze_and_a_second_turn_match_the
     frozen = ragged.layers[0].to_frozen(FreezeSpec(ragged.layers[0].length + 4))
     thawed = frozen.to_dynamic()
     assert type(thawed) is RaggedLayer and torch.equal(thawed.pos_view(), rect.layers[0].pos_view())
+
+
+# ------------------------------------------------------------------------------- frozen as segments
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("name, settings", CASES, ids=[c[0] for c in CASES])
+def test_frozen_segments_decode_the_rectangles_tokens_and_keep_the_bytes_freed(name, settings, kv_dtype):
+    """The compiled step's layers (``compiled_decode=True``, run eagerly on the CPU, where attention gathers
+    the rectangle for SDPA): a packed layer freezes as segments (H2O's accumulated attention excepted) and
+    decodes, compacting between steps where the policy does, with the frozen rectangle's tokens and logits
+    bit for bit, its kept positions, and no padding stored."""
+    model = tiny_model("llama", "sdpa")
+    inputs = batch([150, 97, 124], seed=5)
+    rect = make_cache(name, layer_kind=DynamicLayer, compiled_decode=True, kv_dtype=kv_dtype, **settings)
+    ragged = make_cache(name, compiled_decode=True, kv_dtype=kv_dtype, **settings)
+    want, got = generate(model, inputs, rect, 24), generate(model, inputs, ragged, 24)
+    assert rect.is_frozen() and ragged.is_frozen()
+    assert same_run(want, got)
+    for a, b in zip(rect.layers, ragged.layers, strict=True):
+        assert torch.equal(a.pos_view(), b.pos_view())
+    segments = [layer for layer in ragged.layers if isinstance(layer, FrozenRaggedLayer) and layer.packed]
+    if name == "h2o":
+        assert not segments, "H2O's accumulated attention is summed in a rectangle"
+        return
+    assert segments, "no layer decoded as segments"
+    d = model.config.head_dim if hasattr(model.config, "head_dim") else 16
+    per_vector = 2 * (d * 4 if kv_dtype == "auto" else d + 4)
+    for a, b in zip(rect.layers, ragged.layers, strict=True):
+        if b in segments:
+            assert b.kv_bytes(allocated=False) == int((a.pos_view() >= 0).sum()) * per_vector
+    assert ragged.memory_bytes(allocated=False) < rect.memory_bytes(allocated=False)
+    assert ragged.memory_bytes(allocated=True) < rect.memory_bytes(allocated=True)
+
+
+def test_frozen_segments_keep_their_addresses_through_steps_and_compactions():
+    """What a recorded CUDA graph needs: the buffers and the segment tensors the step reads stay the same
+    objects while the layer decodes and compacts in place (pyramidinfer compacts every few steps)."""
+    model = tiny_model("llama", "sdpa")
+    inputs = batch([150, 97, 124], seed=5)
+    settings = dict(min_context_length=8, prefill_decay_ratio=0.7, exceed_length_to_compress=8)
+    cache = make_cache("pyramidinfer", compiled_decode=True, decode_reserve=64, **settings)
+    generate(model, inputs, cache, 1)
+    layer = next(layer for layer in cache.layers if isinstance(layer, FrozenRaggedLayer) and layer.packed)
+    held = [t.data_ptr() for t in (layer._store.keys, layer._store.pos, layer.seg_start, layer.seg_end)]
+    length = layer.length
+    with torch.no_grad():  # continue the same cache for 20 more steps
+        ids = torch.randint(3, 97, (3, 1), generator=torch.Generator().manual_seed(1))
+        mask = torch.cat([inputs["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1)
+        for _ in range(20):
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            ids = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    assert layer.packed and layer.length < length + 20, "the layer did not compact while decoding"
+    assert [t.data_ptr() for t in (layer._store.keys, layer._store.pos, layer.seg_start, layer.seg_end)] == held

@@ -89,18 +89,23 @@ def splits_for(rows_heads: int, capacity: int, device: torch.device) -> int:
 
 def kernel_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
                      pad: torch.Tensor, slot: torch.Tensor, next_pos: torch.Tensor, codec,
-                     window: int | None, scaling: float | None) -> torch.Tensor:
+                     window: int | None, scaling: float | None,
+                     segments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of ``query`` ``[B, H_q, 1, D]`` (the token at ``next_pos - 1``) over the first ``slot`` slots
     of ``keys``/``values`` ``[B, H_kv, L, W]`` as stored, under the mask of ``masks.allowed``;
-    ``[B, 1, H_q, D]`` in the query's dtype (what transformers' attention functions return)."""
+    ``[B, 1, H_q, D]`` in the query's dtype (what transformers' attention functions return).
+    ``segments`` (a head-ragged frozen layer, ``layers/frozen_ragged.py``): ``(start, end)`` ``[B, H_kv]``, and
+    ``keys``/``values`` ``[N, W]``, ``pos`` ``[N]`` flat: row ``b``'s head ``h`` holds entries ``start[b, h]``
+    up to ``end[b, h] + slot``."""
     b, hq, q_len, d = query.shape
     if q_len != 1:
         raise ValueError("the decode kernel takes one query token per row")
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or pos.stride(-1) != 1:
         raise ValueError("the decode kernel reads buffers whose last dimension is contiguous")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    seg_start, seg_end = segments if segments is not None else (None, None)
     out = torch.ops.kvpolicy.decode_attention(query.reshape(b, hq, d), keys, values, pos, pad, slot, next_pos,
-                                              _code_of(codec), window or 0, float(scale))
+                                              seg_start, seg_end, _code_of(codec), window or 0, float(scale))
     return out.unsqueeze(1)
 
 
@@ -108,11 +113,16 @@ def kernel_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 # shape (CUDA graphs capture it: it reads no host number)
 @torch.library.custom_op("kvpolicy::decode_attention", mutates_args=())
 def _decode_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor,
-               slot: torch.Tensor, next_pos: torch.Tensor, codes: int, window: int, scaling: float) -> torch.Tensor:
+               slot: torch.Tensor, next_pos: torch.Tensor, seg_start: torch.Tensor | None, seg_end: torch.Tensor | None,
+               codes: int, window: int, scaling: float) -> torch.Tensor:
     from . import decode_kernel
 
     b, hq, d = query.shape
-    hkv, capacity = keys.shape[1], keys.shape[2]
+    if seg_start is None:
+        hkv, capacity = keys.shape[1], keys.shape[2]
+        segments = None
+    else:  # the slots per segment, on average: what the shares are sized by
+        hkv, capacity, segments = seg_start.shape[1], keys.shape[0] // max(1, seg_start.numel()), (seg_start, seg_end)
     g = hq // hkv
     g_pad, d_pad = max(16, 1 << (g - 1).bit_length()), max(16, 1 << (d - 1).bit_length())
     splits = splits_for(b * hkv, capacity, query.device)
@@ -123,7 +133,7 @@ def _decode_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, po
              torch.empty(n_parts, dtype=torch.float32, device=query.device))
     decode_kernel.launch(
         query, keys, values, pos, pad, slot, next_pos, out, parts, codes=codes, window=window, scaling=scaling,
-        block_n=_BLOCK_N, splits=splits,
+        block_n=_BLOCK_N, splits=splits, segments=segments,
         # Triton's interpreter multiplies bfloat16 matrices wrongly (its numpy has no bfloat16): there the
         # products are taken in float32, which the GPU check (benchmarks/decode_kernel_check.py) does not use
         dot_dtype="float32" if decode_kernel.INTERPRETED else str(query.dtype).removeprefix("torch."),
@@ -132,7 +142,7 @@ def _decode_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, po
 
 
 @_decode_op.register_fake
-def _decode_op_shape(query, keys, values, pos, pad, slot, next_pos, codes, window, scaling):
+def _decode_op_shape(query, keys, values, pos, pad, slot, next_pos, seg_start, seg_end, codes, window, scaling):
     return torch.empty_like(query)
 
 

@@ -28,7 +28,7 @@ PLAIN, INT8, FP8 = 0, 1, 2
 
 @triton.jit
 def _partial_kernel(
-    Q, K, V, POS, PAD, SLOT, NEXT, O_PART, M_PART, L_PART,
+    Q, K, V, POS, PAD, SLOT, NEXT, SEG_START, SEG_END, O_PART, M_PART, L_PART,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -36,14 +36,24 @@ def _partial_kernel(
     kv_heads, scaling,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CODES: tl.constexpr, WINDOW: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RAGGED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // kv_heads
     h = bh % kv_heads
-    filled = tl.load(SLOT)
     qpos = tl.load(NEXT) - 1  # the token being decoded (appended before attention)
+    if RAGGED:  # flat [N, W] buffers: this (row, head)'s segment starts at SEG_START and ends at SEG_END + SLOT
+        first = tl.load(SEG_START + bh)
+        filled = tl.load(SEG_END + bh) + tl.load(SLOT) - first
+        k_base = K + first * stride_kl
+        v_base = V + first * stride_vl
+        p_base = POS + first
+    else:
+        filled = tl.load(SLOT)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        p_base = POS + b * stride_pb + h * stride_ph
     pad = tl.load(PAD + b)
 
     g = tl.arange(0, G_PAD)
@@ -58,9 +68,6 @@ def _partial_kernel(
     chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, filled)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    p_base = POS + b * stride_pb + h * stride_ph
 
     m = tl.full([G_PAD], -1.0e30, tl.float32)
     den = tl.zeros([G_PAD], tl.float32)
@@ -133,27 +140,33 @@ INTERPRETED = type(_partial_kernel).__name__ == "InterpretedFunction"
 
 
 def launch(query, keys, values, pos, pad, slot, next_pos, out, parts, *, codes: int, window: int, scaling: float,
-           block_n: int, splits: int, dot_dtype) -> None:
+           block_n: int, splits: int, dot_dtype, segments=None) -> None:
     """Run both kernels: ``query`` ``[B, H_q, D]``; ``keys``/``values`` ``[B, H_kv, L, W]`` as stored; ``pos``
     ``[B, H_kv or 1, L]``; ``pad`` ``[B]``; ``slot``/``next_pos`` ``[1]`` (filled slots, next position);
     ``out`` ``[B, H_q, D]``; ``parts``: (o ``[B*H_kv*splits*G_PAD*D_PAD]``, m, l ``[B*H_kv*splits*G_PAD]``)
-    float32 scratch."""
+    float32 scratch. ``segments``: ``(start, end)`` ``[B, H_kv]`` for flat buffers (``keys`` ``[N, W]``, ``pos``
+    ``[N]``): segment ``(b, h)`` holds entries ``start[b, h]`` to ``end[b, h] + slot``."""
     b, hq, d = query.shape
-    hkv = keys.shape[1]
+    ragged = segments is not None
+    hkv = segments[0].shape[1] if ragged else keys.shape[1]
     g = hq // hkv
     g_pad = max(16, triton.next_power_of_2(g))
     d_pad = max(16, triton.next_power_of_2(d))
     o_part, m_part, l_part = parts
     tl_dot = {"bfloat16": tl.bfloat16, "float16": tl.float16, "float32": tl.float32}[dot_dtype]
+    if ragged:
+        seg_start, seg_end = segments
+        k_strides, v_strides, p_strides = (0, 0, keys.stride(0)), (0, 0, values.stride(0)), (0, 0)
+    else:
+        seg_start = seg_end = slot  # not read
+        k_strides, v_strides = (keys.stride(0), keys.stride(1), keys.stride(2)), tuple(values.stride()[:3])
+        p_strides = (pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0)
     _partial_kernel[(b * hkv, splits)](
-        query, keys, values, pos, pad, slot, next_pos, o_part, m_part, l_part,
-        query.stride(0), query.stride(1),
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0,
+        query, keys, values, pos, pad, slot, next_pos, seg_start, seg_end, o_part, m_part, l_part,
+        query.stride(0), query.stride(1), *k_strides, *v_strides, *p_strides,
         hkv, scaling,
         G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=block_n, SPLITS=splits, CODES=codes, WINDOW=window,
-        DOT_DTYPE=tl_dot, PRECISION="ieee" if dot_dtype == "float32" else "tf32",
+        DOT_DTYPE=tl_dot, PRECISION="ieee" if dot_dtype == "float32" else "tf32", RAGGED=ragged,
     )
     _combine_kernel[(b * hkv,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1), hkv,

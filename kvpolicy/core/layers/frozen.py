@@ -59,24 +59,30 @@ class FrozenLayer(KVLayer):
         if layer.acc is not None:
             self.acc = layer.acc.new_zeros(b, h, capacity)
             self.acc[:, :, :n] = layer.acc[:, :, :n]
+        self._take_counters(layer)
+        self._mark_static()
+        layer.keys = layer.values = layer.pos = layer.acc = layer.qwin = None
+        return self
+
+    def _take_counters(self, layer: KVLayer) -> None:
+        """From the growing ``layer``: its valid counts, its recent queries as the ring, and the device-side
+        slot and position counters the compiled step advances."""
         self.valid_host = layer.valid_counts()
         self.head_deficit = layer.head_deficit
-        window = spec.query_window
+        window = self.freeze.query_window
         recorded = min(window, layer.qwin.shape[2]) if window and layer.qwin is not None else 0
         if recorded:
-            self.qring = layer.qwin.new_zeros(b, layer.qwin.shape[1], window, layer.qwin.shape[3])
+            b, hq, _, d = layer.qwin.shape
+            self.qring = layer.qwin.new_zeros(b, hq, window, d)
             self.ring_start = layer.total_seen - recorded
             qpos = layer.qwin_pos[..., -recorded:]
             if qpos.dim() == 2:  # per-row positions (prune-hidden prefill): the recent window agrees
                 qpos = qpos.max(0).values
             self.qring.index_copy_(2, qpos % window, layer.qwin[:, :, -recorded:])
         self.contiguous = False
-        device = self.keys.device
-        self.slot = torch.full((1,), n, dtype=torch.long, device=device)
+        device = layer.device
+        self.slot = torch.full((1,), layer.length, dtype=torch.long, device=device)
         self.next_pos = torch.full((1,), layer.total_seen, dtype=torch.long, device=device)
-        self._mark_static()
-        layer.keys = layer.values = layer.pos = layer.acc = layer.qwin = None
-        return self
 
     def _mark_static(self) -> None:
         for t in (self.keys, self.values, self.pos, self.acc, self.qring, self.slot, self.next_pos):
@@ -139,7 +145,6 @@ class FrozenLayer(KVLayer):
         else:
             kwargs.pop("attention_mask", None)
         qpos = self.next_pos - 1  # append() has run: the token being decoded
-        pos = self.pos[:, :1] if self.shared else self.pos
         if self.qring is not None:
             self.qring.index_copy_(2, qpos % self.qring.shape[2], query)
         if self.acc is not None:  # H2O: this token's attention, added to every slot's running score
@@ -148,11 +153,19 @@ class FrozenLayer(KVLayer):
         if decode_attention.kernel_applies(self.spec.decode_kernel, query, self.spec.codec, kwargs):
             # the stored codes, read once (the dequantized ``key``/``value`` append() returned go unused, and a
             # compiled step never computes them unless H2O's signal above needs them)
-            out = decode_attention.kernel_attention(query, self.keys, self.values, pos, self.rows.pad, self.slot,
-                                                    self.next_pos, self.spec.codec, self.window, kwargs.get("scaling"))
-            return out, None
-        allowed = masks.allowed(pos, self.rows.pad, qpos.view(1, 1, 1, 1), self.window)
+            return self._kernel_attention(query, kwargs.get("scaling")), None
+        key, value, pos = self._attended_buffers(key, value)
+        allowed = masks.allowed(pos[:, :1] if self.shared else pos, self.rows.pad, qpos.view(1, 1, 1, 1), self.window)
         return attend_masked(fn, impl, module, query, key, value, allowed, None, args, kwargs)
+
+    def _kernel_attention(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        return decode_attention.kernel_attention(query, self.keys, self.values, self.pos[:, :1] if self.shared else
+                                                 self.pos, self.rows.pad, self.slot, self.next_pos, self.spec.codec,
+                                                 self.window, scaling)
+
+    def _attended_buffers(self, key: torch.Tensor, value: torch.Tensor):
+        """What SDPA attends when the kernel does not: the keys and values append() returned, and positions."""
+        return key, value, self.pos
 
     # ----------------------------------------------------------------- between steps (eager)
     def settle(self, steps: int) -> None:

@@ -84,21 +84,25 @@ class RaggedStore:
         """Tokens every segment can still take without growing."""
         return self.spare - self.appended
 
-    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each rectangle column ``[B, H, length]``: the flat entry that holds it, and whether it is padding."""
-        if self._columns is not None:
+    def columns(self, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each rectangle column ``[B, H, count]`` (default: ``length``): the flat entry that holds it, and
+        whether it is padding (columns past ``length`` read each segment's free entries, position -1)."""
+        if count is None and self._columns is not None:
             return self._columns
-        ramp = torch.arange(self.length, device=self.offset.device)
+        ramp = torch.arange(self.length if count is None else count, device=self.offset.device)
         head_len = self.head_len.unsqueeze(-1)
         src = torch.where(ramp < head_len, ramp, ramp - (self.width - head_len))
         padding = (ramp >= head_len) & (ramp < self.width)
         flat = (self.offset.unsqueeze(-1) + src.clamp_min(0)).clamp_(0, self.pos.shape[0] - 1)
-        self._columns = (flat, padding)
-        return self._columns
+        if count is None:
+            self._columns = (flat, padding)
+        return flat, padding
 
-    def rectangle(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Keys, values, positions (padding: -1) and accumulated attention (padding: 0) as the rectangle."""
-        flat, padding = self.columns()
+    def rectangle(self, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor | None]:
+        """Keys, values, positions (padding: -1) and accumulated attention (padding: 0) as the rectangle of
+        ``count`` columns (default: ``length``; up to ``length + room()``)."""
+        flat, padding = self.columns(count)
         keys, values = self.keys[flat], self.values[flat]
         pos = self.pos[flat].masked_fill_(padding, -1)
         acc = None if self.acc is None else self.acc[flat].masked_fill_(padding, 0.0)
@@ -138,8 +142,8 @@ class RaggedStore:
 
     def stored_entries(self, allocated: bool) -> int:
         """Entries (one key or value vector each, per buffer) in use, or allocated."""
-        if allocated:
-            return sum(sum(row) for row in self.capacity)
+        if allocated:  # the buffers' size (a repack into larger buffers, frozen_ragged.py, may leave some unused)
+            return self.keys.shape[0]
         return sum(n + self.appended for row in self.head_len_host for n in row)
 
 
@@ -163,18 +167,22 @@ def _moves(lengths: torch.Tensor, lengths_host: list[list[int]], src_start: torc
     return src_start.flatten()[segment] + within, dst_start.flatten()[segment] + within
 
 
-class RaggedLayer(DynamicLayer):
-    """The growing kind that stores a layer whose heads or rows hold different counts as segments
-    (:class:`RaggedStore`); until a compaction leaves it so, it is exactly :class:`DynamicLayer`."""
+class SegmentedBuffers:
+    """What the two head-ragged kinds share (this growing one and the frozen one, ``frozen_ragged.py``): the
+    rectangle's buffers as properties that turn a packed layer back into the rectangle when touched, and the
+    views, shapes and accounting read from the segments without unpacking. Mixed in before a layer kind."""
 
-    def __init__(self, spec):
-        self._store: RaggedStore | None = None
+    _store: RaggedStore | None
+
+    def _init_segments(self) -> None:
+        self._store = None
         self._rect: dict[str, torch.Tensor | None] = {"keys": None, "values": None, "pos": None, "acc": None}
-        super().__init__(spec)
 
     # the rectangle's buffers: reading or writing one turns a packed layer back into the rectangle
     def _buffer(name: str):  # noqa: N805 - a property factory, run in the class body
         def get(self):
+            if name == "acc" and self._store is not None and self._store.acc is None:
+                return None  # asking whether there is any: no reason to unpack
             self._unpack()
             return self._rect[name]
 
@@ -203,66 +211,13 @@ class RaggedLayer(DynamicLayer):
         if store is None:
             return
         self._store = None
-        keys, values, pos, acc = store.rectangle()
+        keys, values, pos, acc = store.rectangle(self._unpacked_columns(store))
         self._rect.update(keys=keys, values=values, pos=pos, acc=acc)
 
-    def _pack(self, head_len: list[list[int]]) -> None:
-        r = self._rect
-        n = self.length
-        acc = None if r["acc"] is None else r["acc"][:, :, :n]
-        self._store = RaggedStore.pack(r["keys"][:, :, :n], r["values"][:, :, :n], r["pos"][:, :, :n], acc,
-                                       self.spec.headroom, head_len)
-        self._rect.update(keys=None, values=None, pos=None, acc=None)
+    def _unpacked_columns(self, store: RaggedStore) -> int | None:
+        """The rectangle's columns when unpacked (None: the slots in use)."""
+        return None
 
-    # ----------------------------------------------------------------- what changes when packed
-    def compact(self, index, keep_counts, start=None, group_uneven=None) -> None:
-        super().compact(index, keep_counts, start, group_uneven)
-        if self._rect["keys"].requires_grad:
-            return  # under autograd the buffers must stay as the attention saved them
-        # compact() left each head's kept slots first and marked every later one empty, and counted them
-        deficit = self.head_deficit or [[0] * self.kv_heads for _ in self.valid_host]
-        head_len = [[n - d for d in row] for n, row in zip(self.valid_host, deficit)]
-        if any(n < self.length for row in head_len for n in row):  # padding is stored: segments free it
-            self._pack(head_len)
-
-    def append(self, key_states, value_states, positions=None, width=None):
-        store = self._store
-        if store is None or positions is not None or key_states.requires_grad:
-            return super().append(key_states, value_states, positions, width)
-        self._check_compatible(key_states)
-        b, h, q = key_states.shape[:3]
-        codec = self.spec.codec
-        new_pos = torch.arange(self.total_seen, self.total_seen + q, device=key_states.device).expand(b, h, q)
-        store.append(codec.encode(key_states), codec.encode(value_states), new_pos, self.spec.headroom)
-        if self.valid_host is not None:
-            self.valid_host = [n + q for n in self.valid_host]
-        self.length = store.length
-        self.total_seen += q
-        self.since_compress += q
-        self.attended = None
-        keys, values = self.keys_view(), self.values_view()
-        if codec.quantized:
-            self.attended = (keys, values)
-        return keys, values
-
-    def _check_compatible(self, key_states: torch.Tensor) -> None:
-        if self._store is None:
-            return super()._check_compatible(key_states)
-        width = self._store.keys.shape[-1] - self.spec.codec.stored_width(0)
-        if (key_states.shape[0], key_states.shape[1]) != tuple(self._store.offset.shape) or \
-                key_states.shape[3] != width or key_states.dtype != self.dtype:
-            self._unpack()
-            super()._check_compatible(key_states)
-
-    def drop_last(self, q: int) -> None:
-        self._unpack()
-        super().drop_last(q)
-
-    def reset(self) -> None:
-        self._store = None
-        super().reset()
-
-    # ----------------------------------------------------------------- reading, without unpacking
     def keys_view(self) -> torch.Tensor:
         if self._store is None or self.attended is not None:
             return super().keys_view()
@@ -308,5 +263,82 @@ class RaggedLayer(DynamicLayer):
     def signal_bytes(self) -> int:
         if self._store is None:
             return super().signal_bytes()
-        held = (self._store.acc, self._store.pos, self.qwin)
+        held = (self._store.acc, self._store.pos, getattr(self, "qwin", None), getattr(self, "qring", None))
         return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def head_lengths_after_compaction(self) -> list[list[int]]:
+        """Each (row, KV head)'s kept count after a compaction (which leaves them first and counts them)."""
+        deficit = self.head_deficit or [[0] * self.kv_heads for _ in self.valid_host]
+        return [[n - d for d in row] for n, row in zip(self.valid_host, deficit)]
+
+
+class RaggedLayer(SegmentedBuffers, DynamicLayer):
+    """The growing kind that stores a layer whose heads or rows hold different counts as segments
+    (:class:`RaggedStore`); until a compaction leaves it so, it is exactly :class:`DynamicLayer`."""
+
+    def __init__(self, spec):
+        self._init_segments()
+        super().__init__(spec)
+
+    def _pack(self, head_len: list[list[int]]) -> None:
+        r = self._rect
+        n = self.length
+        acc = None if r["acc"] is None else r["acc"][:, :, :n]
+        self._store = RaggedStore.pack(r["keys"][:, :, :n], r["values"][:, :, :n], r["pos"][:, :, :n], acc,
+                                       self.spec.headroom, head_len)
+        self._rect.update(keys=None, values=None, pos=None, acc=None)
+
+    # ----------------------------------------------------------------- what changes when packed
+    def compact(self, index, keep_counts, start=None, group_uneven=None) -> None:
+        super().compact(index, keep_counts, start, group_uneven)
+        if self._rect["keys"].requires_grad:
+            return  # under autograd the buffers must stay as the attention saved them
+        head_len = self.head_lengths_after_compaction()
+        if any(n < self.length for row in head_len for n in row):  # padding is stored: segments free it
+            self._pack(head_len)
+
+    def to_frozen(self, spec):
+        """A packed layer freezes as segments (``frozen_ragged.py``: the compiled step's kernel reads them),
+        except under H2O's accumulated attention, which the compiled step adds up in a rectangle."""
+        if self._store is not None and self._store.acc is None:
+            from .frozen_ragged import FrozenRaggedLayer
+
+            return FrozenRaggedLayer.from_ragged(self, spec)
+        return super().to_frozen(spec)
+
+    def append(self, key_states, value_states, positions=None, width=None):
+        store = self._store
+        if store is None or positions is not None or key_states.requires_grad:
+            return super().append(key_states, value_states, positions, width)
+        self._check_compatible(key_states)
+        b, h, q = key_states.shape[:3]
+        codec = self.spec.codec
+        new_pos = torch.arange(self.total_seen, self.total_seen + q, device=key_states.device).expand(b, h, q)
+        store.append(codec.encode(key_states), codec.encode(value_states), new_pos, self.spec.headroom)
+        if self.valid_host is not None:
+            self.valid_host = [n + q for n in self.valid_host]
+        self.length = store.length
+        self.total_seen += q
+        self.since_compress += q
+        self.attended = None
+        keys, values = self.keys_view(), self.values_view()
+        if codec.quantized:
+            self.attended = (keys, values)
+        return keys, values
+
+    def _check_compatible(self, key_states: torch.Tensor) -> None:
+        if self._store is None:
+            return super()._check_compatible(key_states)
+        width = self._store.keys.shape[-1] - self.spec.codec.stored_width(0)
+        if (key_states.shape[0], key_states.shape[1]) != tuple(self._store.offset.shape) or \
+                key_states.shape[3] != width or key_states.dtype != self.dtype:
+            self._unpack()
+            super()._check_compatible(key_states)
+
+    def drop_last(self, q: int) -> None:
+        self._unpack()
+        super().drop_last(q)
+
+    def reset(self) -> None:
+        self._store = None
+        super().reset()
