@@ -302,8 +302,9 @@ class PolicyCache(Cache):
         if not decodes_frozen:
             return
         window, shared = self.policy.signals.decode_query_window, bool(self.policy.shared_positions)
-        self.layers = [layer.to_frozen(FreezeSpec(layer.length + self._growth(layer), window, shared))
-                       for layer in self.layers]
+        specs = [(layer, self._growth(layer)) for layer in self.layers]
+        self.layers = [layer.to_frozen(FreezeSpec(layer.length + growth, window, shared, growth < self.decode_reserve))
+                       for layer, growth in specs]
         torch._dynamo.mark_static_address(self.rows.pad)
         self._frozen = True
 

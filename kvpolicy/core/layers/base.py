@@ -61,12 +61,14 @@ class ModuleFacts:
 @dataclass(frozen=True)
 class FreezeSpec:
     """How to freeze a layer for the compiled decode step: room for ``capacity`` slots, a ring of the
-    ``query_window`` most recent queries (0: none), and whether every KV head keeps the same positions
-    (``shared``: one mask row serves all heads)."""
+    ``query_window`` most recent queries (0: none), whether every KV head keeps the same positions
+    (``shared``: one mask row serves all heads), and whether the policy may compact while decoding
+    (``compacts``: a head-ragged frozen layer then keeps spare entries to repack into, ``frozen_ragged.py``)."""
 
     capacity: int
     query_window: int = 0
     shared: bool = False
+    compacts: bool = False
 
 
 class KVLayer(CacheLayerMixin):

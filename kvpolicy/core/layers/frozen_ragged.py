@@ -25,6 +25,10 @@ from .base import FreezeSpec, KVLayer, LayerSpec
 from .frozen import FrozenLayer
 from .ragged import RaggedStore, SegmentedBuffers
 
+#: spare entries a frozen layer of a policy that compacts while decoding keeps beyond its segments, as a share:
+#: a compaction that leaves the heads more even than before needs more entries in all (less padding freed)
+_SPARE = 0.25
+
 
 class FrozenRaggedLayer(SegmentedBuffers, FrozenLayer):
     """A frozen layer held as segments (:class:`~kvpolicy.core.layers.ragged.RaggedStore`) while packed;
@@ -46,6 +50,8 @@ class FrozenRaggedLayer(SegmentedBuffers, FrozenLayer):
         self.carry_over(layer)
         store = layer._store
         store._grow(spec.capacity - layer.length)  # every segment: its entries, then room for the decode
+        if spec.compacts:  # spare entries, so that a repack whose heads hold more even counts fits in place
+            store._pad_to(store.keys.shape[0] * (1 + _SPARE))
         self._store = store
         self._take_counters(layer)
         self._point_at_segments()
@@ -155,15 +161,19 @@ class FrozenRaggedLayer(SegmentedBuffers, FrozenLayer):
         store = RaggedStore.pack(r["keys"][:, :, :n], r["values"][:, :, :n], r["pos"][:, :, :n], None, room, head_len)
         old, self._spent = self._spent, None
         total = store.keys.shape[0]
-        if old is not None and total <= old.keys.shape[0] and old.offset.shape == store.offset.shape:
-            for name in ("keys", "values"):
-                getattr(old, name)[:total].copy_(getattr(store, name))
-            old.pos.fill_(-1)
-            old.pos[:total].copy_(store.pos)
-            old.offset.copy_(store.offset)
-            old.head_len.copy_(store.head_len)
-            store.keys, store.values, store.pos, store.offset, store.head_len = (
-                old.keys, old.values, old.pos, old.offset, old.head_len)
+        if old is not None and old.offset.shape == store.offset.shape:
+            if total <= old.keys.shape[0]:  # into the same buffers: the step's graph stays valid
+                keys, values, pos = old.keys, old.values, old.pos
+                pos.fill_(-1)
+                old.offset.copy_(store.offset)
+                old.head_len.copy_(store.head_len)
+                store.offset, store.head_len = old.offset, old.head_len
+                keys[:total].copy_(store.keys)
+                values[:total].copy_(store.values)
+                pos[:total].copy_(store.pos)
+                store.keys, store.values, store.pos = keys, values, pos
+            else:  # the heads evened out beyond the spare entries: new buffers (the graph is recorded again)
+                store._pad_to(total * (1 + _SPARE))
         self._store = store
         self._rect.update(keys=None, values=None, pos=None, acc=None)
         self._point_at_segments()

@@ -140,6 +140,16 @@ class RaggedStore:
         self.offset, self.capacity, self.spare = offset, capacity, self.appended + extra
         self._columns = None
 
+    def _pad_to(self, entries: float) -> None:
+        """Buffers of at least ``entries`` entries, the extra ones free (after the last segment)."""
+        extra = int(entries) - self.keys.shape[0]
+        if extra <= 0:
+            return
+        for name, fill in (("keys", 0.0), ("values", 0.0), ("pos", -1), ("acc", 0.0)):
+            old = getattr(self, name)
+            if old is not None:
+                setattr(self, name, torch.cat([old, old.new_full((extra, *old.shape[1:]), fill)]))
+
     def stored_entries(self, allocated: bool) -> int:
         """Entries (one key or value vector each, per buffer) in use, or allocated."""
         if allocated:  # the buffers' size (a repack into larger buffers, frozen_ragged.py, may leave some unused)
