@@ -50,12 +50,14 @@ def prompts(tokenizer: Any, lengths: list[int], seed: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def run_one(model: Any, inputs: dict, spec: dict, kind: type, new_tokens: int) -> dict[str, Any]:
+def run_one(model: Any, inputs: dict, spec: dict, kind: type, new_tokens: int, frozen: bool = False) -> dict[str, Any]:
+    """``frozen``: decode over the compiled step's frozen layers (``compiled_decode=True``; on the CPU they run
+    eagerly, with the storage CUDA's compiled step uses)."""
     cache = kvpolicy.make_cache(dict(spec), layer_kind=kind, compiled_decode=False)
     with torch.no_grad():
         model(**inputs, use_cache=True, logits_to_keep=1, **{kvpolicy.cache_argument(model): cache})
     after_prompt = cache.memory_bytes(allocated=False)
-    cache = kvpolicy.make_cache(dict(spec), layer_kind=kind, compiled_decode=False)
+    cache = kvpolicy.make_cache(dict(spec), layer_kind=kind, compiled_decode=frozen)
     with torch.no_grad():
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=0)
@@ -90,7 +92,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for name in names:
                 for kind_name, kind in KINDS.items():
                     bar.set_postfix_str(f"{'+'.join(map(str, lengths))} {name} {kind_name}")
-                    results[name, kind_name] = run_one(model, inputs, spec_of(name), kind, args.new_tokens)
+                    results[name, kind_name] = run_one(model, inputs, spec_of(name), kind, args.new_tokens,
+                                                       args.compiled_decode)
                     bar.update()
             full = results["full", "ragged"]
             for name in names[1:]:
@@ -113,7 +116,9 @@ def markdown(data: dict[str, Any]) -> str:
         *markdown_provenance(meta, f"SmolLM2-135M-Instruct ({meta['dtype']})"),
         "",
         "Share of full's KV bytes freed (stored bytes, `memory_bytes(allocated=False)`), after the prompt and after "
-        f"{meta['new_tokens']} greedy tokens; same tokens: both kinds generated the same tokens.",
+        f"{meta['new_tokens']} greedy tokens; same tokens: both kinds generated the same tokens. Decoded over "
+        + ("the compiled step's frozen layers (`compiled_decode=True`)." if meta.get("compiled_decode") else
+           "the growing layers (`compiled_decode=False`)."),
         "",
         "| prompt (rows) | policy | rectangle, prompt | ragged, prompt | rectangle, end | ragged, end "
         "| ragged layers | same tokens |",
@@ -154,13 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compiled-decode", action="store_true",
+                    help="decode over the compiled step's frozen layers (run eagerly off CUDA): its bytes at the end")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args(argv)
     data = measure(args)
     data["meta"] = run_meta(["python", "benchmarks/ragged_bytes.py", *(sys.argv[1:] if argv is None else argv)],
-                            tool="ragged_bytes", dtype=args.dtype, new_tokens=args.new_tokens)
+                            tool="ragged_bytes", dtype=args.dtype, new_tokens=args.new_tokens,
+                            compiled_decode=args.compiled_decode)
     print(markdown(data))
     if args.json:
         args.json.write_text(json.dumps(data, indent=1) + "\n")

@@ -164,3 +164,8 @@ def test_the_kernel_reads_frozen_segments_as_the_rectangle(policy, settings_, kv
     for a, b in zip(rect.layers, ragged.layers, strict=True):
         assert torch.equal(a.pos_view(), b.pos_view())
     assert ragged.memory_bytes(allocated=False) < rect.memory_bytes(allocated=False)
+
+
+def test_the_codec_numbers_are_the_kernels():
+    assert [decode_attention._code_of(c) for c in CODECS.values()] == [decode_kernel.PLAIN, decode_kernel.INT8,
+                                                                       decode_kernel.FP8]

@@ -10,7 +10,7 @@ times scales, the mask of ``masks.allowed``, softmax) with none of the kernel's 
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import math
 
 import torch
@@ -30,13 +30,11 @@ def check_setting(name: str) -> str:
     return name
 
 
-@functools.cache
 def triton_problem() -> str | None:
-    """Why the kernel cannot run here (None: it can)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        return f"Triton is not installed ({err}); pip install triton"
+    """Why the kernel cannot run here (None: it can). Looked up without importing Triton (an import inside
+    the compiled step's trace is best avoided, and ``import kvpolicy`` stays light)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
     return None
 
 
@@ -68,12 +66,12 @@ def kernel_applies(setting: str, query: torch.Tensor, codec, kwargs: dict) -> bo
 
 
 def _code_of(codec) -> int | None:
-    """The kernel's ``CODES`` for a codec (None: one it cannot read); imported here, not at the top, since
-    the layers import this module."""
-    from . import decode_kernel
+    """The kernel's ``CODES`` for a codec (None: one it cannot read): 0 the model's dtype, 1 int8, 2 fp8
+    (``decode_kernel.PLAIN``, ``INT8``, ``FP8``). The codecs are imported here, not at the top: the layers
+    import this module."""
     from .layers.codecs import Fp8Codec, Int8Codec, KVCodec
 
-    return {KVCodec: decode_kernel.PLAIN, Int8Codec: decode_kernel.INT8, Fp8Codec: decode_kernel.FP8}.get(type(codec))
+    return {KVCodec: 0, Int8Codec: 1, Fp8Codec: 2}.get(type(codec))
 
 
 def splits_for(rows_heads: int, capacity: int, device: torch.device) -> int:
