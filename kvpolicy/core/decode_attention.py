@@ -30,12 +30,13 @@ def check_setting(name: str) -> str:
     return name
 
 
+#: why the kernel cannot run here (None: it can), found once at import without importing Triton: a lookup inside
+#: the compiled step's trace would break its graph, and ``import kvpolicy`` stays light
+_TRITON_PROBLEM = None if importlib.util.find_spec("triton") else "Triton is not installed (pip install triton)"
+
+
 def triton_problem() -> str | None:
-    """Why the kernel cannot run here (None: it can). Looked up without importing Triton (an import inside
-    the compiled step's trace is best avoided, and ``import kvpolicy`` stays light)."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton)"
-    return None
+    return _TRITON_PROBLEM
 
 
 def _interpreting() -> bool:
@@ -121,8 +122,7 @@ def _decode_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, po
         segments = None
     else:  # the slots per segment, on average: what the shares are sized by
         hkv, capacity, segments = seg_start.shape[1], keys.shape[0] // max(1, seg_start.numel()), (seg_start, seg_end)
-    g = hq // hkv
-    g_pad, d_pad = max(16, 1 << (g - 1).bit_length()), max(16, 1 << (d - 1).bit_length())
+    g_pad, d_pad = decode_kernel.pads(hq // hkv, d)
     splits = splits_for(b * hkv, capacity, query.device)
     out = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
     n_parts = b * hkv * splits * g_pad
@@ -152,7 +152,8 @@ def reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     k = codec.decode(keys[:, :, :filled], torch.float32).float().repeat_interleave(hq // hkv, dim=1)
     v = codec.decode(values[:, :, :filled], torch.float32).float().repeat_interleave(hq // hkv, dim=1)
     p = pos[:, :, :filled].expand(b, hkv, filled).repeat_interleave(hq // hkv, dim=1)
-    allowed = masks.allowed(p, pad, torch.tensor(qpos).view(1, 1, 1, 1), window)[:, :, 0]  # [B, H_q, L]
+    qpos_t = torch.tensor(qpos, device=p.device).view(1, 1, 1, 1)
+    allowed = masks.allowed(p, pad, qpos_t, window)[:, :, 0]  # [B, H_q, L]
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
     logits = torch.einsum("bhd,bhld->bhl", query[:, :, 0].float() * scale, k).masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(logits, -1).nan_to_num(0.0)

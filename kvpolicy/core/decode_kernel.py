@@ -19,6 +19,7 @@ tests run this file under Triton's interpreter (``TRITON_INTERPRET=1``) against 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -109,6 +110,124 @@ def _partial_kernel(
 
 
 @triton.jit
+def _lane(words, j: tl.constexpr, CODES: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Byte ``j`` of each int32 word (little-endian: code ``4 i + j`` of the vector) as a value in ``DOT_DTYPE``:
+    an int8 code, or an fp8 one (exact in bf16/fp16 either way)."""
+    code = ((words >> (8 * j)) & 0xFF).to(tl.int8)
+    if CODES == 2:
+        return code.to(tl.float8e4nv, bitcast=True).to(DOT_DTYPE)
+    return code.to(DOT_DTYPE)
+
+
+@triton.jit
+def _lane_query(Q_ROW, g, gmask, dd, dmask, j: tl.constexpr, scaling, DOT_DTYPE: tl.constexpr, stride_qh):
+    """Elements ``4 i + j`` of the group's queries, scaled: what multiplies lane ``j`` of the codes."""
+    q = tl.load(Q_ROW + g[:, None] * stride_qh + (4 * dd + j)[None, :], mask=gmask[:, None] & dmask[None, :],
+                other=0.0)
+    return (q.to(tl.float32) * scaling).to(DOT_DTYPE)
+
+
+@triton.jit
+def _partial_kernel_8bit(
+    Q, K, V, POS, PAD, SLOT, NEXT, SEG_START, SEG_END, O_PART, M_PART, L_PART,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_pb, stride_ph,
+    kv_heads, scaling,
+    G: tl.constexpr, G_PAD: tl.constexpr, D4: tl.constexpr, D4_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CODES: tl.constexpr, WINDOW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RAGGED: tl.constexpr,
+):
+    """As :func:`_partial_kernel`, for int8/fp8 rows read as int32 words (``K``/``V`` are int32 views, strides
+    in words): a row of ``D + 4`` bytes is only 4-byte aligned, so byte loads could not be vectorised; here
+    every load moves 4 codes, and the 4 byte lanes of a word are 4 products of ``D / 4`` each. Word ``D4`` of a
+    row is the float32 scale."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    qpos = tl.load(NEXT) - 1
+    if RAGGED:
+        first = tl.load(SEG_START + bh)
+        filled = tl.load(SEG_END + bh) + tl.load(SLOT) - first
+        k_base = K + first * stride_kl
+        v_base = V + first * stride_vl
+        p_base = POS + first
+    else:
+        filled = tl.load(SLOT)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        p_base = POS + b * stride_pb + h * stride_ph
+    pad = tl.load(PAD + b)
+
+    g = tl.arange(0, G_PAD)
+    dd = tl.arange(0, D4_PAD)
+    gmask = g < G
+    dmask = dd < D4
+    q_row = Q + b * stride_qb + (h * G) * stride_qh
+    q0 = _lane_query(q_row, g, gmask, dd, dmask, 0, scaling, DOT_DTYPE, stride_qh)
+    q1 = _lane_query(q_row, g, gmask, dd, dmask, 1, scaling, DOT_DTYPE, stride_qh)
+    q2 = _lane_query(q_row, g, gmask, dd, dmask, 2, scaling, DOT_DTYPE, stride_qh)
+    q3 = _lane_query(q_row, g, gmask, dd, dmask, 3, scaling, DOT_DTYPE, stride_qh)
+
+    per_split = (filled + SPLITS - 1) // SPLITS
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, filled)
+
+    m = tl.full([G_PAD], -1.0e30, tl.float32)
+    den = tl.full([G_PAD], 0.0, tl.float32)
+    acc0 = tl.full([G_PAD, D4_PAD], 0.0, tl.float32)
+    acc1 = tl.full([G_PAD, D4_PAD], 0.0, tl.float32)
+    acc2 = tl.full([G_PAD, D4_PAD], 0.0, tl.float32)
+    acc3 = tl.full([G_PAD, D4_PAD], 0.0, tl.float32)
+    for s0 in range(start, end, BLOCK_N):
+        offs = s0 + tl.arange(0, BLOCK_N)
+        inside = offs < end
+        pos = tl.load(p_base + offs, mask=inside, other=-1)
+        ok = inside & (pos >= pad) & (pos <= qpos)
+        if WINDOW > 0:
+            ok = ok & (pos > qpos - WINDOW)
+        kv_mask = ok[:, None] & dmask[None, :]
+        kw = tl.load(k_base + offs[:, None] * stride_kl + dd[None, :], mask=kv_mask, other=0)
+        scores = tl.dot(q0, tl.trans(_lane(kw, 0, CODES, DOT_DTYPE)), input_precision=PRECISION, out_dtype=tl.float32)
+        scores += tl.dot(q1, tl.trans(_lane(kw, 1, CODES, DOT_DTYPE)), input_precision=PRECISION,
+                         out_dtype=tl.float32)
+        scores += tl.dot(q2, tl.trans(_lane(kw, 2, CODES, DOT_DTYPE)), input_precision=PRECISION,
+                         out_dtype=tl.float32)
+        scores += tl.dot(q3, tl.trans(_lane(kw, 3, CODES, DOT_DTYPE)), input_precision=PRECISION,
+                         out_dtype=tl.float32)
+        k_scale = tl.load(k_base + offs * stride_kl + D4, mask=ok, other=0).to(tl.float32, bitcast=True)
+        scores = tl.where(ok[None, :], scores * k_scale[None, :], float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        den = den * alpha + tl.sum(p, 1)
+        v_scale = tl.load(v_base + offs * stride_vl + D4, mask=ok, other=0).to(tl.float32, bitcast=True)
+        p = (p * v_scale[None, :]).to(DOT_DTYPE)
+        vw = tl.load(v_base + offs[:, None] * stride_vl + dd[None, :], mask=kv_mask, other=0)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p, _lane(vw, 0, CODES, DOT_DTYPE), input_precision=PRECISION,
+                                              out_dtype=tl.float32)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, _lane(vw, 1, CODES, DOT_DTYPE), input_precision=PRECISION,
+                                              out_dtype=tl.float32)
+        acc2 = acc2 * alpha[:, None] + tl.dot(p, _lane(vw, 2, CODES, DOT_DTYPE), input_precision=PRECISION,
+                                              out_dtype=tl.float32)
+        acc3 = acc3 * alpha[:, None] + tl.dot(p, _lane(vw, 3, CODES, DOT_DTYPE), input_precision=PRECISION,
+                                              out_dtype=tl.float32)
+        m = m_new
+
+    part = bh * SPLITS + split
+    row = O_PART + (part * G_PAD + g)[:, None] * D_PAD
+    tl.store(row + (4 * dd + 0)[None, :], acc0)
+    tl.store(row + (4 * dd + 1)[None, :], acc1)
+    tl.store(row + (4 * dd + 2)[None, :], acc2)
+    tl.store(row + (4 * dd + 3)[None, :], acc3)
+    tl.store(M_PART + part * G_PAD + g, m)
+    tl.store(L_PART + part * G_PAD + g, den)
+
+
+@triton.jit
 def _combine_kernel(
     O_PART, M_PART, L_PART, OUT, stride_ob, stride_oh, kv_heads,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr,
@@ -139,6 +258,13 @@ def _combine_kernel(
 INTERPRETED = type(_partial_kernel).__name__ == "InterpretedFunction"
 
 
+def pads(group: int, head_dim: int) -> tuple[int, int]:
+    """The padded query group and head dimension of the partial results (``tl.dot`` takes 16 at least; the
+    8-bit kernel's lanes need ``4 x`` a padded quarter of the head dimension)."""
+    return max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim),
+                                                       4 * max(16, triton.next_power_of_2(head_dim // 4)))
+
+
 def launch(query, keys, values, pos, pad, slot, next_pos, out, parts, *, codes: int, window: int, scaling: float,
            block_n: int, splits: int, dot_dtype, segments=None) -> None:
     """Run both kernels: ``query`` ``[B, H_q, D]``; ``keys``/``values`` ``[B, H_kv, L, W]`` as stored; ``pos``
@@ -149,11 +275,12 @@ def launch(query, keys, values, pos, pad, slot, next_pos, out, parts, *, codes: 
     b, hq, d = query.shape
     ragged = segments is not None
     hkv = segments[0].shape[1] if ragged else keys.shape[1]
+    g_pad, d_pad = pads(hq // hkv, d)
     g = hq // hkv
-    g_pad = max(16, triton.next_power_of_2(g))
-    d_pad = max(16, triton.next_power_of_2(d))
     o_part, m_part, l_part = parts
     tl_dot = {"bfloat16": tl.bfloat16, "float16": tl.float16, "float32": tl.float32}[dot_dtype]
+    if codes != PLAIN:  # 8-bit rows as int32 words (D/4 words of codes, then the scale's word)
+        keys, values = keys.view(torch.int32), values.view(torch.int32)
     if ragged:
         seg_start, seg_end = segments
         k_strides, v_strides, p_strides = (0, 0, keys.stride(0)), (0, 0, values.stride(0)), (0, 0)
@@ -161,13 +288,15 @@ def launch(query, keys, values, pos, pad, slot, next_pos, out, parts, *, codes: 
         seg_start = seg_end = slot  # not read
         k_strides, v_strides = (keys.stride(0), keys.stride(1), keys.stride(2)), tuple(values.stride()[:3])
         p_strides = (pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0)
-    _partial_kernel[(b * hkv, splits)](
-        query, keys, values, pos, pad, slot, next_pos, seg_start, seg_end, o_part, m_part, l_part,
-        query.stride(0), query.stride(1), *k_strides, *v_strides, *p_strides,
-        hkv, scaling,
-        G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=block_n, SPLITS=splits, CODES=codes, WINDOW=window,
-        DOT_DTYPE=tl_dot, PRECISION="ieee" if dot_dtype == "float32" else "tf32", RAGGED=ragged,
-    )
+    args = (query, keys, values, pos, pad, slot, next_pos, seg_start, seg_end, o_part, m_part, l_part,
+            query.stride(0), query.stride(1), *k_strides, *v_strides, *p_strides, hkv, scaling)
+    common = dict(G=g, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n, SPLITS=splits, CODES=codes, WINDOW=window,
+                  DOT_DTYPE=tl_dot, PRECISION="ieee" if dot_dtype == "float32" else "tf32", RAGGED=ragged)
+    if codes == PLAIN:
+        _partial_kernel[(b * hkv, splits)](*args, D=d, **common)
+    else:
+        _partial_kernel_8bit[(b * hkv, splits)](*args, D4=d // 4, D4_PAD=max(16, triton.next_power_of_2(d // 4)),
+                                                **common)
     _combine_kernel[(b * hkv,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1), hkv,
         G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, SPLITS=splits,
