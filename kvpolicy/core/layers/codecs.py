@@ -68,12 +68,11 @@ class _EightBit(KVCodec):
         xf = x.float()
         scale = (xf.abs().amax(-1, keepdim=True) / self.code_max).clamp_min(torch.finfo(torch.float32).tiny)
         codes = self._to_codes(xf / scale)
-        return torch.cat([codes, scale.view(torch.int8)], dim=-1)
+        return torch.cat([codes, _scale_bytes(scale)], dim=-1)
 
     def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         d = stored.shape[-1] - _SCALE_BYTES
-        scale = stored[..., d:].clone(memory_format=torch.contiguous_format).view(torch.float32)  # offset 0: a bit-cast
-        return (self._from_codes(stored[..., :d]) * scale).to(dtype)
+        return (self._from_codes(stored[..., :d]) * _scale_of(stored[..., d:])).to(dtype)
 
     def stored_width(self, head_dim: int) -> int:
         return head_dim + _SCALE_BYTES
@@ -90,6 +89,26 @@ class _EightBit(KVCodec):
 
     def _from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+_SHIFTS = (0, 8, 16, 24)
+
+
+def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
+    """The float32 ``scale`` ``[..., 1]`` as its four bytes ``[..., 4]`` (int8, little-endian: memory order).
+    With shifts, not ``scale.view(torch.int8)``: inductor cannot compile a view between dtypes of different
+    sizes (the compiled decode step writes scales)."""
+    bits = scale.view(torch.int32)  # the same size: a bit-cast inductor takes
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=scale.device)
+    b = (bits >> shifts) & 0xFF
+    return torch.where(b > 127, b - 256, b).to(torch.int8)
+
+
+def _scale_of(stored: torch.Tensor) -> torch.Tensor:
+    """The float32 scale ``[..., 1]`` back from its four stored bytes ``[..., 4]``."""
+    b = stored.to(torch.int32) & 0xFF
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=stored.device)
+    return (b << shifts).sum(-1, keepdim=True, dtype=torch.int32).view(torch.float32)
 
 
 class Int8Codec(_EightBit):
