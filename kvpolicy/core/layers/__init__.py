@@ -11,7 +11,8 @@ from .base import FreezeSpec, KVLayer, LayerSpec, ModuleFacts, first_moved_slot
 from .codecs import KV_DTYPES, Fp8Codec, Int8Codec, KVCodec, choose_codec
 from .dynamic import DynamicLayer
 from .frozen import FrozenLayer
-from .ragged import RaggedLayer, RaggedStore
+from .ragged import RaggedLayer
+from .segments import RaggedStore
 
 __all__ = ["KV_DTYPES", "DynamicLayer", "Fp8Codec", "FreezeSpec", "FrozenLayer", "Int8Codec", "KVCodec", "KVLayer",
            "LayerSpec", "ModuleFacts", "RaggedLayer", "RaggedStore", "choose_codec", "choose_kind", "first_moved_slot"]

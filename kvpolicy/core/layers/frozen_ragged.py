@@ -23,10 +23,11 @@ import torch
 
 from .base import FreezeSpec, KVLayer, LayerSpec
 from .frozen import FrozenLayer
-from .ragged import RaggedStore, SegmentedBuffers
+from .segments import RaggedStore, SegmentedBuffers
 
-#: spare entries a frozen layer of a policy that compacts while decoding keeps beyond its segments, as a share:
-#: a compaction that leaves the heads more even than before needs more entries in all (less padding freed)
+#: spare entries a frozen layer of a policy that compacts while decoding keeps beyond its segments, as a share
+#: (at most half the padding left out): a compaction that leaves the heads more even than before needs more
+#: entries in all (less padding freed)
 _SPARE = 0.25
 
 
@@ -51,13 +52,20 @@ class FrozenRaggedLayer(SegmentedBuffers, FrozenLayer):
         store = layer._store
         store._grow(spec.capacity - layer.length)  # every segment: its entries, then room for the decode
         if spec.compacts:  # spare entries, so that a repack whose heads hold more even counts fits in place
-            store._pad_to(store.keys.shape[0] * (1 + _SPARE))
+            self._add_spare(store)
         self._store = store
         self._take_counters(layer)
         self._point_at_segments()
         layer._store = None
         layer.keys = layer.values = layer.pos = layer.acc = layer.qwin = None
         return self
+
+    def _add_spare(self, store: RaggedStore) -> None:
+        """A quarter more entries than the segments take, but never more than half the padding they leave
+        out: the allocation stays below the rectangle's."""
+        packed = store.keys.shape[0]
+        rectangle = store.offset.numel() * (self.length + store.room())
+        store._pad_to(packed + min(packed * _SPARE, max(0, rectangle - packed) / 2))
 
     def _point_at_segments(self) -> None:
         """The device tensors the step reads for the current layout, written in place where they exist (the
@@ -173,7 +181,7 @@ class FrozenRaggedLayer(SegmentedBuffers, FrozenLayer):
                 pos[:total].copy_(store.pos)
                 store.keys, store.values, store.pos = keys, values, pos
             else:  # the heads evened out beyond the spare entries: new buffers (the graph is recorded again)
-                store._pad_to(total * (1 + _SPARE))
+                self._add_spare(store)
         self._store = store
         self._rect.update(keys=None, values=None, pos=None, acc=None)
         self._point_at_segments()
