@@ -152,7 +152,8 @@ def _filled(cell) -> bool:
 
 
 def check_consumed() -> None:
-    """Raise if the last layer's note was never picked up: its attention bypassed the wrapper."""
+    """Raise if the previous layer's note was never picked up: its attention bypassed the wrapper. (At a
+    forward's first layer the cache drops any note first: one left by a forward that raised is not a bypass.)"""
     note = PENDING.get()
     if note is not None:
         PENDING.set(None)

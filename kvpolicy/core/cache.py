@@ -154,6 +154,8 @@ class PolicyCache(Cache):
             self.thaw()
         check_new_tokens(q, self)
         self._owner.enter(layer_idx, None if self.binding is None else self.binding.num_layers)
+        if layer_idx == 0:  # a new forward: a note left now is from one that raised (out of memory, interrupted)
+            attention_hook.PENDING.set(None)
         attention_hook.check_consumed()
         if not self.layers:
             attention_hook.install()
