@@ -28,6 +28,33 @@ PLAIN, INT8, FP8 = 0, 1, 2
 
 
 @triton.jit
+def _share(K, V, POS, PAD, SLOT, NEXT, SEG_START, SEG_END, bh, split, kv_heads, stride_kb, stride_kh, stride_kl,
+           stride_vb, stride_vh, stride_vl, stride_pb, stride_ph, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+           RAGGED: tl.constexpr):
+    """Program ``(bh, split)``'s row and head, where its (row, head)'s keys, values and positions start, the
+    position being decoded, the row's padding, and its share ``[start, end)`` of the filled slots."""
+    b = bh // kv_heads
+    h = bh % kv_heads
+    if RAGGED:  # flat [N, W] buffers: this (row, head)'s segment starts at SEG_START and ends at SEG_END + SLOT
+        first = tl.load(SEG_START + bh)
+        filled = tl.load(SEG_END + bh) + tl.load(SLOT) - first
+        k_base = K + first * stride_kl
+        v_base = V + first * stride_vl
+        p_base = POS + first
+    else:
+        filled = tl.load(SLOT)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        p_base = POS + b * stride_pb + h * stride_ph
+    per_split = (filled + SPLITS - 1) // SPLITS
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, filled)
+    qpos = tl.load(NEXT) - 1  # the token being decoded (appended before attention)
+    return b, h, k_base, v_base, p_base, qpos, tl.load(PAD + b), start, end
+
+
+@triton.jit
 def _partial_kernel(
     Q, K, V, POS, PAD, SLOT, NEXT, SEG_START, SEG_END, O_PART, M_PART, L_PART,
     stride_qb, stride_qh,
@@ -41,21 +68,9 @@ def _partial_kernel(
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // kv_heads
-    h = bh % kv_heads
-    qpos = tl.load(NEXT) - 1  # the token being decoded (appended before attention)
-    if RAGGED:  # flat [N, W] buffers: this (row, head)'s segment starts at SEG_START and ends at SEG_END + SLOT
-        first = tl.load(SEG_START + bh)
-        filled = tl.load(SEG_END + bh) + tl.load(SLOT) - first
-        k_base = K + first * stride_kl
-        v_base = V + first * stride_vl
-        p_base = POS + first
-    else:
-        filled = tl.load(SLOT)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        p_base = POS + b * stride_pb + h * stride_ph
-    pad = tl.load(PAD + b)
+    b, h, k_base, v_base, p_base, qpos, pad, start, end = _share(
+        K, V, POS, PAD, SLOT, NEXT, SEG_START, SEG_END, bh, split, kv_heads, stride_kb, stride_kh, stride_kl,
+        stride_vb, stride_vh, stride_vl, stride_pb, stride_ph, SPLITS, BLOCK_N, RAGGED)
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
@@ -64,11 +79,6 @@ def _partial_kernel(
     q = tl.load(Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     q = (q * scaling).to(DOT_DTYPE)
-
-    per_split = (filled + SPLITS - 1) // SPLITS
-    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, filled)
 
     m = tl.full([G_PAD], -1.0e30, tl.float32)
     den = tl.zeros([G_PAD], tl.float32)
@@ -145,21 +155,9 @@ def _partial_kernel_8bit(
     row is the float32 scale."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // kv_heads
-    h = bh % kv_heads
-    qpos = tl.load(NEXT) - 1
-    if RAGGED:
-        first = tl.load(SEG_START + bh)
-        filled = tl.load(SEG_END + bh) + tl.load(SLOT) - first
-        k_base = K + first * stride_kl
-        v_base = V + first * stride_vl
-        p_base = POS + first
-    else:
-        filled = tl.load(SLOT)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        p_base = POS + b * stride_pb + h * stride_ph
-    pad = tl.load(PAD + b)
+    b, h, k_base, v_base, p_base, qpos, pad, start, end = _share(
+        K, V, POS, PAD, SLOT, NEXT, SEG_START, SEG_END, bh, split, kv_heads, stride_kb, stride_kh, stride_kl,
+        stride_vb, stride_vh, stride_vl, stride_pb, stride_ph, SPLITS, BLOCK_N, RAGGED)
 
     g = tl.arange(0, G_PAD)
     dd = tl.arange(0, D4_PAD)
@@ -170,11 +168,6 @@ def _partial_kernel_8bit(
     q1 = _lane_query(q_row, g, gmask, dd, dmask, 1, scaling, DOT_DTYPE, stride_qh)
     q2 = _lane_query(q_row, g, gmask, dd, dmask, 2, scaling, DOT_DTYPE, stride_qh)
     q3 = _lane_query(q_row, g, gmask, dd, dmask, 3, scaling, DOT_DTYPE, stride_qh)
-
-    per_split = (filled + SPLITS - 1) // SPLITS
-    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, filled)
 
     m = tl.full([G_PAD], -1.0e30, tl.float32)
     den = tl.full([G_PAD], 0.0, tl.float32)
