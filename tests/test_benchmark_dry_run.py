@@ -228,3 +228,19 @@ def test_prefill_flops_by_hand():
     flops = _script("prefill_overhead").prefill_flops(config, 8192)
     assert flops == 2 * 218_103_808 * 32 * 8192 + 2 * 2 * (8192 * 8192 // 2) * 128 * 32 * 32
     assert flops == pytest.approx(1.3194e14, rel=1e-4)
+
+
+def test_decode_kernel_report_reads_the_recorded_runs(tmp_path):
+    """report_decode_kernel.py over the committed H100 files: one table row per measured shape and dtype, the
+    ratios as recorded (not recomputed elsewhere), and a plot."""
+    module = _script("report_decode_kernel")
+    path = ROOT / "docs/benchmarks/decode_kernel/run2_word_loads.json"
+    data = json.loads(path.read_text())
+    text = module.tables(path.stem, data)
+    assert text.count("| llama") + text.count("| smollm2") == len(data["timings"])
+    for row in data["timings"]:
+        assert f"**{row['kernel_x_floor']:.2f}**" in text
+        assert row["kernel_x_floor"] == pytest.approx(row["kernel_us"] / row["floor_us"])
+    out = tmp_path / "k.png"
+    module.plot({path.stem: data}, out)
+    assert out.stat().st_size > 5_000
