@@ -151,9 +151,13 @@ def _filled(cell) -> bool:
     return True
 
 
-def check_consumed() -> None:
-    """Raise if the previous layer's note was never picked up: its attention bypassed the wrapper. (At a
-    forward's first layer the cache drops any note first: one left by a forward that raised is not a bypass.)"""
+def check_consumed(new_forward: bool = False) -> None:
+    """Raise if the previous layer's note was never picked up: its attention bypassed the wrapper. At a
+    forward's first layer (``new_forward``) a note is dropped instead: one left by a forward that raised
+    (out of memory, interrupted) is not a bypass."""
+    if new_forward:
+        PENDING.set(None)
+        return
     note = PENDING.get()
     if note is not None:
         PENDING.set(None)

@@ -154,9 +154,7 @@ class PolicyCache(Cache):
             self.thaw()
         check_new_tokens(q, self)
         self._owner.enter(layer_idx, None if self.binding is None else self.binding.num_layers)
-        if layer_idx == 0:  # a new forward: a note left now is from one that raised (out of memory, interrupted)
-            attention_hook.PENDING.set(None)
-        attention_hook.check_consumed()
+        attention_hook.check_consumed(new_forward=layer_idx == 0)
         if not self.layers:
             attention_hook.install()
         while len(self.layers) <= layer_idx:
@@ -304,9 +302,8 @@ class PolicyCache(Cache):
         if not decodes_frozen:
             return
         window, shared = self.policy.signals.decode_query_window, bool(self.policy.shared_positions)
-        specs = [(layer, self._growth(layer)) for layer in self.layers]
-        self.layers = [layer.to_frozen(FreezeSpec(layer.length + growth, window, shared, growth < self.decode_reserve))
-                       for layer, growth in specs]
+        self.layers = [layer.to_frozen(FreezeSpec(layer.length + g, window, shared, g < self.decode_reserve))
+                       for layer, g in [(layer, self._growth(layer)) for layer in self.layers]]
         torch._dynamo.mark_static_address(self.rows.pad)
         self._frozen = True
 
