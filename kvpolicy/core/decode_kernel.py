@@ -55,6 +55,29 @@ def _share(K, V, POS, PAD, SLOT, NEXT, SEG_START, SEG_END, bh, split, kv_heads, 
 
 
 @triton.jit
+def _visible(p_base, offs, end, pad, qpos, WINDOW: tl.constexpr):
+    """Which of the slots ``offs`` the decoded token attends: inside its share, a real token of the row, not
+    after the query, and on a sliding layer less than ``WINDOW`` positions before it (``masks.allowed``)."""
+    inside = offs < end
+    pos = tl.load(p_base + offs, mask=inside, other=-1)
+    ok = inside & (pos >= pad) & (pos <= qpos)
+    if WINDOW > 0:
+        ok = ok & (pos > qpos - WINDOW)
+    return ok
+
+
+@triton.jit
+def _softmax_step(scores, ok, m, den):
+    """One block of the online softmax: the block's unnormalised probabilities, the factor that rescales what
+    came before, and the updated running max and normaliser."""
+    scores = tl.where(ok[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    return p, alpha, m_new, den * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _partial_kernel(
     Q, K, V, POS, PAD, SLOT, NEXT, SEG_START, SEG_END, O_PART, M_PART, L_PART,
     stride_qb, stride_qh,
@@ -63,7 +86,7 @@ def _partial_kernel(
     stride_pb, stride_ph,
     kv_heads, scaling,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CODES: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, WINDOW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RAGGED: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -85,33 +108,15 @@ def _partial_kernel(
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     for s0 in range(start, end, BLOCK_N):
         offs = s0 + tl.arange(0, BLOCK_N)
-        inside = offs < end
-        pos = tl.load(p_base + offs, mask=inside, other=-1)
-        ok = inside & (pos >= pad) & (pos <= qpos)
-        if WINDOW > 0:
-            ok = ok & (pos > qpos - WINDOW)
+        ok = _visible(p_base, offs, end, pad, qpos, WINDOW)
         kv_mask = ok[:, None] & dmask[None, :]
         k = tl.load(k_base + offs[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0)
         v = tl.load(v_base + offs[:, None] * stride_vl + d[None, :], mask=kv_mask, other=0)
-        if CODES == 2:
-            k = k.to(tl.float8e4nv, bitcast=True)
-            v = v.to(tl.float8e4nv, bitcast=True)
         # [G_PAD, BLOCK_N]: the group's queries against each key, read once
         scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION, out_dtype=tl.float32)
-        if CODES > 0:  # the float32 scale sits bit-cast in the four bytes after the D codes
-            k_scale = tl.load((k_base + offs * stride_kl + D).to(tl.pointer_type(tl.float32)), mask=ok, other=0.0)
-            scores = scores * k_scale[None, :]
-        scores = tl.where(ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        den = den * alpha + tl.sum(p, 1)
-        if CODES > 0:
-            v_scale = tl.load((v_base + offs * stride_vl + D).to(tl.pointer_type(tl.float32)), mask=ok, other=0.0)
-            p = p * v_scale[None, :]
+        p, alpha, m, den = _softmax_step(scores, ok, m, den)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION,
                                        out_dtype=tl.float32)
-        m = m_new
 
     part = bh * SPLITS + split
     tl.store(O_PART + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], acc)
@@ -177,11 +182,7 @@ def _partial_kernel_8bit(
     acc3 = tl.full([G_PAD, D4_PAD], 0.0, tl.float32)
     for s0 in range(start, end, BLOCK_N):
         offs = s0 + tl.arange(0, BLOCK_N)
-        inside = offs < end
-        pos = tl.load(p_base + offs, mask=inside, other=-1)
-        ok = inside & (pos >= pad) & (pos <= qpos)
-        if WINDOW > 0:
-            ok = ok & (pos > qpos - WINDOW)
+        ok = _visible(p_base, offs, end, pad, qpos, WINDOW)
         kv_mask = ok[:, None] & dmask[None, :]
         kw = tl.load(k_base + offs[:, None] * stride_kl + dd[None, :], mask=kv_mask, other=0)
         scores = tl.dot(q0, tl.trans(_lane(kw, 0, CODES, DOT_DTYPE)), input_precision=PRECISION, out_dtype=tl.float32)
@@ -192,11 +193,7 @@ def _partial_kernel_8bit(
         scores += tl.dot(q3, tl.trans(_lane(kw, 3, CODES, DOT_DTYPE)), input_precision=PRECISION,
                          out_dtype=tl.float32)
         k_scale = tl.load(k_base + offs * stride_kl + D4, mask=ok, other=0).to(tl.float32, bitcast=True)
-        scores = tl.where(ok[None, :], scores * k_scale[None, :], float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        den = den * alpha + tl.sum(p, 1)
+        p, alpha, m, den = _softmax_step(scores * k_scale[None, :], ok, m, den)
         v_scale = tl.load(v_base + offs * stride_vl + D4, mask=ok, other=0).to(tl.float32, bitcast=True)
         p = (p * v_scale[None, :]).to(DOT_DTYPE)
         vw = tl.load(v_base + offs[:, None] * stride_vl + dd[None, :], mask=kv_mask, other=0)
@@ -208,7 +205,6 @@ def _partial_kernel_8bit(
                                               out_dtype=tl.float32)
         acc3 = acc3 * alpha[:, None] + tl.dot(p, _lane(vw, 3, CODES, DOT_DTYPE), input_precision=PRECISION,
                                               out_dtype=tl.float32)
-        m = m_new
 
     part = bh * SPLITS + split
     row = O_PART + (part * G_PAD + g)[:, None] * D_PAD
@@ -283,13 +279,13 @@ def launch(query, keys, values, pos, pad, slot, next_pos, out, parts, *, codes: 
         p_strides = (pos.stride(0), pos.stride(1) if pos.shape[1] > 1 else 0)
     args = (query, keys, values, pos, pad, slot, next_pos, seg_start, seg_end, o_part, m_part, l_part,
             query.stride(0), query.stride(1), *k_strides, *v_strides, *p_strides, hkv, scaling)
-    common = dict(G=g, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n, SPLITS=splits, CODES=codes, WINDOW=window,
+    common = dict(G=g, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n, SPLITS=splits, WINDOW=window,
                   DOT_DTYPE=tl_dot, PRECISION="ieee" if dot_dtype == "float32" else "tf32", RAGGED=ragged)
     if codes == PLAIN:
         _partial_kernel[(b * hkv, splits)](*args, D=d, **common)
     else:
-        _partial_kernel_8bit[(b * hkv, splits)](*args, D4=d // 4, D4_PAD=max(16, triton.next_power_of_2(d // 4)),
-                                                **common)
+        _partial_kernel_8bit[(b * hkv, splits)](*args, CODES=codes, D4=d // 4,
+                                                D4_PAD=max(16, triton.next_power_of_2(d // 4)), **common)
     _combine_kernel[(b * hkv,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1), hkv,
         G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, SPLITS=splits,
