@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from . import masks
+from . import gqa_attention, masks
 from .errors import ConfigError
 
 DECODE_KERNELS = ("auto", "triton", "sdpa")
@@ -56,8 +56,7 @@ def kernel_applies(setting: str, query: torch.Tensor, codec, kwargs: dict) -> bo
         problem = f"the kernel runs on CUDA tensors (these are on {query.device})"
     if problem is None and _code_of(codec) is None:
         problem = f"the kernel reads kv_dtype 'auto', 'int8' and 'fp8', not the codec {codec!r}"
-    if problem is None and any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks", "position_bias",
-                                                                   "head_mask")):
+    if problem is None and any(kwargs.get(k) is not None for k in gqa_attention.CHANGES_MATH):
         problem = "the model's attention adds soft-capping, sinks or a bias, which the kernel does not compute"
     if problem is None and kwargs.get("dropout", 0.0):
         problem = "attention dropout is on (call model.eval())"

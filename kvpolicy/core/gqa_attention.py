@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 #: attention-function keyword arguments that change the arithmetic beyond a mask and a scale (logit
 #: soft-capping, attention sinks, position biases, head masks): with any of them set, the caller falls
-#: back to the model's own function
-_CHANGES_MATH = ("softcap", "s_aux", "sinks", "position_bias", "head_mask")
+#: back to the model's own function (and a frozen layer's step off the decode kernel, ``decode_attention``)
+CHANGES_MATH = ("softcap", "s_aux", "sinks", "position_bias", "head_mask")
 
 
 def applies(impl: str, kwargs: dict[str, Any]) -> bool:
     """True when this route computes what ``impl`` would with ``kwargs`` (the caller's mask applied)."""
-    return impl == "sdpa" and all(kwargs.get(name) is None for name in _CHANGES_MATH)
+    return impl == "sdpa" and all(kwargs.get(name) is None for name in CHANGES_MATH)
 
 
 def grouped_attention(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import decode_attention
 from .base import FreezeSpec, KVLayer, LayerSpec
 from .frozen import FrozenLayer
 from .segments import RaggedStore, SegmentedBuffers
@@ -98,10 +99,8 @@ class FrozenRaggedLayer(SegmentedBuffers, FrozenLayer):
     # ----------------------------------------------------------------- inside the compiled step
     def append(self, key_states, value_states, positions=None, width=None):
         store = self._store
-        if store is None:
+        if store is None or key_states.shape[2] != 1 or positions is not None:  # the last two: the frozen kind's error
             return super().append(key_states, value_states, positions, width)
-        if key_states.shape[2] != 1 or positions is not None:
-            return super().append(key_states, value_states, positions, width)  # raises the frozen kind's error
         codec = self.spec.codec
         dst = (self.seg_end + self.slot).flatten()
         store.keys.index_copy_(0, dst, codec.encode(key_states).flatten(0, 2))
@@ -115,15 +114,9 @@ class FrozenRaggedLayer(SegmentedBuffers, FrozenLayer):
         store = self._store
         if store is None:
             return super()._kernel_attention(query, scaling)
-        return self._decode_kernel(query, store.keys, store.values, store.pos, self.rows.pad, self.slot,
-                                   self.next_pos, self.spec.codec, self.window, scaling,
-                                   segments=(self.seg_start, self.seg_end))
-
-    @staticmethod
-    def _decode_kernel(*args, **kwargs) -> torch.Tensor:
-        from .. import decode_attention
-
-        return decode_attention.kernel_attention(*args, **kwargs)
+        return decode_attention.kernel_attention(query, store.keys, store.values, store.pos, self.rows.pad, self.slot,
+                                                 self.next_pos, self.spec.codec, self.window, scaling,
+                                                 segments=(self.seg_start, self.seg_end))
 
     def _attended_buffers(self, key, value):
         store = self._store
