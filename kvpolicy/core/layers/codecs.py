@@ -99,16 +99,16 @@ def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
     With shifts, not ``scale.view(torch.int8)``: inductor cannot compile a view between dtypes of different
     sizes (the compiled decode step writes scales)."""
     bits = scale.view(torch.int32)  # the same size: a bit-cast inductor takes
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=scale.device)
-    b = (bits >> shifts) & 0xFF
+    b = torch.cat([(bits >> s) & 0xFF for s in _SHIFTS], dim=-1)  # Python shifts: no tensor copied to the device
     return torch.where(b > 127, b - 256, b).to(torch.int8)
 
 
 def _scale_of(stored: torch.Tensor) -> torch.Tensor:
     """The float32 scale ``[..., 1]`` back from its four stored bytes ``[..., 4]``."""
     b = stored.to(torch.int32) & 0xFF
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=stored.device)
-    return (b << shifts).sum(-1, keepdim=True, dtype=torch.int32).view(torch.float32)
+    bits = (b[..., 0:1] << _SHIFTS[0]) | (b[..., 1:2] << _SHIFTS[1]) | (b[..., 2:3] << _SHIFTS[2]) | \
+        (b[..., 3:4] << _SHIFTS[3])
+    return bits.view(torch.float32)
 
 
 class Int8Codec(_EightBit):
