@@ -49,6 +49,27 @@ class RaggedLayer(SegmentedBuffers, DynamicLayer):
         if any(n < self.length for row in head_len for n in row):  # padding is stored: segments free it
             self._pack(head_len)
 
+    @classmethod
+    def concat(cls, parts, rows):
+        """The row chunks of a chunked prefill joined (as the dynamic kind joins them), then packed again where
+        their heads or rows hold different counts: without this a prefill in row chunks stored the padding that
+        each chunk's compaction had freed."""
+        # every part compacted: its kept slots lead each head, so host-side counts give the segments
+        # (a part never compacted holds its row's padding in front and is left as the rectangle)
+        counts = None
+        if all(p.packed or not p.contiguous for p in parts):
+            counts = [p.valid_counts_per_head() or [[n] * p.kv_heads for n in p.valid_counts()] for p in parts]
+        layer = super().concat(parts, rows)
+        if counts is None or layer._rect["keys"] is None or layer._rect["keys"].requires_grad:
+            return layer
+        head_len = [row for part in counts for row in part]
+        if any(n < layer.length for row in head_len for n in row):
+            layer.valid_host = [max(row) for row in head_len]
+            deficit = [[top - n for n in row] for top, row in zip(layer.valid_host, head_len)]
+            layer.head_deficit = deficit if any(any(row) for row in deficit) else None
+            layer._pack(head_len)
+        return layer
+
     def to_frozen(self, spec):
         """A packed layer freezes as segments (``frozen_ragged.py``: the compiled step's kernel reads them),
         except under H2O's accumulated attention, which the compiled step adds up in a rectangle."""
