@@ -31,8 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-#: every kvpolicy policy; pyramidinfer as its floor preset and kvzip with its SmolLM2 prompt ids, scaled to each ratio
-GRID_POLICIES = ("pyramidinfer_54_floor,h2o,snapkv,pyramidkv,tova,knorm,streamingllm,random,expected_attention,"
+#: every kvpolicy policy; pyramidinfer as its ratio form (configs/pyramidinfer_ratio.yaml) and kvzip with its
+#: SmolLM2 prompt ids, scaled to each ratio
+GRID_POLICIES = ("pyramidinfer,h2o,snapkv,pyramidkv,tova,knorm,streamingllm,random,expected_attention,"
                  "kvzip_smollm2")
 
 

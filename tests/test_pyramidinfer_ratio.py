@@ -17,7 +17,7 @@ from pydantic import ValidationError
 import kvpolicy.policies.pyramidinfer as pyramidinfer_module
 from kvpolicy import ConfigError, PyramidCache, make_cache, make_policy
 from kvpolicy.evaluation.runner import takes_ratio
-from kvpolicy.policies.pyramidinfer import PyramidInferConfig
+from kvpolicy.policies.pyramidinfer import RATIO_PRESET, PyramidInferConfig
 from kvpolicy.policies.schedule import decay_ratio
 from kvpolicy.policies.targets import CompressionTargetWarning
 
@@ -266,14 +266,14 @@ def cache_removed_share(cache, row, n):
 
 
 def test_make_cache_ratio_on_a_model_removes_half_of_the_prompt():
-    """12 layers, 300 tokens: shape by depth (pyramidinfer_llama2_7b), window 61, floor 64, so up to
-    1 - 125 / 300 = 58.3% is reachable and 50% must be met."""
+    """12 layers, 300 tokens: the ratio form's shape (configs/pyramidinfer_ratio.yaml) scaled; 50% is within
+    reach (its window and floor give way where they do not fit) and must be met."""
     cache = prefill(make_cache("pyramidinfer", compression_ratio=0.5), [300])
     got, kept = cache_removed_share(cache, 0, 300)
     assert abs(got - 0.5) <= 0.01
     assert kept == cache.policy.prefill_keep(300)
     assert cache.policy.solved[300] == pytest.approx(got)
-    assert cache.policy.preset_name == "pyramidinfer_llama2_7b"
+    assert cache.policy.preset_name == RATIO_PRESET
     assert kept == sorted(kept, reverse=True) and kept[-1] < kept[0] < 300
 
 
@@ -283,7 +283,7 @@ def test_pyramid_cache_ratio_and_budget_on_a_model():
     by_budget = prefill(PyramidCache(budget=150), [300])
     _, kept = cache_removed_share(by_budget, 0, 300)
     assert abs(sum(kept) / len(kept) - 150) <= 3  # one point of 300
-    assert by_budget.policy.preset_name == "pyramidinfer_llama2_7b"
+    assert by_budget.policy.preset_name == RATIO_PRESET
 
 
 def test_explicit_shape_with_a_ratio_is_not_replaced_by_the_depth_preset():
@@ -316,9 +316,9 @@ def test_solved_once_per_prompt_length_not_per_layer(monkeypatch):
 
 
 def test_a_ratio_beyond_window_and_floor_is_met_on_a_model():
-    """0.9 at 300 tokens: 30 tokens per layer are left, less than the window (61) and floor (64): the floor goes,
-    the window shrinks to 30, and every layer keeps its 30 newest tokens."""
-    cache = prefill(make_cache("pyramidinfer", compression_ratio=0.9), [300])
+    """0.9 at 300 tokens on the reference shape: 30 tokens per layer are left, less than the window (61) and
+    floor (64): the floor goes, the window shrinks to 30, and every layer keeps its 30 newest tokens."""
+    cache = prefill(make_cache("pyramidinfer_llama2_7b", compression_ratio=0.9), [300])
     got, kept = cache_removed_share(cache, 0, 300)
     assert kept == [30] * 12
     assert cache.policy.solved[300] == pytest.approx(got) == pytest.approx(0.9)
@@ -326,8 +326,8 @@ def test_a_ratio_beyond_window_and_floor_is_met_on_a_model():
 
 
 def test_prune_hidden_prefill_keeps_the_same_counts():
-    cache_only = prefill(make_cache("pyramidinfer", compression_ratio=0.5), [300])
-    pruned = prefill(make_cache("pyramidinfer", compression_ratio=0.5, prefill_mode="prune_hidden"), [300])
+    cache_only = prefill(make_cache("pyramidinfer_llama2_7b", compression_ratio=0.5), [300])
+    pruned = prefill(make_cache("pyramidinfer_llama2_7b", compression_ratio=0.5, prefill_mode="prune_hidden"), [300])
     assert pruned.valid_tokens_per_layer() == cache_only.valid_tokens_per_layer()
 
 

@@ -24,6 +24,7 @@ from test_cli import tiny_model_dir  # noqa: F401 - the fixture: a tiny Llama wi
 from kvpolicy.cli import _prepare, build_parser, main
 from kvpolicy.core.config import load_preset
 from kvpolicy.core.errors import ConfigError
+from kvpolicy.core.registry import make_policy
 from kvpolicy.evaluation import report, texts
 from kvpolicy.evaluation.ruler import (
     DEFAULT_TASKS,
@@ -42,6 +43,7 @@ from kvpolicy.evaluation.ruler.prompt import slack
 from kvpolicy.evaluation.ruler.task import RulerTask, plan_batches, summarize
 from kvpolicy.evaluation.tasks import PRESETS
 from kvpolicy.models import ModelLoadError, default_model_path
+from kvpolicy.policies.pyramidinfer import RATIO_PRESET, PyramidInferConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -375,12 +377,15 @@ def _plan(*argv: str):
 def test_default_compare_is_at_equal_budgets():
     plan = _plan()
     labels = [s.label for s in plan["specs"]]
-    assert labels == ["full", "pyramidinfer_54_floor@0.54", "h2o@0.54", "streamingllm@0.54", "snapkv@0.54",
-                      "random@0.54"]
+    assert labels == ["full", "pyramidinfer@0.54", "h2o@0.54", "streamingllm@0.54", "snapkv@0.54", "random@0.54"]
     pyr = plan["specs"][1]
-    preset = load_preset("pyramidinfer_54_floor")
-    assert pyr.policy == "pyramidinfer" and pyr.settings == {**{k: v for k, v in preset.items() if k != "policy"},
-                                                             "compression_ratio": 0.54}
+    assert pyr.policy == "pyramidinfer" and pyr.settings == {"compression_ratio": 0.54}
+    policy = make_policy({"policy": pyr.policy, **pyr.settings})  # the ratio form: its preset's shape at setup
+    policy.setup(30, [True] * 30)
+    preset = load_preset(RATIO_PRESET)
+    assert policy.preset_name == RATIO_PRESET
+    assert policy.config.model_dump() == PyramidInferConfig(**{k: v for k, v in preset.items() if k != "policy"},
+                                                            compression_ratio=0.54).model_dump()
 
 
 def test_suite_options():

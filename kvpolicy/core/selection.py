@@ -54,7 +54,7 @@ def select_slots(
     scores = scores.masked_fill(protected, float("inf"))
     scores = scores.masked_fill(~valid, float("-inf"))
     k_max = max(keep) if keep else 0
-    top = scores.topk(k_max, dim=-1, sorted=True).indices  # best first
+    top = best_first(scores, k_max)
     chosen_pos = pos[:, :h].gather(2, top)
     if min(keep) < k_max:  # rows keeping fewer than k_max: their surplus picks sort last, invalid
         rank = torch.arange(k_max, device=local.device).view(1, 1, -1)
@@ -109,7 +109,7 @@ def select_per_head(
         k_max = max(max(c) for c in counts)
         chosen = torch.zeros(b, h, length, dtype=torch.bool, device=device)
         if k_max:
-            top = scores.topk(k_max, dim=-1).indices
+            top = best_first(scores, k_max)
             wanted_t = torch.tensor(counts, device=device).view(b, h, 1)
             chosen.scatter_(2, top, rank[..., :k_max] < wanted_t)
         return chosen
@@ -124,7 +124,7 @@ def select_per_head(
         t_max = max(totals)
         chosen = torch.zeros(b, h * length, dtype=torch.bool, device=device)
         if t_max:
-            top = flat.topk(t_max, dim=-1).indices
+            top = best_first(flat, t_max)
             ranks = torch.arange(t_max, device=device).view(1, -1)
             chosen.scatter_(1, top, ranks < torch.tensor(totals, device=device).view(b, 1))
         chosen = chosen.view(b, h, length)
@@ -178,3 +178,12 @@ def _whole_plan(tp: TensorParallel, plan: Plan, head_valid: list[list[int]], dev
     valid = [[v for _, v in row] for row in gathered]
     return Plan(keep=whole_keep, scores=scores, sinks=plan.sinks, recent=plan.recent,
                 head_adaptive=plan.head_adaptive), valid
+
+
+def best_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best scores along the last dimension, best first; among equal scores the earlier
+    slot first. ``topk`` leaves the order of ties open, and ties are common (max-pooled votes repeat one value
+    over neighbouring slots), so a row's choice could change with the padding in front of it; a stable sort
+    makes it depend on the slots' order alone, which left padding does not change."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from ..core.config import load_preset
 from ..core.policy import CachePolicy, LayerView, Plan, Signals, per_row
 from ..core.rows import PerRow
 from .attention_scored import max_pool
@@ -120,9 +121,16 @@ class PyramidInferConfig(HeadBudgetConfig):
         return self
 
 
-#: the settings that set a target for the prompt's KV: given alone, ``PyramidCache`` still picks the
-#: shape by depth (``DEPTH_PRESETS``) and scales it to the target
+#: the settings that set a target for the prompt's KV: given alone, ``PyramidCache`` takes the shape of
+#: ``RATIO_PRESET`` and scales it to the target
 TARGET_FIELDS = frozenset({"compression_ratio", "budget"})
+
+#: The shape of the ratio form (``PyramidCache(compression_ratio=r)``, ``make_cache("pyramidinfer", budget=b)``
+#: with no other setting): the reference presets' 20% voting window and early-layer pruning lose retrieval
+#: once scaled to half the prompt, so the ratio form takes the preset chosen on the RULER-style suite and the
+#: needle task (docs/benchmarks/ratio_form.md); ``PyramidCache()`` with no target keeps the reference preset
+#: for its depth.
+RATIO_PRESET = "pyramidinfer_ratio"
 
 #: prompt lengths whose per-layer counts a policy remembers (the oldest are forgotten first)
 MEMO_LENGTHS = 4096
@@ -149,8 +157,11 @@ class PyramidInferPolicy(CachePolicy):
     config_class = PyramidInferConfig
 
     def __init__(self, config=None, **overrides):
-        # no shape settings given (a target alone is not one): the shape is picked by depth at setup
-        self.auto = config is None and set(overrides) <= TARGET_FIELDS
+        # no shape settings given (a target alone is not one): the shape is picked at setup, by depth, or
+        # RATIO_PRESET's where a target is given (the ratio form); the settings may come as keywords or as a
+        # settings dict (the registry's and ``compare``'s way); a config object is taken as it is
+        given = set(overrides) | (set(config) - {"policy"} if isinstance(config, dict) else set())
+        self.auto = (config is None or isinstance(config, dict)) and given <= TARGET_FIELDS
         super().__init__(config, **overrides)
         self.preset_name: str | None = None
         #: prompt length -> share of the prompt's KV the solved schedule removes (target mode only;
@@ -165,7 +176,11 @@ class PyramidInferPolicy(CachePolicy):
     def setup(self, num_layers: int, compressible: list[bool]) -> None:
         super().setup(num_layers, compressible)
         if self.auto:
-            self.preset_name, preset = preset_for_depth(num_layers)
+            if self.has_target:
+                self.preset_name = RATIO_PRESET
+                preset = PyramidInferConfig(**{k: v for k, v in load_preset(RATIO_PRESET).items() if k != "policy"})
+            else:
+                self.preset_name, preset = preset_for_depth(num_layers)
             targets = {k: getattr(self.config, k) for k in TARGET_FIELDS}
             self.config = PyramidInferConfig(**{**preset.model_dump(), **targets})
         self._memo_config = None  # depth or layers changed: per-length counts are recomputed
