@@ -37,7 +37,9 @@ class EvalSizes:
     needle_samples: int = 3
     needle_lengths: tuple[int, ...] = (1024, 2048)
     needle_depths: tuple[float, ...] = (0.25, 0.75)
-    needle_answer_tokens: int = 14
+    #: room for a sentence before the number: on the Python docs SmolLM2 often answers "The secret passkey hidden
+    #: in the text above is 68915." (digits are one token each), which 14 tokens cut inside the number
+    needle_answer_tokens: int = 24
     # agreement: prompts of this many tokens, greedy continuation of max_new_tokens
     agreement_prompts: int = 2
     agreement_prompt_tokens: int = 2048
