@@ -178,3 +178,13 @@ def _whole_plan(tp: TensorParallel, plan: Plan, head_valid: list[list[int]], dev
     valid = [[v for _, v in row] for row in gathered]
     return Plan(keep=whole_keep, scores=scores, sinks=plan.sinks, recent=plan.recent,
                 head_adaptive=plan.head_adaptive), valid
+
+
+def in_window(pos: torch.Tensor, pad: torch.Tensor, floor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots of a sliding layer that a query can still see once its newest token is at ``floor + window - 2``
+    (every later query's window starts at ``floor`` or after): real tokens (not a pad, not empty) at absolute
+    position ``floor`` or later. Returns ``order`` ``[B, H, L]``, those slots first in position order (then the
+    rest), and their count ``[B, H]`` per row and KV head (on the device: the caller reads it)."""
+    live = (pos >= floor) & (pos >= pad.view(-1, 1, 1))
+    key = torch.where(live, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max))
+    return key.argsort(dim=-1), live.sum(-1)
