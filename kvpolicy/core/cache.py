@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 
 from . import attention_hook, compiled_step, decode_attention, hidden_pruning, model_call
 from .binding import ModelBinding
-from .compressor import Compressor
+from .compressor import MASKED_IMPLEMENTATIONS, Compressor
 from .errors import CacheMisuseError, ConfigError
 from .layers import FreezeSpec, KVCodec, KVLayer, LayerSpec, choose_codec, choose_kind
 from .ownership import ForwardOwner
@@ -160,7 +160,7 @@ class PolicyCache(Cache):
         while len(self.layers) <= layer_idx:
             idx = len(self.layers)
             spec = LayerSpec(idx, self.rows, self.policy.headroom(idx), self.policy.signals.accumulated_attention,
-                             self._codec, self.decode_kernel)
+                             self._codec, self.decode_kernel, self.compressor.recording)
             self.layers.append(self._kind(spec))
         keys, values = self.layers[layer_idx].append(key_states, value_states, **self._pruned.cut(layer_idx))
         attention_hook.PENDING.set(attention_hook.Pending(self, layer_idx))
@@ -199,6 +199,18 @@ class PolicyCache(Cache):
     @property
     def batch_size(self) -> int:
         return self.max_batch_size
+
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """transformers' notice of rollbacks to come (assisted decoding, before the prompt's forward): every layer,
+        those made later too, keeps what leaves a sliding window until the next ``crop``."""
+        self.compressor.recording = True
+        super().activate_past_recording(**kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' rollback of the newest tokens (assisted decoding); then, as its sliding layers do, what
+        fell out of a sliding window goes, also where ``activate_past_recording`` kept it until now."""
+        super().crop(tokens_to_remove)
+        self.compressor.free_out_of_window(self.layers, self.binding, force=tokens_to_remove != 0, cropped=True)
 
     def reset(self) -> None:
         """Empty the cache so it can serve a new prompt (or another model)."""
@@ -281,18 +293,12 @@ class PolicyCache(Cache):
         make room for the next token."""
         self._settle()
         for layer in self.layers:
-            layer.make_room(lambda layer=layer: self._growth(layer))
+            layer.make_room(lambda layer=layer: self.compressor.decode_growth(layer, self.binding, self.decode_reserve))
         self._pending = 1
 
     def attend(self, fn, impl: str, module: Any, query, key, value, args: tuple, kwargs: dict):
         """A compiled step's attention for ``module``'s layer (called by the attention wrapper)."""
         return self.layers[module.layer_idx].attend(fn, impl, module, query, key, value, args, kwargs)
-
-    def _growth(self, layer: KVLayer) -> int:
-        """Slots a frozen layer reserves for decoding: the policy's bound over ``decode_reserve`` tokens."""
-        if not layer.compressible:
-            return self.decode_reserve
-        return max(1, self.policy.decode_growth(layer.layer_idx, self.rows.prompt_len, self.decode_reserve))
 
     def start_decoding(self) -> None:
         """The prompt is in: freeze the layers for the compiled decode step, where this cache decodes so."""
@@ -302,8 +308,9 @@ class PolicyCache(Cache):
         if not decodes_frozen:
             return
         window, shared = self.policy.signals.decode_query_window, bool(self.policy.shared_positions)
+        growth = [self.compressor.decode_growth(layer, self.binding, self.decode_reserve) for layer in self.layers]
         self.layers = [layer.to_frozen(FreezeSpec(layer.length + g, window, shared, g < self.decode_reserve))
-                       for layer, g in [(layer, self._growth(layer)) for layer in self.layers]]
+                       for layer, g in zip(self.layers, growth)]
         torch._dynamo.mark_static_address(self.rows.pad)
         self._frozen = True
 
@@ -341,11 +348,7 @@ class PolicyCache(Cache):
             self._pruned.begin(b.adapter, b.config, b.num_layers, module, layer.total_seen)
         if layer.contiguous:
             return mask
-        if impl not in ("sdpa", "eager"):
-            raise CacheMisuseError(
-                f"attention implementation {impl!r} cannot attend over a compressed layer; "
-                "load the model with attn_implementation='sdpa' or 'eager'"
-            )
+        check_masked_implementation(impl)
         return layer.allowed(*self._pruned.mask_queries(layer, query.shape[2]))
 
     def attention_done(self, layer_idx: int, module: Any, query: torch.Tensor) -> None:
@@ -361,6 +364,8 @@ class PolicyCache(Cache):
             self.compressor.after_attention(layer, self.binding, query, qpos, self._scoring.defers_plans)
         self._pruned.layer_done(layer)
         layer.release_attended()
+        if not self._scoring.defers_plans:  # what left a sliding window (a scoring pass frees it after its plans)
+            self.compressor.free_out_of_window([layer], self.binding, force=query.shape[2] > 1)
         if (layer_idx == self.binding.num_layers - 1 and self.prompt_len is not None
                 and not self._scoring.prompt_running):  # a scoring pass comes first (it freezes when done)
             self.start_decoding()
@@ -416,6 +421,16 @@ class PolicyCache(Cache):
         for idx in range(len(first.layers)):
             self.layers.append(self._kind.concat([c.layers[idx] for c in chunks], self.rows))
         self.start_decoding()
+
+
+def check_masked_implementation(impl: str) -> None:
+    """Refuse an attention implementation that takes no arbitrary mask, which a layer whose slot ``i`` no longer
+    holds token ``i`` needs (a compressed layer, or a sliding one freed of what fell out of its window)."""
+    if impl not in MASKED_IMPLEMENTATIONS:
+        raise CacheMisuseError(
+            f"attention implementation {impl!r} cannot attend over a compressed layer; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
 
 
 def check_new_tokens(query_length, cache: PolicyCache) -> None:

@@ -193,7 +193,8 @@ class PrunedPrefill:
     def layer_done(self, layer: Any) -> None:
         pruner = self.running
         if pruner is not None:  # what the next decoder layer's inputs are cut to
-            pruner.layer_done(None if layer.contiguous else layer.pos_view())
+            # a copy: the cache may compact the layer in place next (freeing what left a sliding window)
+            pruner.layer_done(None if layer.contiguous else layer.pos_view().clone())
 
     def stop(self) -> None:
         stop(self.pruner)

@@ -195,6 +195,13 @@ class LayerView:
     def since_compress(self) -> int:
         return self.layer.since_compress
 
+    @property
+    def freed_below(self) -> list[int]:
+        """Per row, the row-local position below which the layer holds nothing any more: the cache frees, in a
+        sliding-window layer, what no later query can see (0: nothing freed). A plan that counts the tokens it
+        evicts from a span of positions must not count these again (host-side)."""
+        return [max(0, self.layer.freed_below - p) for p in self.layer.rows.pad_host]
+
     def window_attention(self, weights: torch.Tensor | None = None, num_queries: int | None = None) -> torch.Tensor:
         """Attention of the stored query window over the kept keys, summed over queries.
 

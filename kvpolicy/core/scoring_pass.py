@@ -103,4 +103,5 @@ class ScoringPass:
                  if layer.compressible]
         for view, plan in zip(views, policy.plan_scored(views)):
             cache.compressor.apply(view, plan)
+        cache.compressor.free_out_of_window(cache.layers, cache.binding, force=True)  # what left a sliding window
         cache.start_decoding()

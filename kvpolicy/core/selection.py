@@ -187,3 +187,12 @@ def best_first(scores: torch.Tensor, k: int) -> torch.Tensor:
     makes it depend on the slots' order alone, which left padding does not change."""
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
+
+def in_window(pos: torch.Tensor, pad: torch.Tensor, floor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots of a sliding layer that a query can still see once its newest token is at ``floor + window - 2``
+    (every later query's window starts at ``floor`` or after): real tokens (not a pad, not empty) at absolute
+    position ``floor`` or later. Returns ``order`` ``[B, H, L]``, those slots first in position order (then the
+    rest), and their count ``[B, H]`` per row and KV head (on the device: the caller reads it)."""
+    live = (pos >= floor) & (pos >= pad.view(-1, 1, 1))
+    key = torch.where(live, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max))
+    return key.argsort(dim=-1), live.sum(-1)

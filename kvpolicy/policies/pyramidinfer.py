@@ -370,11 +370,17 @@ class PyramidInferPolicy(CachePolicy):
         in_group = (local >= start_t) & (local < start_t + group)
         attn = self._aggregate(view, max_pool(view.window_attention(), c.pool_kernel)).expand_as(local)
         scores = torch.where(in_group, attn, torch.full_like(attn, float("inf")))
-        evict = group - self.group_keep(view.layer_idx)
-        if c.head_budget == "adaptive":  # heads hold their own counts since the prefill: each evicts alike
-            keep = [[v - evict if d else v for v in row] for row, d in zip(view.valid_counts_per_head, due)]
+        # a group keeps group_keep of its tokens; where the cache already freed some (they left a sliding window),
+        # fewer are evicted: an eviction count beyond the group's tokens would take live ones outside it
+        evict = [max(0, group - self.group_keep(view.layer_idx) - min(group, max(0, g - f)))
+                 for f, g in zip(frontier, view.freed_below)]
+        # heads holding their own counts (head-adaptive since the prefill; or a sliding window freed more of one
+        # head's tokens than another's) each evict alike
+        heads = view.valid_counts_per_head if c.head_budget == "adaptive" else view.layer.valid_counts_per_head()
+        if heads is not None:
+            keep = [[v - e if d else v for v in row] for row, d, e in zip(heads, due, evict)]
         else:
-            keep = [v - evict if d else v for v, d in zip(valid, due)]
+            keep = [v - e if d else v for v, d, e in zip(valid, due, evict)]
         view.state.frontier = PerRow(f + group if d else f for f, d in zip(frontier, due))
         self._note_next_due(view)
         return Plan(keep=keep, scores=scores, sinks=0, recent=0)

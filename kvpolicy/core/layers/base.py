@@ -37,8 +37,9 @@ class LayerSpec:
     """What a layer is told when it is made: its index, the per-row facts every layer of the cache
     shares, the free slots to keep after a compression (the policy's ``headroom``), whether to keep
     H2O's accumulated attention, how each key/value vector is stored (``codec``: the cache's
-    ``kv_dtype``, ``codecs.py``), and what computes a frozen layer's decode attention (the cache's
-    ``decode_kernel``, ``core/decode_attention.py``)."""
+    ``kv_dtype``, ``codecs.py``), what computes a frozen layer's decode attention (the cache's
+    ``decode_kernel``, ``core/decode_attention.py``), and whether it starts recording its past for a rollback
+    (transformers' ``activate_past_recording`` came before the layer was made)."""
 
     layer_idx: int
     rows: Rows
@@ -46,6 +47,7 @@ class LayerSpec:
     track_attention: bool = False
     codec: KVCodec = KVCodec()
     decode_kernel: str = "auto"
+    record_past: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,13 @@ class KVLayer(CacheLayerMixin):
         self.total_seen = 0  # tokens this layer has been given (absolute, pads included)
         self.since_compress = 0
         self.contiguous = True  # slot i holds absolute token i (no compression yet)
+        #: nothing was removed but what fell out of a sliding window (the cache's own drop): a later query finds
+        #: every token it may attend, so the newest tokens can still be cropped (``crop``)
+        self.complete = True
+        self.freed_below = 0  # absolute column below which the cache freed every slot (out of a sliding window)
+        #: transformers' flag for a rollback to come (assisted decoding: ``activate_past_recording``): the cache then
+        #: keeps what falls out of a sliding window until the next ``crop``, as transformers' sliding layers do
+        self.record_past = spec.record_past
         self.pos: torch.Tensor | None = None
         self.acc: torch.Tensor | None = None  # accumulated attention [B, H, capacity] (float32)
         self.qwin: torch.Tensor | None = None  # recent queries [B, Hq, W, D]
@@ -114,6 +123,7 @@ class KVLayer(CacheLayerMixin):
         self.facts = other.facts
         self.length, self.total_seen, self.since_compress = other.length, other.total_seen, other.since_compress
         self.contiguous, self.head_deficit, self.group_uneven = other.contiguous, other.head_deficit, other.group_uneven
+        self.complete, self.freed_below, self.record_past = other.complete, other.freed_below, other.record_past
         self.valid_host = other.valid_host
         self.is_initialized = other.is_initialized
         if other.is_initialized:
@@ -177,8 +187,8 @@ class KVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.pos = self.acc = self.qwin = self.qwin_pos = self.valid_host = None
         self.head_deficit = self.attended = None
-        self.length = self.total_seen = self.since_compress = 0
-        self.contiguous = True
+        self.length = self.total_seen = self.since_compress = self.freed_below = 0
+        self.contiguous = self.complete = True
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -189,17 +199,20 @@ class KVLayer(CacheLayerMixin):
         n = -tokens_to_remove
         if n <= 0:
             return
-        if not self.contiguous:
+        if not (self.contiguous or self.complete and self.window is not None
+                and self.total_seen - n >= self.freed_below + self.window - 1):  # no drop since those n came
             raise CacheMisuseError(
-                "crop() cannot undo tokens of a compressed layer (they may already be evicted); "
-                "assisted/speculative decoding needs the 'full' policy"
+                "crop() cannot undo tokens of a compressed layer (they may already be evicted, or, in a sliding "
+                "layer, the tokens the cropped cache's next query sees were freed); assisted/speculative decoding "
+                "needs the 'full' policy (and generate's own call to cache.activate_past_recording())"
             )
-        self.length -= n
-        self.total_seen -= n
-        self.attended = None
+        self.drop_last(n)
         self.keys = self.keys[:, :, : self.length]
         self.values = self.values[:, :, : self.length]
         self.pos = self.pos[:, :, : self.length]
+
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        self.record_past = True
 
     def move_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Re-index the batch rows (beam reorder, repeat, select): ``fn`` maps a ``[B, ...]`` tensor."""
@@ -306,7 +319,7 @@ class KVLayer(CacheLayerMixin):
 
     def drop_last(self, q: int) -> None:
         """Forget the last ``q`` slots: the tokens of a scoring pass's forward, appended after the prompt
-        (see ``core/scoring_pass.py``); the buffer keeps its capacity."""
+        (see ``core/scoring_pass.py``), or those ``crop`` undoes; the buffer keeps its capacity."""
         self.length -= q
         self.total_seen -= q
         self.since_compress -= q
@@ -376,7 +389,7 @@ class KVLayer(CacheLayerMixin):
         self.keys, self.values, self.pos, self.acc = keys, values, pos, acc
         self.length = k
         self.since_compress = 0
-        self.contiguous = False
+        self.contiguous = self.complete = False
         if group_uneven is not None:
             self.group_uneven = group_uneven
 

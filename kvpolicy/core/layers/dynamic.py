@@ -32,7 +32,7 @@ class DynamicLayer(KVLayer):
                 self.valid_host = [n + q for n in self.valid_host]
         else:
             new_pos = positions.unsqueeze(1).expand(b, h, q)
-            self.contiguous = False
+            self.contiguous = self.complete = False  # a prune-hidden prefill: tokens the layer never got
             self.valid_host = None  # empty slots (-1) are counted on the device
         first_fill = self.keys is None or self.length == 0 and self.capacity < q
         if first_fill:
@@ -110,6 +110,7 @@ class DynamicLayer(KVLayer):
         layer.since_compress = max(p.since_compress for p in parts)
         layer.length = max(p.length for p in parts)
         layer.contiguous = all(p.contiguous for p in parts) and all(p.length == layer.length for p in parts)
+        layer.complete = all(p.complete for p in parts)
         counts = [n for p in parts for n in p.valid_counts()]
         for p in parts:  # in-use slots only
             p.keys, p.values, p.pos = p.keys[:, :, : p.length], p.values[:, :, : p.length], p.pos_view()

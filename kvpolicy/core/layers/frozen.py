@@ -196,6 +196,7 @@ class FrozenLayer(KVLayer):
     def compact(self, index: torch.Tensor, keep_counts, start: int | None = None,
                 group_uneven: bool | None = None) -> None:
         super().compact(index, keep_counts, start, group_uneven)
+        self.valid_shift = 0  # the counts given are the current ones: the settled steps are in them
         self.pos[:, :, self.length :] = -1  # attention reads every slot: stale ones must be invalid
         if self.acc is not None:
             self.acc[:, :, self.length :] = 0.0
