@@ -338,7 +338,7 @@ class PolicyCache(Cache):
             self.rows.read_padding(mask, query.shape[0], query.device)
         if layer_idx == 0 and self.prompt_len is None and self.policy.prunes_hidden_states:
             b = self.binding
-            self._pruned.begin(b.adapter, b.config, b.num_layers, module, layer.total_seen)
+            self._pruned.begin(b.adapter, b.config, b.num_layers, module, layer.total_seen, self.policy)
         if layer.contiguous:
             return mask
         if impl not in ("sdpa", "eager"):

@@ -160,11 +160,14 @@ class PrunedPrefill:
 
     def __init__(self) -> None:
         self.pruner: HiddenPruner | None = None
+        self.cuts: list[bool] = []  # per layer: whether its kept tokens are the next layer's inputs
 
-    def begin(self, adapter: Any, config: Any, num_layers: int, module: Any, width: int) -> None:
-        """A prompt's forward of ``width`` columns starts (``module``: its first attention module)."""
+    def begin(self, adapter: Any, config: Any, num_layers: int, module: Any, width: int, policy: Any) -> None:
+        """A prompt's forward of ``width`` columns starts (``module``: its first attention module); the
+        layers where ``policy.cuts_hidden_after`` holds pass on only their kept tokens."""
         install(adapter.decoder_layer_class(module))
         stop(self.pruner)
+        self.cuts = [policy.cuts_hidden_after(idx) for idx in range(num_layers)]
         self.pruner = start(HiddenPruner(adapter, config, num_layers, width))
 
     @property
@@ -192,7 +195,7 @@ class PrunedPrefill:
 
     def layer_done(self, layer: Any) -> None:
         pruner = self.running
-        if pruner is not None:  # what the next decoder layer's inputs are cut to
+        if pruner is not None and self.cuts[layer.layer_idx]:  # what the next decoder layer's inputs are cut to
             pruner.layer_done(None if layer.contiguous else layer.pos_view())
 
     def stop(self) -> None:
