@@ -346,7 +346,7 @@ class PolicyCache(Cache):
                 f"attention implementation {impl!r} cannot attend over a compressed layer; "
                 "load the model with attn_implementation='sdpa' or 'eager'"
             )
-        return layer.allowed(*self._pruned.mask_queries(layer, query.shape[2]))
+        return self._pruned.mask(layer, query.shape[2], mask, impl)
 
     def attention_done(self, layer_idx: int, module: Any, query: torch.Tensor) -> None:
         """After the layer's attention: the policy's signals and plan, and after the last layer of a
