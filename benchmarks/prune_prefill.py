@@ -49,6 +49,7 @@ DEFAULT_VARIANTS = ",".join([
     "pyramidinfer_54_floor_prune",
     "pyramidinfer_54",
     "pyramidinfer_54_prune",
+    "full",
 ])
 
 

@@ -4,8 +4,12 @@ A policy that sets ``prunes_hidden_states`` (PyramidInfer with ``prefill_mode="p
 gets this at the prompt's forward: after layer ``l``'s attention the cache keeps layer ``l``'s
 tokens as usual; the hidden states entering decoder layer ``l + 1`` are then gathered to
 exactly those tokens, with everything positional the layer receives (RoPE cos/sin,
-``position_ids``, ``cache_position``, the 4-D mask). Layer ``l + 1`` computes queries, keys and
-values only for them; its cache records their true positions.
+``position_ids``, ``cache_position``). Layer ``l + 1`` computes queries, keys and values only for
+them; its cache records their true positions. The model's 4-D mask is not cut (the layer gets
+none): the cache's own mask replaces it in such a layer (:meth:`PrunedPrefill.mask`), or, where
+causal by slot is exact, SDPA's causal kernel runs with no mask at all. The policy says which
+layers cut (``CachePolicy.cuts_hidden_after``, PyramidInfer's ``prune_hidden_start``); a layer
+that does not cut hands every token it computed to the next.
 
 The decoder layer is the one place where hidden states and positional inputs meet, and the
 cache never sees the model object. So, like ``attention_hook`` does for attention functions,
