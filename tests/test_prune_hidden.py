@@ -196,3 +196,76 @@ def test_default_mode_is_cache_only():
     assert make_cache("pyramidinfer").policy.config.prefill_mode == "cache_only"
     assert not make_cache("pyramidinfer").policy.prunes_hidden_states
     assert make_cache("pyramidinfer", **PRUNE).policy.prunes_hidden_states
+
+
+def test_prune_floor_preset_is_the_floor_preset_cut_from_47_percent():
+    from kvpolicy import make_policy
+
+    base = make_policy("pyramidinfer_54_floor").config
+    assert make_policy("pyramidinfer_54_floor_prune").config == base.model_copy(
+        update={**PRUNE, "prune_hidden_start": 0.47})
+
+
+@pytest.mark.parametrize("lengths", [[90], [90, 61]])
+def test_start_past_the_last_layer_is_cache_only_exactly(lengths):
+    """No layer cuts (the first cut would be layer int(1.0 * L) = L): what cache_only generates, bit for bit."""
+    model = tiny_model("llama", "sdpa", layers=6)
+    inputs = batch(lengths, seed=8)
+    s = dict(min_context_length=4, prefill_decay_ratio=0.5)
+    only = make_cache("pyramidinfer", **s)
+    prune = make_cache("pyramidinfer", **s, **PRUNE, prune_hidden_start=1.0)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, past_key_values=prune).logits, model(**inputs, past_key_values=only).logits)
+    for layer in range(6):
+        assert torch.equal(prune.kept_positions(layer), only.kept_positions(layer))
+    assert torch.equal(greedy(model, inputs, make_cache("pyramidinfer", **s, **PRUNE, prune_hidden_start=1.0)),
+                       greedy(model, inputs, make_cache("pyramidinfer", **s)))
+
+
+@pytest.mark.parametrize("start", [0.0, 0.5])
+def test_cut_layers_take_sdpa_causal_kernel_where_rows_keep_alike(monkeypatch, start):
+    """A cut layer holds exactly its queries' tokens in position order: with every row keeping the same count
+    it runs SDPA's causal kernel with no mask (as cache_only's layers do); rows keeping different counts leave
+    surplus slots, masked by the cache's own mask."""
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((q.shape[2], attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny_model("llama", "sdpa", layers=6)
+    s = dict(min_context_length=4, prefill_decay_ratio=0.5, prune_hidden_start=start, **PRUNE)
+    with torch.no_grad():
+        model(**batch([150]), past_key_values=make_cache("pyramidinfer", **s))
+    # layers 0 and 1 keep the whole prompt (the schedule starts at 1.0; layer 2 is the first to prune): the layers
+    # up to the first that both cuts and prunes, and the one above it, compute it all
+    whole = max(int(start * 6), 2) + 1
+    assert [q for q, _, _ in calls][:whole] == [150] * whole
+    assert all(q < 150 for q, _, _ in calls[whole:]) and len(calls) == 6
+    assert all(no_mask and causal for _, no_mask, causal in calls)  # one row: every layer causal, no mask
+    calls.clear()
+    with torch.no_grad():
+        model(**batch([150, 97]), past_key_values=make_cache("pyramidinfer", **s))
+    cut = calls[whole:]
+    assert cut and all(not no_mask for _, no_mask, _ in cut)  # padded rows keep different counts: masked
+
+
+def test_a_prompt_continued_in_a_second_forward_runs_it_as_decoding():
+    """kvpolicy has no sequence-chunked prefill: the first forward is the prefill (and the only one cut);
+    a second forward of several tokens is computed whole by every layer over the kept cache."""
+    model = tiny_model("llama", "sdpa", layers=6)
+    inputs = batch([120], seed=6)
+    cache = make_cache("pyramidinfer", min_context_length=4, prefill_decay_ratio=0.5, **PRUNE)
+    more = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(**inputs, past_key_values=cache)
+        computed, handles = layer_output_lengths(model)
+        out = model(input_ids=more, attention_mask=torch.ones(1, 140, dtype=torch.long), past_key_values=cache)
+    for handle in handles:
+        handle.remove()
+    assert out.logits.shape[1] == 20 and set(computed.values()) == {20}
+    assert cache.seen_tokens() == [140]

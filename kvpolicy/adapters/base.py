@@ -121,24 +121,10 @@ class ModelAdapter:
             out["position_ids"] = layout.sliced(inputs["position_ids"], lambda t: gather_tokens(t, cols))
         if inputs.get("cache_position") is not None:  # transformers < 5.17; 1-D, shared by rows
             out["cache_position"] = cols[0]
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            out["attention_mask"] = layout.sliced(mask, lambda m: _slice_mask(m, cols, layout.pos >= 0))
+        if "attention_mask" in inputs:
+            # not cut: a cut layer's keys sit at their true positions, so the cache replaces the model's mask with
+            # its own in that layer's attention (``PolicyCache.attention_mask``, built from the kept positions).
+            # Gathering the model's [B, 1, T, T] mask to the kept rows and columns would copy it at every new
+            # layout for nothing (a boolean one is 1 GiB per row at 32k tokens)
+            out["attention_mask"] = None
         return out
-
-
-def _slice_mask(mask: Any, cols: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """A ``[B, 1, T, T]`` mask cut to rows and columns ``cols``; surplus columns never attended."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        raise UnsupportedModelError(
-            f"prefill_mode='prune_hidden' can cut only a 4-D attention mask (got {type(mask).__name__}); "
-            "load the model with attn_implementation='sdpa' or 'eager', or use prefill_mode='cache_only'"
-        )
-    b, t = cols.shape
-    m = mask.expand(b, mask.shape[1], *mask.shape[2:])
-    m = m.gather(2, cols.view(b, 1, t, 1).expand(b, m.shape[1], t, m.shape[3]))
-    m = m.gather(3, cols.view(b, 1, 1, t).expand(b, m.shape[1], t, t))
-    hidden = ~valid.view(b, 1, 1, t)
-    if m.dtype == torch.bool:
-        return m & ~hidden
-    return m.masked_fill(hidden, torch.finfo(m.dtype).min)

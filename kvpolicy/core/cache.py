@@ -345,11 +345,11 @@ class PolicyCache(Cache):
             self.rows.read_padding(mask, query.shape[0], query.device)
         if layer_idx == 0 and self.prompt_len is None and self.policy.prunes_hidden_states:
             b = self.binding
-            self._pruned.begin(b.adapter, b.config, b.num_layers, module, layer.total_seen)
+            self._pruned.begin(b.adapter, b.config, b.num_layers, module, layer.total_seen, self.policy)
         if layer.contiguous:
             return mask
         check_masked_implementation(impl)
-        return layer.allowed(*self._pruned.mask_queries(layer, query.shape[2]))
+        return self._pruned.mask(layer, query.shape[2], mask, impl)
 
     def attention_done(self, layer_idx: int, module: Any, query: torch.Tensor) -> None:
         """After the layer's attention: the policy's signals and plan, and after the last layer of a

@@ -4,8 +4,12 @@ A policy that sets ``prunes_hidden_states`` (PyramidInfer with ``prefill_mode="p
 gets this at the prompt's forward: after layer ``l``'s attention the cache keeps layer ``l``'s
 tokens as usual; the hidden states entering decoder layer ``l + 1`` are then gathered to
 exactly those tokens, with everything positional the layer receives (RoPE cos/sin,
-``position_ids``, ``cache_position``, the 4-D mask). Layer ``l + 1`` computes queries, keys and
-values only for them; its cache records their true positions.
+``position_ids``, ``cache_position``). Layer ``l + 1`` computes queries, keys and values only for
+them; its cache records their true positions. The model's 4-D mask is not cut (the layer gets
+none): the cache's own mask replaces it in such a layer (:meth:`PrunedPrefill.mask`), or, where
+causal by slot is exact, SDPA's causal kernel runs with no mask at all. The policy says which
+layers cut (``CachePolicy.cuts_hidden_after``, PyramidInfer's ``prune_hidden_start``); a layer
+that does not cut hands every token it computed to the next.
 
 The decoder layer is the one place where hidden states and positional inputs meet, and the
 cache never sees the model object. So, like ``attention_hook`` does for attention functions,
@@ -53,6 +57,9 @@ class Layout:
     pos: torch.Tensor | None = None
     layer: int = 0
     memo: dict[int, tuple[torch.Tensor, Any]] = field(default_factory=dict)
+    #: every row holds as many tokens as the widest (no surplus slot): a layer over exactly these tokens is
+    #: causal by slot, as they ascend in position
+    dense: bool = True
 
     @property
     def columns(self) -> torch.Tensor:
@@ -67,11 +74,13 @@ class Layout:
         return hit[1]
 
 
-def kept_layout(kept: torch.Tensor, width: int) -> torch.Tensor:
-    """Right-align kept positions ``[B, K]`` (-1 for surplus anywhere): -1s first, then ascending."""
+def kept_layout(kept: torch.Tensor, width: int) -> tuple[torch.Tensor, bool]:
+    """Right-align kept positions ``[B, K]`` (-1 for surplus anywhere): -1s first, then ascending; and whether
+    every row keeps the same count (no surplus slot is left)."""
     ordered = kept.sort(dim=-1).values
-    most = int((ordered >= 0).sum(-1).max())
-    return ordered[:, ordered.shape[1] - most :]
+    counts = (ordered >= 0).sum(-1).tolist()  # one read of the device
+    most = max(counts)
+    return ordered[:, ordered.shape[1] - most :], min(counts) == most
 
 
 def hidden_index(current: torch.Tensor | None, new: torch.Tensor, width: int) -> torch.Tensor:
@@ -145,10 +154,10 @@ class HiddenPruner:
                     "prefill_mode='prune_hidden' needs every KV head of a layer to keep the same tokens "
                     "(this policy kept different ones per head); use head_aggregation='layer'"
                 )
-            kept = kept_layout(pos[:, 0], layout.width)
+            kept, dense = kept_layout(pos[:, 0], layout.width)
             if layout.pos is None or not torch.equal(kept, layout.pos):
                 index = hidden_index(layout.pos, kept, layout.width)
-                layout.pos, layout.memo = kept, {}
+                layout.pos, layout.memo, layout.dense = kept, {}, dense
         if layout.pos is not None:
             inputs = self.adapter.slice_layer_inputs(inputs, index, layout)
         return inputs, idx == self.num_layers - 1
@@ -160,11 +169,14 @@ class PrunedPrefill:
 
     def __init__(self) -> None:
         self.pruner: HiddenPruner | None = None
+        self.cuts: list[bool] = []  # per layer: whether its kept tokens are the next layer's inputs
 
-    def begin(self, adapter: Any, config: Any, num_layers: int, module: Any, width: int) -> None:
-        """A prompt's forward of ``width`` columns starts (``module``: its first attention module)."""
+    def begin(self, adapter: Any, config: Any, num_layers: int, module: Any, width: int, policy: Any) -> None:
+        """A prompt's forward of ``width`` columns starts (``module``: its first attention module); the
+        layers where ``policy.cuts_hidden_after`` holds pass on only their kept tokens."""
         install(adapter.decoder_layer_class(module))
         stop(self.pruner)
+        self.cuts = [policy.cuts_hidden_after(idx) for idx in range(num_layers)]
         self.pruner = start(HiddenPruner(adapter, config, num_layers, width))
 
     @property
@@ -181,18 +193,25 @@ class PrunedPrefill:
         pruner = self.running
         return None if pruner is None else pruner.query_positions()
 
-    def mask_queries(self, layer: Any, q: int) -> tuple[torch.Tensor, bool]:
-        """Where the ``q`` queries of ``layer``'s attention sit, for its mask (``[B or 1, 1, q, 1]``), and
-        whether one mask row serves all heads (a pruned prefill: every head holds the same tokens)."""
+    def mask(self, layer: Any, q: int, model_mask: Any, impl: str) -> Any:
+        """The mask of ``layer``'s attention over its ``q`` new queries, for a layer whose slots no longer hold
+        token ``i`` at slot ``i``: its own (:meth:`KVLayer.allowed`, one row for all heads in a cut layer), or
+        ``model_mask`` itself (None: SDPA's causal kernel) where causal by slot is exact: a cut layer under SDPA
+        holding just its queries' tokens (they ascend in position), every row as many (no surplus slot), no
+        sliding window. SDPA's causal kernel skips the blocks above the diagonal, which a mask cannot, and
+        needs no ``[B, 1, q, q]`` mask in memory."""
         pruner = self.running
-        device = layer.device
         if pruner is not None and pruner.layout.pos is not None:  # per row; empty slots query as the last token
-            return pruner.layout.columns.view(layer.batch_size, 1, q, 1), True
-        return layer.query_positions(q, device).view(1, 1, q, 1), False
+            layout = pruner.layout
+            if (model_mask is None and impl == "sdpa" and layout.dense and layer.window is None
+                    and layer.length == q):
+                return model_mask
+            return layer.allowed(layout.columns.view(layer.batch_size, 1, q, 1), True)
+        return layer.allowed(layer.query_positions(q, layer.device).view(1, 1, q, 1), False)
 
     def layer_done(self, layer: Any) -> None:
         pruner = self.running
-        if pruner is not None:  # what the next decoder layer's inputs are cut to
+        if pruner is not None and self.cuts[layer.layer_idx]:  # what the next decoder layer's inputs are cut to
             # a copy: the cache may compact the layer in place next (freeing what left a sliding window)
             pruner.layer_done(None if layer.contiguous else layer.pos_view().clone())
 

@@ -293,6 +293,12 @@ class CachePolicy(ABC):
         ``core/hidden_pruning.py``). Needs one token set per layer (every KV head the same)."""
         return False
 
+    def cuts_hidden_after(self, layer_idx: int) -> bool:
+        """With :attr:`prunes_hidden_states`: whether the hidden states leaving layer ``layer_idx`` are cut
+        to the tokens it kept (default: every layer's); a layer that does not cut passes on every token
+        it computed, so the next layer computes (and chooses its cache from) the same tokens."""
+        return self.prunes_hidden_states
+
     def new_layer_state(self) -> Any:
         """A new value for one layer's :attr:`LayerView.state` (a dataclass of the policy's own; fields
         holding :class:`~kvpolicy.core.rows.PerRow` values are re-indexed when rows move), or None for a

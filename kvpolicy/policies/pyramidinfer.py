@@ -78,6 +78,12 @@ class PyramidInferConfig(HeadBudgetConfig):
         description="'cache_only': every layer sees the whole prompt, only the cache is pruned (exact prompt "
         "forward); 'prune_hidden': tokens a layer drops at prefill are not computed by deeper layers (reference)",
     )
+    prune_hidden_start: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="ours, with prefill_mode='prune_hidden': the hidden states leaving layer l are cut to its kept "
+        "tokens only from l = int(share * num_layers) on; the layers up to that one compute the whole prompt and "
+        "choose their caches from it, as cache_only does (0: every layer cuts, as the reference)",
+    )
     # ours: a target for the prompt's KV instead of hand-tuned budgets (None: the schedule above as is)
     compression_ratio: float | None = Field(
         None, ge=0.0, lt=1.0,
@@ -188,6 +194,10 @@ class PyramidInferPolicy(CachePolicy):
     @property
     def prunes_hidden_states(self) -> bool:
         return self.config.prefill_mode == "prune_hidden"
+
+    def cuts_hidden_after(self, layer_idx: int) -> bool:
+        """Prune-hidden from layer ``int(prune_hidden_start * num_layers)`` on (see the setting)."""
+        return self.prunes_hidden_states and layer_idx >= int(self.config.prune_hidden_start * self.num_layers)
 
     def recent_window(self, prompt_len: int, ratio: float) -> int:
         return min(prompt_len, 1 + int(prompt_len * ratio))
