@@ -25,7 +25,8 @@ def _convenience(policy_name: str, doc: str) -> type[PolicyCache]:
 PyramidCache = _convenience(
     "pyramidinfer",
     "PolicyCache with PyramidInfer. With no arguments the reference preset for the model's depth "
-    "is picked when the cache meets the model (see docs/policies/pyramidinfer.md).",
+    "is picked when the cache meets the model; with only compression_ratio or budget, the ratio form's "
+    "shape (configs/pyramidinfer_ratio.yaml) scaled to it (see docs/policies/pyramidinfer.md).",
 )
 PyramidCache.__name__ = PyramidCache.__qualname__ = "PyramidCache"
 H2OCache = _convenience("h2o", "PolicyCache with H2O (heavy hitters + recent window).")
