@@ -151,6 +151,26 @@ def test_prefill_overhead_dry_run_meta(tmp_path):
     assert meta["argv"] == ["benchmarks/prefill_overhead.py", *argv] and meta["label"] == "dry"
 
 
+def test_prune_prefill_dry_run(tmp_path):
+    """benchmarks/prune_prefill.py on the tiny shape at 8 layers: the computed tokens per layer follow each mode,
+    the KV is the same in both prune-hidden variants and cache-only, and the meta block."""
+    out = tmp_path / "prune.json"
+    variants = 'pyramidinfer_54_floor,pyramidinfer_54_floor:{"prefill_mode":"prune_hidden"},pyramidinfer_54_floor_prune'
+    argv = ["--shape", "tiny", "--layers", "8", "--device", "cpu", "--prompt", "300", "--rows", "2", "--reps", "1",
+            "--threads", "1", "--variants", variants, "--json", str(out)]
+    assert _script("prune_prefill").main(argv) == 0
+    data = json.loads(out.read_text())
+    only, start0, floor_prune = data["rows"]
+    assert only["computed_tokens_per_layer"] == [300] * 8 and only["x_baseline"] == 1.0
+    assert only["kv_tokens_per_layer"] == start0["kv_tokens_per_layer"] == floor_prune["kv_tokens_per_layer"]
+    kv = only["kv_tokens_per_layer"]
+    assert start0["computed_tokens_per_layer"] == [300] + kv[:-1]  # layer l + 1 computes what layer l kept
+    first_cut = int(0.47 * 8)
+    assert floor_prune["computed_tokens_per_layer"] == [300] * (first_cut + 1) + kv[first_cut:-1]
+    assert start0["computed_share"] < floor_prune["computed_share"] < 1.0
+    assert data["meta"]["argv"] == ["benchmarks/prune_prefill.py", *argv] and data["meta"]["shape"] == "tiny"
+
+
 def test_needle_probe_results_meta():
     """benchmarks/needle_probe.py's file content (the probe itself needs the real model: not run here)."""
     rows = [{"policy": "full", "found": 6, "of": 6}]
