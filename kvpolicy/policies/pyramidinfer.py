@@ -6,6 +6,7 @@ from the reference code (github.com/mutonix/pyramidinfer).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -150,6 +151,14 @@ DEPTH_PRESETS: list[tuple[int, str, dict]] = [
 ]
 
 
+@functools.cache
+def ratio_preset() -> tuple[str, PyramidInferConfig]:
+    """The ratio form's shape (:data:`RATIO_PRESET`), read from its file once per process: every cache that
+    meets a model with a target alone asks for it."""
+    values = {k: v for k, v in load_preset(RATIO_PRESET).items() if k != "policy"}
+    return RATIO_PRESET, PyramidInferConfig(**values)
+
+
 def preset_for_depth(num_layers: int) -> tuple[str, PyramidInferConfig]:
     """Deeper models get the reference's settings for the Llama-2 of the nearest depth at or above."""
     for max_layers, name, values in DEPTH_PRESETS:
@@ -182,11 +191,7 @@ class PyramidInferPolicy(CachePolicy):
     def setup(self, num_layers: int, compressible: list[bool]) -> None:
         super().setup(num_layers, compressible)
         if self.auto:
-            if self.has_target:
-                self.preset_name = RATIO_PRESET
-                preset = PyramidInferConfig(**{k: v for k, v in load_preset(RATIO_PRESET).items() if k != "policy"})
-            else:
-                self.preset_name, preset = preset_for_depth(num_layers)
+            self.preset_name, preset = ratio_preset() if self.has_target else preset_for_depth(num_layers)
             targets = {k: getattr(self.config, k) for k in TARGET_FIELDS}
             self.config = PyramidInferConfig(**{**preset.model_dump(), **targets})
         self._memo_config = None  # depth or layers changed: per-length counts are recomputed
