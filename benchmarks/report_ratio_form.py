@@ -93,7 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(table)
     if args.json:
-        args.json.write_text(json.dumps({"conditions": conditions, "at_half_bytes": AT_HALF}, indent=1) + "\n")
+        runs = {}  # each process's provenance (command, machine, versions, source digest), as its file records it
+        for d in sorted(args.folder.iterdir()):
+            for path in sorted(d.glob("*.json")) if d.is_dir() else []:
+                meta = json.loads(path.read_text())["meta"]
+                runs[f"{d.name}/{path.name}"] = {k: meta.get(k) for k in
+                                                  ("command", "machine", "versions", "source_digest", "date")}
+        report = {"command": "python benchmarks/report_ratio_form.py " + " ".join(sys.argv[1:]), "runs": runs}
+        args.json.write_text(json.dumps({"meta": report, "conditions": conditions, "at_half_bytes": AT_HALF},
+                                        indent=1) + "\n")
     if args.plot:
         import matplotlib
 
