@@ -10,6 +10,10 @@ graph of ``--reps`` calls and replayed (launch overhead out), against the floor:
 read (stored K/V of the filled slots, their positions) at the card's copy bandwidth, measured in the same
 run (a ``--copy-gib`` device-to-device copy: 2 x bytes / time).
 
+Part 2b (``--parts ragged``), head-ragged layers: each (row, KV head) keeps its own count, stored as flat
+segments (the frozen ragged kind's layout); the kernel's ``RAGGED`` mode against the reference over the
+padded rectangle, and its time against the floor of the bytes the segments hold.
+
 Part 3, end to end: plain ``model.generate`` (compiled by transformers, CUDA graphs) on compiled_path_check's
 small random model in bf16, ``decode_kernel="triton"`` against ``"sdpa"`` per kv_dtype: the share of
 generated tokens that agree (bf16 rounding differs between the two, so near ties may part) and the time.
@@ -139,6 +143,62 @@ def timings(reps: int, bandwidth: float) -> list[dict]:
     return rows
 
 
+def ragged_buffers(b, hq, hkv, d, filled, codec, seed=0, device="cuda"):
+    """A head-ragged layer as the frozen ragged kind stores it: (row, KV head) ``(b, h)`` keeps its own
+    count, uniform in [filled / 5, filled] (kvzip's global allocation leaves counts this uneven), its
+    entries one after another in flat ``[N, W]`` buffers; and the same tokens as a rectangle padded to the
+    longest head (position -1), for the reference."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lengths = torch.randint(filled // 5, filled + 1, (b, hkv), generator=gen, device=device)
+    lengths[0, 0] = filled  # the rectangle is as wide as the longest head
+    qpos = filled + 100
+    query = torch.randn(b, hq, 1, d, generator=gen, device=device).bfloat16()
+    rect_k = torch.randn(b, hkv, filled, d, generator=gen, device=device).bfloat16() * 2
+    rect_v = torch.randn(b, hkv, filled, d, generator=gen, device=device).bfloat16()
+    column = torch.arange(filled, device=device)
+    # each head's kept tokens: its last ``length`` positions up to the query, a tenth of them dropped
+    rect_pos = (qpos - lengths[..., None] + 1 + column).where(column < lengths[..., None], -1)
+    dropped = (torch.rand(rect_pos.shape, generator=gen, device=device) < 0.1) & (column < lengths[..., None] - 1)
+    rect_pos[dropped] = -1
+    pad = torch.zeros(b, dtype=torch.long, device=device)
+    live = column < lengths[..., None]  # [B, H, L]: the entries a segment stores
+    flat_k, flat_v, flat_pos = codec.encode(rect_k[live]), codec.encode(rect_v[live]), rect_pos[live].contiguous()
+    start = torch.cumsum(lengths.flatten(), 0).view(b, hkv) - lengths
+    slot = torch.tensor([1], device=device)  # entries of segment (b, h): start up to end + slot
+    end = start + lengths - 1
+    rect = (query, codec.encode(rect_k), codec.encode(rect_v), rect_pos, pad, qpos)
+    return query, flat_k, flat_v, flat_pos, pad, slot, torch.tensor([qpos + 1], device=device), (start, end), rect
+
+
+def ragged(reps: int, bandwidth: float) -> list[dict]:
+    """The kernel over head-ragged int8/fp8/bf16 layers: error against the reference over the padded
+    rectangle, time against the floor of the bytes the segments hold (and the padded rectangle's time)."""
+    rows = []
+    for label, b, hq, hkv, d, filled, _ in SHAPES:
+        for name, codec in CODECS.items():
+            query, k, v, pos, pad, slot, next_pos, segments, rect = ragged_buffers(b, hq, hkv, d, filled, codec)
+            rq, rk, rv, rpos, rpad, qpos = rect
+            got = decode_attention.kernel_attention(query, k, v, pos, pad, slot, next_pos, codec, None, None,
+                                                    segments)
+            want = decode_attention.reference(rq, rk, rv, rpos, rpad, filled, qpos, codec, None, None).float()
+            width = k.shape[-1] * k.element_size()
+            read = k.shape[0] * (2 * width + pos.element_size())
+            kernel = graph_time(functools.partial(decode_attention.kernel_attention, query, k, v, pos, pad, slot,
+                                                  next_pos, codec, None, None, segments), reps)
+            rect_slot = torch.tensor([filled], device=query.device)
+            padded = graph_time(functools.partial(decode_attention.kernel_attention, rq, rk, rv, rpos, rpad,
+                                                  rect_slot, next_pos, codec, None, None), reps)
+            floor = read / bandwidth
+            rows.append({"shape": label, "kv_dtype": name, "layout": "head-ragged segments",
+                         "kept_share_of_rectangle": k.shape[0] / (b * hkv * filled),
+                         "kernel_max_abs_err": (got.float() - want).abs().max().item(),
+                         "bytes_read": read, "floor_us": floor * 1e6, "kernel_us": kernel * 1e6,
+                         "kernel_x_floor": kernel / floor, "padded_rectangle_us": padded * 1e6})
+            print(rows[-1], flush=True)
+            del query, k, v, pos, rect, rq, rk, rv
+    return rows
+
+
 def end_to_end(steps: int) -> list[dict]:
     model = cpc.build_model("small", "cuda", torch.bfloat16)
     inputs = cpc.make_batch(16, 300, 600, model.config.vocab_size, 0, "cuda")
@@ -177,10 +237,11 @@ def main() -> int:
     result = {"meta": run_meta(device=torch.cuda.get_device_name(), copy_bandwidth_tb_s=bandwidth / 1e12),
               "errors": errors() if "errors" in parts else [],
               "timings": timings(args.reps, bandwidth) if "timings" in parts else [],
+              "ragged": ragged(args.reps, bandwidth) if "ragged" in parts else [],
               "end_to_end": end_to_end(args.steps) if "end_to_end" in parts else []}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    return 0 if all(math.isfinite(r["kernel_max_abs_err"]) for r in result["errors"]) else 1
+    return 0 if all(math.isfinite(r["kernel_max_abs_err"]) for r in result["errors"] + result["ragged"]) else 1
 
 
 if __name__ == "__main__":

@@ -128,6 +128,10 @@ GENERATE_POLICIES: dict[str, tuple[Any, dict]] = {
         (lambda: kvpolicy.make_cache("pyramidinfer_54_floor", decode_kernel="sdpa"), TOP_P),
     "pyramidinfer-floor-generate-top-p-int8-sdpa":
         (lambda: kvpolicy.make_cache("pyramidinfer_54_floor", kv_dtype="int8", decode_kernel="sdpa"), TOP_P),
+    # prune-hidden prefill (issue 27): the floor preset whose deeper layers compute only the kept tokens
+    "pyramidinfer-floor-prune-generate-top-p": (lambda: kvpolicy.make_cache("pyramidinfer_54_floor_prune"), TOP_P),
+    "pyramidinfer-floor-prune-generate-top-p-int8":
+        (lambda: kvpolicy.make_cache("pyramidinfer_54_floor_prune", kv_dtype="int8"), TOP_P),
 }
 POLICIES.update({name: "generate" for name in GENERATE_POLICIES})
 
@@ -397,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-lens", default="512")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--batch-for", action="append", default=[], metavar="POLICY=B1,B2",
+                    help="this policy's batch sizes instead of --batch-sizes (repeatable), so rows at each one's "
+                         "own batch share one process and one model")
     ap.add_argument("--max-batch", action="store_true", help="also search the largest fitting batch (CUDA)")
     ap.add_argument("--max-batch-policies", default=None, help="search the largest batch only for these (default: all)")
     ap.add_argument("--batch-limit", type=int, default=512)
@@ -421,6 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}", file=sys.stderr)
         return 2
+    batches_for: dict[str, str] = {}
+    for item in args.batch_for:
+        name, sep, sizes = item.partition("=")
+        if not sep or name not in policies or not all(b.strip().isdigit() for b in sizes.split(",")):
+            print(f"--batch-for {item!r}: write POLICY=B1,B2 with POLICY one of --policies ({args.policies})",
+                  file=sys.stderr)
+            return 2
+        batches_for[name] = sizes
     model = build_model(args.shape, args.device, dtype)
     if args.device.startswith("cuda"):
         BASE_MEMORY[0] = torch.cuda.memory_allocated()
@@ -455,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             options = {"prefill_chunk": args.prefill_chunk, "compile": not args.no_compile,
                        "compile_prefill": args.compile_prefill, "hf_static_steps": args.hf_static_steps,
                        "press_ratio": args.press_ratio}
-            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            for batch in [int(b) for b in batches_for.get(policy, args.batch_sizes).split(",")]:
                 result = try_run(model, policy, batch, prompt, args.new_tokens, args.device,
                                  dict(options, profile=batch == args.profile_batch))
                 if result is None:
