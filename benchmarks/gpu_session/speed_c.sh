@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # Issue #27 / #25 throughput at 8192 + 256 on the Llama-3-8B shape (random bf16 weights), one lent GPU,
 # plain model.generate (top-p for the kvpolicy rows; hf-static greedy), prefill 8 rows at a time.
-#   PART=1: #27's rows: hf-static at 16 (its largest on an H100), full, the floor preset (cache-only) and
+#   PART=1: #27's rows: hf-static at its largest batch, full, the floor preset (cache-only) and
 #           the prune-hidden preset in bf16 at batches sized to fill the card
 #   PART=2: #25's rows: the floor preset and the prune-hidden preset with int8 KV
 #   OUT=/some/folder PART=1 bash benchmarks/gpu_session/speed_c.sh      -> $OUT/speed_c$PART.tgz
+# Batches (environment; defaults for an H100 80GB): HF 16, FULL 48, FLOOR 112, PRUNE 112, PRUNE_INT8 200,
+# FLOOR_INT8 160. On an H200: 32 (hf-static's largest there, throughput.md run f3), 96, 200, 200, 320, 320.
 set -u
+HF=${HF:-16} FULL=${FULL:-48} FLOOR=${FLOOR:-112} PRUNE=${PRUNE:-112} PRUNE_INT8=${PRUNE_INT8:-200}
+FLOOR_INT8=${FLOOR_INT8:-160}
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 PART=${PART:-1}
 D=$OUT/speed_c$PART
 mkdir -p "$D"
 COMMON="--shape llama3-8b --prompt-lens 8192 --new-tokens 256 --prefill-chunk 8 --profile-batch 0"
 if [ "$PART" = 1 ]; then
-  timeout 560 python3 benchmarks/throughput.py $COMMON --batch-sizes 16 --batch-for full-generate-top-p=48 \
-      --batch-for pyramidinfer-floor-generate-top-p=112 --batch-for pyramidinfer-floor-prune-generate-top-p=112 \
+  timeout 560 python3 benchmarks/throughput.py $COMMON --batch-sizes $HF --batch-for full-generate-top-p=$FULL \
+      --batch-for pyramidinfer-floor-generate-top-p=$FLOOR --batch-for pyramidinfer-floor-prune-generate-top-p=$PRUNE \
       --policies hf-static,pyramidinfer-floor-prune-generate-top-p,pyramidinfer-floor-generate-top-p,full-generate-top-p \
       --json "$D/tp_8k_bf16.json" > "$D/tp.log" 2>&1
 else
-  timeout 560 python3 benchmarks/throughput.py $COMMON --batch-sizes 200 \
-      --batch-for pyramidinfer-floor-generate-top-p-int8=160 \
+  timeout 560 python3 benchmarks/throughput.py $COMMON --batch-sizes $PRUNE_INT8 \
+      --batch-for pyramidinfer-floor-generate-top-p-int8=$FLOOR_INT8 \
       --policies pyramidinfer-floor-prune-generate-top-p-int8,pyramidinfer-floor-generate-top-p-int8 \
       --json "$D/tp_8k_int8.json" > "$D/tp.log" 2>&1
 fi
