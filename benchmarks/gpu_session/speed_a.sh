@@ -9,6 +9,11 @@
 # Batches (environment; defaults for an H100 80GB): HF_BATCH 88 (hf-static's largest there), FULL_INT8_BATCH 256,
 # FLOOR_INT8_BATCH 576. On an H200: 176 (hf-static's largest there, throughput.md), 512, 1024.
 set -u
+# a card of over 100 GB (an H200) takes the H200 batches unless they are set
+MEM_MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+if [ "${MEM_MB:-0}" -gt 100000 ]; then
+  HF_BATCH=${HF_BATCH:-176} FULL_INT8_BATCH=${FULL_INT8_BATCH:-512} FLOOR_INT8_BATCH=${FLOOR_INT8_BATCH:-1024}
+fi
 HF_BATCH=${HF_BATCH:-88} FULL_INT8_BATCH=${FULL_INT8_BATCH:-256} FLOOR_INT8_BATCH=${FLOOR_INT8_BATCH:-576}
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 D=$OUT/speed_a

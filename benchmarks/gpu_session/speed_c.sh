@@ -8,6 +8,11 @@
 # Batches (environment; defaults for an H100 80GB): HF 16, FULL 48, FLOOR 112, PRUNE 112, PRUNE_INT8 200,
 # FLOOR_INT8 160. On an H200: 32 (hf-static's largest there, throughput.md run f3), 96, 200, 200, 320, 320.
 set -u
+# a card of over 100 GB (an H200) takes the H200 batches unless they are set
+MEM_MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+if [ "${MEM_MB:-0}" -gt 100000 ]; then
+  HF=${HF:-32} FULL=${FULL:-96} FLOOR=${FLOOR:-200} PRUNE=${PRUNE:-200} PRUNE_INT8=${PRUNE_INT8:-320} FLOOR_INT8=${FLOOR_INT8:-320}
+fi
 HF=${HF:-16} FULL=${FULL:-48} FLOOR=${FLOOR:-112} PRUNE=${PRUNE:-112} PRUNE_INT8=${PRUNE_INT8:-200}
 FLOOR_INT8=${FLOOR_INT8:-160}
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
