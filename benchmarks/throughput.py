@@ -431,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     batches_for: dict[str, str] = {}
     for item in args.batch_for:
         name, sep, sizes = item.partition("=")
-        if not sep or name not in policies or not all(b.strip().isdigit() for b in sizes.split(",")):
-            print(f"--batch-for {item!r}: write POLICY=B1,B2 with POLICY one of --policies ({args.policies})",
+        if not sep or name not in POLICIES or not all(b.strip().isdigit() for b in sizes.split(",")):
+            print(f"--batch-for {item!r}: write POLICY=B1,B2 with POLICY a known policy ({', '.join(POLICIES)})",
                   file=sys.stderr)
             return 2
         batches_for[name] = sizes
