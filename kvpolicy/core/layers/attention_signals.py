@@ -2,8 +2,10 @@
 window-scored policies (SnapKV, PyramidInfer, ...) rank by.
 
 Costed by memory traffic, since the probabilities are far larger than the queries: the scaling
-goes on the few queries, the logits stay in the cache's dtype until the softmax writes float32,
-and callers sum over the GQA group and the queries in one reduction. Queries go ``_QUERY_CHUNK``
+goes on the few queries, the logits stay in the cache's dtype (masked in place) until the softmax
+writes float32, and the sums over the GQA group and the queries are one matrix-vector product
+that reads the probabilities once (no NaN clean-up pass: masked slots hold the dtype's lowest
+number, and a query that sees nothing weighs 0). Queries go ``_QUERY_CHUNK``
 at a time, which bounds the ``[B, H, chunk, L]`` temporary.
 
 The scores are masked exactly as the layer's attention is (``masks.allowed``: real tokens, causal, and
@@ -22,6 +24,22 @@ from ..rows import Rows
 _QUERY_CHUNK = 128
 
 
+def _logits(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float, queries: torch.Tensor,
+            qpos: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked logits ``[B, H_kv, G, Q, L]`` in the keys' dtype (a slot the query may not see holds the
+    dtype's lowest number, not -inf: a query that sees nothing then gets a finite uniform row instead of
+    NaNs, one pass over the float32 probabilities fewer) and ``seen`` ``[B, H_kv or 1, 1, Q]``: whether the
+    query sees any slot (False: its row must count as zeros)."""
+    b, hkv, length, d = keys.shape
+    g, q = queries.shape[1] // hkv, queries.shape[2]
+    qq = (queries.float() * scaling).to(keys.dtype).reshape(b, hkv, g * q, d)
+    logits = torch.matmul(qq, keys.transpose(-1, -2)).view(b, hkv, g, q, length)  # contiguous, for the GEMV
+    qpos = qpos.view(-1 if qpos.dim() == 2 else 1, 1, qpos.shape[-1], 1)
+    allowed = masks.allowed(pos, rows.pad, qpos, window).unsqueeze(2)  # [B,H,1,Q,L]: the layer's own mask
+    logits.masked_fill_(~allowed, torch.finfo(logits.dtype).min)
+    return logits, allowed.any(-1)
+
+
 def attention_probs(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float, queries: torch.Tensor,
                     qpos: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Softmax attention ``[B, H_kv, G, Q, L]`` (float32; ``G`` query heads per KV head) of ``queries``
@@ -29,25 +47,32 @@ def attention_probs(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: 
     ``[B, H_kv, L, D]`` held at ``pos`` ``[B, H_kv, L]``; invalid and future slots get none, nor, on a
     sliding layer of ``window`` tokens (None: global), slots outside the window: the scores match the
     model's own attention (``masks.allowed``), not a causal one that sees past the window."""
-    b, hkv, _, d = keys.shape
-    g = queries.shape[1] // hkv
-    qq = (queries.float() * scaling).to(keys.dtype).reshape(b, hkv, g, queries.shape[2], d)
-    logits = torch.einsum("bhgqd,bhld->bhgql", qq, keys)
-    qpos = qpos.view(-1 if qpos.dim() == 2 else 1, 1, qpos.shape[-1], 1)
-    allowed = masks.allowed(pos, rows.pad, qpos, window).unsqueeze(2)  # [B,H,1,Q,L]: the layer's own mask
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    logits, seen = _logits(keys, pos, rows, scaling, queries, qpos, window)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    return probs.nan_to_num_(nan=0.0)  # a pad query attends to nothing
+    return probs.masked_fill_(~seen.unsqueeze(-1), 0.0)  # a pad query attends to nothing
+
+
+def _weighted_sum(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float, queries: torch.Tensor,
+                  qpos: torch.Tensor, weights: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``[B, H_kv, L]``: the probabilities summed over the GQA group and the queries, query ``i`` of row ``b``
+    weighted by ``weights[b, i]``, as one matrix-vector product that reads them once (a query that sees
+    nothing weighs 0)."""
+    logits, seen = _logits(keys, pos, rows, scaling, queries, qpos, window)
+    b, hkv, g, q, length = logits.shape
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).view(b, hkv, g * q, length)
+    w = (weights.view(b, 1, 1, q) * seen).expand(b, hkv, g, q).reshape(b, hkv, 1, g * q)
+    return torch.matmul(w, probs).squeeze(2)
 
 
 def accumulate_into(acc: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float,
                     queries: torch.Tensor, qpos: torch.Tensor, window: int | None = None) -> None:
     """Add to ``acc`` ``[B, H_kv, L]`` the attention each slot receives from ``queries`` (summed over the
     queries, the GQA group averaged), within the layer's sliding ``window`` (None: global)."""
+    g = queries.shape[1] // keys.shape[1]
     for s in range(0, queries.shape[2], _QUERY_CHUNK):
-        probs = attention_probs(keys, pos, rows, scaling, queries[:, :, s : s + _QUERY_CHUNK],
-                                qpos[..., s : s + _QUERY_CHUNK], window)
-        acc += probs.sum(dim=(2, 3)) / probs.shape[2]
+        chunk = queries[:, :, s : s + _QUERY_CHUNK]
+        ones = torch.ones(queries.shape[0], chunk.shape[2], device=queries.device)
+        acc += _weighted_sum(keys, pos, rows, scaling, chunk, qpos[..., s : s + _QUERY_CHUNK], ones, window) / g
 
 
 def window_attention(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float, queries: torch.Tensor,
@@ -64,8 +89,7 @@ def window_attention(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling:
         weights = weights.expand(queries.shape[0], w)
     out = None
     for s in range(0, w, _QUERY_CHUNK):
-        probs = attention_probs(keys, pos, rows, scaling, queries[:, :, s : s + _QUERY_CHUNK],
-                                qpos[..., s : s + _QUERY_CHUNK], window)
-        part = torch.einsum("bhgql,bq->bhl", probs, weights[:, s : s + _QUERY_CHUNK])
+        part = _weighted_sum(keys, pos, rows, scaling, queries[:, :, s : s + _QUERY_CHUNK],
+                             qpos[..., s : s + _QUERY_CHUNK], weights[:, s : s + _QUERY_CHUNK], window)
         out = part if out is None else out + part
     return out / (queries.shape[1] // keys.shape[1])
