@@ -202,8 +202,7 @@ def _partial_kernel_8bit(
         ok = _visible(p_base, offs, end, pad, qpos, WINDOW)
         kv_mask = ok[:, None] & dmask[None, :]
         kw = tl.load(k_base + offs[:, None] * stride_kl + dd[None, :], mask=kv_mask, other=0)
-        scores = tl.dot(q0, tl.trans(_lane(kw, 0, CODES, DOT_DTYPE, BITS)), input_precision=PRECISION,
-                        out_dtype=tl.float32)
+        scores = tl.dot(q0, tl.trans(_lane(kw, 0, CODES, DOT_DTYPE, BITS)), input_precision=PRECISION, out_dtype=tl.float32)
         scores += tl.dot(q1, tl.trans(_lane(kw, 1, CODES, DOT_DTYPE, BITS)), input_precision=PRECISION,
                          out_dtype=tl.float32)
         scores += tl.dot(q2, tl.trans(_lane(kw, 2, CODES, DOT_DTYPE, BITS)), input_precision=PRECISION,
