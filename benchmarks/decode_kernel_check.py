@@ -43,10 +43,6 @@ from kvpolicy.core.layers import Fp8Codec, Int8Codec, KVCodec  # noqa: E402
 from kvpolicy.provenance import run_meta  # noqa: E402
 
 CODECS = {"bf16": KVCodec(), "int8": Int8Codec(), "fp8": Fp8Codec()}
-#: (label, codec, bits): each 8-bit dtype twice, its codes made float16 by bit arithmetic (the default) and by
-#: the conversion instructions (``bits=False``, the kernel before that change), to measure what that costs
-VARIANTS = [("bf16", CODECS["bf16"], True), ("int8", CODECS["int8"], True), ("int8 convert", CODECS["int8"], False),
-            ("fp8", CODECS["fp8"], True), ("fp8 convert", CODECS["fp8"], False)]
 #: (label, batch, query heads, KV heads, head dim, filled slots, capacity)
 SHAPES = [
     ("llama2-7b 512+256, batch 64", 64, 32, 32, 128, 768, 800),
@@ -112,13 +108,12 @@ def copy_bandwidth(gib: float) -> float:
 
 def errors() -> list[dict]:
     rows = []
-    for name, codec, bits in VARIANTS:
+    for name, codec in CODECS.items():
         for seed, (b, hq, hkv, d, filled, cap) in enumerate([(4, 32, 8, 128, 1000, 1100), (3, 9, 3, 64, 333, 400),
                                                               (2, 32, 32, 128, 70, 80)]):
             query, keys, values, pos, pad, slot, next_pos, qpos = buffers(b, hq, hkv, d, filled, cap, codec, seed)
             want = decode_attention.reference(query, keys, values, pos, pad, filled, qpos, codec, None, None).float()
-            got = decode_attention.kernel_attention(query, keys, values, pos, pad, slot, next_pos, codec, None, None,
-                                                    bits=bits)
+            got = decode_attention.kernel_attention(query, keys, values, pos, pad, slot, next_pos, codec, None, None)
             old = sdpa_route(query, keys, values, pos, pad, next_pos, codec)
             rows.append({"kv_dtype": name, "shape": [b, hq, hkv, d, filled],
                          "kernel_max_abs_err": (got.float() - want).abs().max().item(),
@@ -131,13 +126,12 @@ def errors() -> list[dict]:
 def timings(reps: int, bandwidth: float) -> list[dict]:
     rows = []
     for label, b, hq, hkv, d, filled, cap in SHAPES:
-        for name, codec, bits in VARIANTS:
+        for name, codec in CODECS.items():
             query, keys, values, pos, pad, slot, next_pos, _ = buffers(b, hq, hkv, d, filled, cap, codec)
             width = keys.shape[-1] * keys.element_size()
             read = b * hkv * filled * (2 * width + pos.element_size())
             args = (query, keys, values, pos, pad, slot, next_pos, codec)
-            kernel = graph_time(functools.partial(decode_attention.kernel_attention, *args, None, None, bits=bits),
-                                reps)
+            kernel = graph_time(functools.partial(decode_attention.kernel_attention, *args, None, None), reps)
             sdpa = graph_time(functools.partial(sdpa_route, *args[:5], next_pos, codec), reps)
             floor = read / bandwidth
             rows.append({"shape": label, "kv_dtype": name, "bytes_read": read, "floor_us": floor * 1e6,
@@ -181,19 +175,19 @@ def ragged(reps: int, bandwidth: float) -> list[dict]:
     rectangle, time against the floor of the bytes the segments hold (and the padded rectangle's time)."""
     rows = []
     for label, b, hq, hkv, d, filled, _ in SHAPES:
-        for name, codec, bits in VARIANTS:
+        for name, codec in CODECS.items():
             query, k, v, pos, pad, slot, next_pos, segments, rect = ragged_buffers(b, hq, hkv, d, filled, codec)
             rq, rk, rv, rpos, rpad, qpos = rect
             got = decode_attention.kernel_attention(query, k, v, pos, pad, slot, next_pos, codec, None, None,
-                                                    segments, bits=bits)
+                                                    segments)
             want = decode_attention.reference(rq, rk, rv, rpos, rpad, filled, qpos, codec, None, None).float()
             width = k.shape[-1] * k.element_size()
             read = k.shape[0] * (2 * width + pos.element_size())
             kernel = graph_time(functools.partial(decode_attention.kernel_attention, query, k, v, pos, pad, slot,
-                                                  next_pos, codec, None, None, segments, bits=bits), reps)
+                                                  next_pos, codec, None, None, segments), reps)
             rect_slot = torch.tensor([filled], device=query.device)
             padded = graph_time(functools.partial(decode_attention.kernel_attention, rq, rk, rv, rpos, rpad,
-                                                  rect_slot, next_pos, codec, None, None, bits=bits), reps)
+                                                  rect_slot, next_pos, codec, None, None), reps)
             floor = read / bandwidth
             rows.append({"shape": label, "kv_dtype": name, "layout": "head-ragged segments",
                          "kept_share_of_rectangle": k.shape[0] / (b * hkv * filled),

@@ -88,27 +88,6 @@ def test_sixteen_bit_queries_and_keys_come_back_in_their_dtype(dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
-def test_codes_made_float16_by_bit_arithmetic_are_the_codes(kv_dtype, monkeypatch):
-    """The 8-bit kernel's default reading (``bits``: each code's float16 built from its bits, products in
-    float16 where the model is bfloat16) against the reference and against the conversion it replaced. The
-    interpreter takes float32 products unless told it is not one: here it is told, so the float16 products
-    the GPU takes run too (numpy multiplies float16 correctly; only bfloat16 it cannot)."""
-    codec = CODECS[kv_dtype]
-    case = (2, 2, 3, 64, 300, 310, False, None, 11, [0, 7])
-    query, keys, values, pos, pad, filled, qpos, window = buffers(case, codec, torch.bfloat16)
-    call = (query, keys, values, pos, pad, torch.tensor([filled]), torch.tensor([qpos + 1]), codec, window, None)
-    want = decode_attention.reference(query, keys, values, pos, pad, filled, qpos, codec, window, None).float()
-    exact_bits = decode_attention.kernel_attention(*call, bits=True).float()
-    converted = decode_attention.kernel_attention(*call, bits=False).float()
-    torch.testing.assert_close(exact_bits, want, atol=1e-2, rtol=1e-2)
-    assert torch.equal(exact_bits, converted)  # float32 products: the bits give the codes exactly
-    monkeypatch.setattr(decode_kernel, "INTERPRETED", False)  # float16 products, as on the GPU
-    half = decode_attention.kernel_attention(*call, bits=True).float()
-    assert not torch.equal(half, exact_bits)  # the products did change precision
-    torch.testing.assert_close(half, want, atol=1e-2, rtol=1e-2)
-
-
 def test_a_row_whose_slots_are_all_masked_gives_zeros_not_nans():
     case = (1, 1, 2, 16, 20, 20, True, None, 0, [0])
     query, keys, values, pos, pad, filled, qpos, _ = buffers(case, KVCodec())

@@ -88,15 +88,13 @@ def splits_for(rows_heads: int, capacity: int, device: torch.device) -> int:
 def kernel_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
                      pad: torch.Tensor, slot: torch.Tensor, next_pos: torch.Tensor, codec,
                      window: int | None, scaling: float | None,
-                     segments: tuple[torch.Tensor, torch.Tensor] | None = None, *,
-                     bits: bool = True) -> torch.Tensor:
+                     segments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of ``query`` ``[B, H_q, 1, D]`` (the token at ``next_pos - 1``) over the first ``slot`` slots
     of ``keys``/``values`` ``[B, H_kv, L, W]`` as stored, under the mask of ``masks.allowed``;
     ``[B, 1, H_q, D]`` in the query's dtype (what transformers' attention functions return).
     ``segments`` (a head-ragged frozen layer, ``layers/frozen_ragged.py``): ``(start, end)`` ``[B, H_kv]``, and
     ``keys``/``values`` ``[N, W]``, ``pos`` ``[N]`` flat: row ``b``'s head ``h`` holds entries ``start[b, h]``
-    up to ``end[b, h] + slot``. ``bits``: how 8-bit codes become numbers (``decode_kernel.launch``; False
-    only to compare)."""
+    up to ``end[b, h] + slot``."""
     b, hq, q_len, d = query.shape
     if q_len != 1:
         raise ValueError("the decode kernel takes one query token per row")
@@ -105,8 +103,7 @@ def kernel_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
     seg_start, seg_end = segments if segments is not None else (None, None)
     out = torch.ops.kvpolicy.decode_attention(query.reshape(b, hq, d), keys, values, pos, pad, slot, next_pos,
-                                              seg_start, seg_end, _code_of(codec), window or 0, float(scale),
-                                              bits)
+                                              seg_start, seg_end, _code_of(codec), window or 0, float(scale))
     return out.unsqueeze(1)
 
 
@@ -115,7 +112,7 @@ def kernel_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 @torch.library.custom_op("kvpolicy::decode_attention", mutates_args=())
 def _decode_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor,
                slot: torch.Tensor, next_pos: torch.Tensor, seg_start: torch.Tensor | None, seg_end: torch.Tensor | None,
-               codes: int, window: int, scaling: float, bits: bool) -> torch.Tensor:
+               codes: int, window: int, scaling: float) -> torch.Tensor:
     from . import decode_kernel
 
     b, hq, d = query.shape
@@ -133,7 +130,7 @@ def _decode_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, po
              torch.empty(n_parts, dtype=torch.float32, device=query.device))
     decode_kernel.launch(
         query, keys, values, pos, pad, slot, next_pos, out, parts, codes=codes, window=window, scaling=scaling,
-        block_n=_BLOCK_N, splits=splits, segments=segments, bits=bits,
+        block_n=_BLOCK_N, splits=splits, segments=segments,
         # Triton's interpreter multiplies bfloat16 matrices wrongly (its numpy has no bfloat16): there the
         # products are taken in float32, which the GPU check (benchmarks/decode_kernel_check.py) does not use
         dot_dtype="float32" if decode_kernel.INTERPRETED else str(query.dtype).removeprefix("torch."),
@@ -142,8 +139,7 @@ def _decode_op(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, po
 
 
 @_decode_op.register_fake
-def _decode_op_shape(query, keys, values, pos, pad, slot, next_pos, seg_start, seg_end, codes, window, scaling,
-                     bits):
+def _decode_op_shape(query, keys, values, pos, pad, slot, next_pos, seg_start, seg_end, codes, window, scaling):
     return torch.empty_like(query)
 
 

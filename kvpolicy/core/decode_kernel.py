@@ -25,8 +25,6 @@ import triton.language as tl
 
 #: ``codes`` values: how the stored rows hold a vector
 PLAIN, INT8, FP8 = 0, 1, 2
-#: what an fp8 code's float16 from bits (``_lane`` with ``BITS``) is multiplied by to be the code
-FP8_BITS_FACTOR = 256.0
 
 
 @triton.jit
@@ -127,24 +125,10 @@ def _partial_kernel(
 
 
 @triton.jit
-def _lane(words, j: tl.constexpr, CODES: tl.constexpr, DOT_DTYPE: tl.constexpr, BITS: tl.constexpr):
-    """Byte ``j`` of each int32 word (little-endian: code ``4 i + j`` of the vector) as a value in ``DOT_DTYPE``.
-
-    ``BITS`` (the default on the GPU): the float16 value is built by integer arithmetic alone, since the
-    int-to-float conversion instructions run at a quarter of the integer rate and two per code (int8 to
-    float32 to bfloat16) made the kernel compute-bound at twice its bytes floor. int8: the float16 with
-    bits ``0x6400 | u`` is ``1024 + u`` for a byte ``u``; ``u = code + 128`` (the sign bit flipped), so the
-    value less 1152 is the code, exactly. fp8 (e4m3): the sign moved to bit 15 and the other seven bits
-    shifted up by 7 give the float16 of the code times ``2**-8`` (normal and subnormal codes alike; the
-    codec never stores NaN), which the scale's ``FP8_BITS_FACTOR`` undoes. Else: the conversion."""
-    byte = (words >> (8 * j)) & 0xFF
-    if BITS:
-        if CODES == 2:
-            half = (((byte & 0x80) << 8) | ((byte & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
-            return half.to(DOT_DTYPE)
-        half = ((byte ^ 0x80) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return (half - 1152.0).to(DOT_DTYPE)
-    code = byte.to(tl.int8)
+def _lane(words, j: tl.constexpr, CODES: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Byte ``j`` of each int32 word (little-endian: code ``4 i + j`` of the vector) as a value in ``DOT_DTYPE``:
+    an int8 code, or an fp8 one (exact in bf16/fp16 either way)."""
+    code = ((words >> (8 * j)) & 0xFF).to(tl.int8)
     if CODES == 2:
         return code.to(tl.float8e4nv, bitcast=True).to(DOT_DTYPE)
     return code.to(DOT_DTYPE)
@@ -168,8 +152,7 @@ def _partial_kernel_8bit(
     kv_heads, scaling,
     G: tl.constexpr, G_PAD: tl.constexpr, D4: tl.constexpr, D4_PAD: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, CODES: tl.constexpr, WINDOW: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RAGGED: tl.constexpr, BITS: tl.constexpr,
-    FACTOR: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RAGGED: tl.constexpr,
 ):
     """As :func:`_partial_kernel`, for int8/fp8 rows read as int32 words (``K``/``V`` are int32 views, strides
     in words): a row of ``D + 4`` bytes is only 4-byte aligned, so byte loads could not be vectorised; here
@@ -202,38 +185,26 @@ def _partial_kernel_8bit(
         ok = _visible(p_base, offs, end, pad, qpos, WINDOW)
         kv_mask = ok[:, None] & dmask[None, :]
         kw = tl.load(k_base + offs[:, None] * stride_kl + dd[None, :], mask=kv_mask, other=0)
-        scores = tl.dot(q0, tl.trans(_lane(kw, 0, CODES, DOT_DTYPE, BITS)), input_precision=PRECISION, out_dtype=tl.float32)
-        scores += tl.dot(q1, tl.trans(_lane(kw, 1, CODES, DOT_DTYPE, BITS)), input_precision=PRECISION,
+        scores = tl.dot(q0, tl.trans(_lane(kw, 0, CODES, DOT_DTYPE)), input_precision=PRECISION, out_dtype=tl.float32)
+        scores += tl.dot(q1, tl.trans(_lane(kw, 1, CODES, DOT_DTYPE)), input_precision=PRECISION,
                          out_dtype=tl.float32)
-        scores += tl.dot(q2, tl.trans(_lane(kw, 2, CODES, DOT_DTYPE, BITS)), input_precision=PRECISION,
+        scores += tl.dot(q2, tl.trans(_lane(kw, 2, CODES, DOT_DTYPE)), input_precision=PRECISION,
                          out_dtype=tl.float32)
-        scores += tl.dot(q3, tl.trans(_lane(kw, 3, CODES, DOT_DTYPE, BITS)), input_precision=PRECISION,
+        scores += tl.dot(q3, tl.trans(_lane(kw, 3, CODES, DOT_DTYPE)), input_precision=PRECISION,
                          out_dtype=tl.float32)
         k_scale = tl.load(k_base + offs * stride_kl + D4, mask=ok, other=0).to(tl.float32, bitcast=True)
-        p, alpha, m, den = _softmax_step(scores * (k_scale * FACTOR)[None, :], ok, m, den)
+        p, alpha, m, den = _softmax_step(scores * k_scale[None, :], ok, m, den)
         v_scale = tl.load(v_base + offs * stride_vl + D4, mask=ok, other=0).to(tl.float32, bitcast=True)
+        p = (p * v_scale[None, :]).to(DOT_DTYPE)
         vw = tl.load(v_base + offs[:, None] * stride_vl + dd[None, :], mask=kv_mask, other=0)
-        if BITS:  # float16 products: each value row takes its scale (p times a small scale could underflow)
-            p = p.to(DOT_DTYPE)
-            vs = (v_scale * FACTOR).to(DOT_DTYPE)[:, None]
-            acc0 = acc0 * alpha[:, None] + tl.dot(p, _lane(vw, 0, CODES, DOT_DTYPE, BITS) * vs,
-                                                  input_precision=PRECISION, out_dtype=tl.float32)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p, _lane(vw, 1, CODES, DOT_DTYPE, BITS) * vs,
-                                                  input_precision=PRECISION, out_dtype=tl.float32)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, _lane(vw, 2, CODES, DOT_DTYPE, BITS) * vs,
-                                                  input_precision=PRECISION, out_dtype=tl.float32)
-            acc3 = acc3 * alpha[:, None] + tl.dot(p, _lane(vw, 3, CODES, DOT_DTYPE, BITS) * vs,
-                                                  input_precision=PRECISION, out_dtype=tl.float32)
-        else:
-            p = (p * v_scale[None, :]).to(DOT_DTYPE)
-            acc0 = acc0 * alpha[:, None] + tl.dot(p, _lane(vw, 0, CODES, DOT_DTYPE, BITS),
-                                                  input_precision=PRECISION, out_dtype=tl.float32)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p, _lane(vw, 1, CODES, DOT_DTYPE, BITS),
-                                                  input_precision=PRECISION, out_dtype=tl.float32)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, _lane(vw, 2, CODES, DOT_DTYPE, BITS),
-                                                  input_precision=PRECISION, out_dtype=tl.float32)
-            acc3 = acc3 * alpha[:, None] + tl.dot(p, _lane(vw, 3, CODES, DOT_DTYPE, BITS),
-                                                  input_precision=PRECISION, out_dtype=tl.float32)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p, _lane(vw, 0, CODES, DOT_DTYPE), input_precision=PRECISION,
+                                              out_dtype=tl.float32)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, _lane(vw, 1, CODES, DOT_DTYPE), input_precision=PRECISION,
+                                              out_dtype=tl.float32)
+        acc2 = acc2 * alpha[:, None] + tl.dot(p, _lane(vw, 2, CODES, DOT_DTYPE), input_precision=PRECISION,
+                                              out_dtype=tl.float32)
+        acc3 = acc3 * alpha[:, None] + tl.dot(p, _lane(vw, 3, CODES, DOT_DTYPE), input_precision=PRECISION,
+                                              out_dtype=tl.float32)
 
     part = bh * SPLITS + split
     row = O_PART + (part * G_PAD + g)[:, None] * D_PAD
@@ -284,22 +255,18 @@ def pads(group: int, head_dim: int) -> tuple[int, int]:
 
 
 def launch(query, keys, values, pos, pad, slot, next_pos, out, parts, *, codes: int, window: int, scaling: float,
-           block_n: int, splits: int, dot_dtype, segments=None, bits: bool = True) -> None:
+           block_n: int, splits: int, dot_dtype, segments=None) -> None:
     """Run both kernels: ``query`` ``[B, H_q, D]``; ``keys``/``values`` ``[B, H_kv, L, W]`` as stored; ``pos``
     ``[B, H_kv or 1, L]``; ``pad`` ``[B]``; ``slot``/``next_pos`` ``[1]`` (filled slots, next position);
     ``out`` ``[B, H_q, D]``; ``parts``: (o ``[B*H_kv*splits*G_PAD*D_PAD]``, m, l ``[B*H_kv*splits*G_PAD]``)
     float32 scratch. ``segments``: ``(start, end)`` ``[B, H_kv]`` for flat buffers (``keys`` ``[N, W]``, ``pos``
-    ``[N]``): segment ``(b, h)`` holds entries ``start[b, h]`` to ``end[b, h] + slot``. ``bits``: 8-bit codes
-    made float16 by bit arithmetic (``_lane``), the products then taken in float16 where ``dot_dtype`` is
-    bfloat16 (codes up to 127 and the scaled queries are exact or closer in float16); False: converted."""
+    ``[N]``): segment ``(b, h)`` holds entries ``start[b, h]`` to ``end[b, h] + slot``."""
     b, hq, d = query.shape
     ragged = segments is not None
     hkv = segments[0].shape[1] if ragged else keys.shape[1]
     g_pad, d_pad = pads(hq // hkv, d)
     g = hq // hkv
     o_part, m_part, l_part = parts
-    if codes != PLAIN and bits and dot_dtype == "bfloat16":
-        dot_dtype = "float16"
     tl_dot = {"bfloat16": tl.bfloat16, "float16": tl.float16, "float32": tl.float32}[dot_dtype]
     if codes != PLAIN:  # 8-bit rows as int32 words (D/4 words of codes, then the scale's word)
         keys, values = keys.view(torch.int32), values.view(torch.int32)
@@ -318,8 +285,7 @@ def launch(query, keys, values, pos, pad, slot, next_pos, out, parts, *, codes: 
         _partial_kernel[(b * hkv, splits)](*args, D=d, **common)
     else:
         _partial_kernel_8bit[(b * hkv, splits)](*args, CODES=codes, D4=d // 4,
-                                                D4_PAD=max(16, triton.next_power_of_2(d // 4)), BITS=bits,
-                                                FACTOR=FP8_BITS_FACTOR if bits and codes == FP8 else 1.0, **common)
+                                                D4_PAD=max(16, triton.next_power_of_2(d // 4)), **common)
     _combine_kernel[(b * hkv,)](
         o_part, m_part, l_part, out, out.stride(0), out.stride(1), hkv,
         G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, SPLITS=splits,
