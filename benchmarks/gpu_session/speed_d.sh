@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #25 / #27 on one lent GPU (random-weight bf16 models), the 2026-12-08 session's call D:
-#  1. the decode kernel, 8-bit codes made float16 by bit arithmetic (the default) against the conversion
-#     instructions it replaced, rectangle and head-ragged (decode_kernel_check.py: errors, timings, ragged);
+#  1. the decode kernel, rectangle and head-ragged (decode_kernel_check.py: errors, timings, ragged); at commit
+#     3cad35f (where it ran on 2026-12-08) the check also timed 8-bit codes made float16 by bit arithmetic
+#     against the conversion instructions: no gain (0.93-1.08x), so that reading was reverted;
 #  2. #27: prefill per row at 8k and 32k, Llama-3-8B shape, after the leaner attention scoring
 #     (attention_signals.py): full, the floor preset cache-only, the prune-hidden preset.
 #   OUT=/some/folder bash benchmarks/gpu_session/speed_d.sh      -> $OUT/speed_d.tgz
