@@ -67,12 +67,9 @@ def _weighted_sum(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: fl
 def accumulate_into(acc: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float,
                     queries: torch.Tensor, qpos: torch.Tensor, window: int | None = None) -> None:
     """Add to ``acc`` ``[B, H_kv, L]`` the attention each slot receives from ``queries`` (summed over the
-    queries, the GQA group averaged), within the layer's sliding ``window`` (None: global)."""
-    g = queries.shape[1] // keys.shape[1]
-    for s in range(0, queries.shape[2], _QUERY_CHUNK):
-        chunk = queries[:, :, s : s + _QUERY_CHUNK]
-        ones = torch.ones(queries.shape[0], chunk.shape[2], device=queries.device)
-        acc += _weighted_sum(keys, pos, rows, scaling, chunk, qpos[..., s : s + _QUERY_CHUNK], ones, window) / g
+    queries, the GQA group averaged), within the layer's sliding ``window`` (None: global): the unweighted
+    :func:`window_attention`."""
+    acc += window_attention(keys, pos, rows, scaling, queries, qpos, None, window)
 
 
 def window_attention(keys: torch.Tensor, pos: torch.Tensor, rows: Rows, scaling: float, queries: torch.Tensor,
