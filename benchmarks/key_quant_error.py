@@ -15,8 +15,9 @@ exact cache's, and the relative error of the stored keys and values (Frobenius n
 
 Schemes: ``token``: symmetric absmax codes, one scale per (token, head) vector (what kvpolicy stores);
 ``channel``: one scale per (head, channel) over groups of ``--group`` consecutive tokens (KIVI's keys;
-values stay per token, as KIVI does); bits 8 or 4. The newest tokens are not kept exact here (KIVI's
-residual window would).
+values stay per token, as KIVI does); bits 8 or 4; ``kvpolicy``: keys and values through kvpolicy's
+``kv_dtype="int4"`` codec (per token, asymmetric, a scale and minimum per group of 32 channels). The
+newest tokens are not kept exact here (KIVI's residual window would).
 """
 
 from __future__ import annotations
@@ -54,12 +55,24 @@ def quantize(x: torch.Tensor, bits: int, dim: int, group: int | None = None) -> 
     return ((xf / scale).round().clamp(-top, top) * scale).to(x.dtype)
 
 
-#: name -> (key bits, key layout, value bits or None: values exact, to see what the keys alone cost)
+#: name -> (key bits, key layout, value bits or None: values exact, to see what the keys alone cost); layout
+#: "kvpolicy": keys and values through kvpolicy's own ``kv_dtype="int4"`` codec (asymmetric, per token, groups
+#: of 32 channels with a bfloat16 scale and minimum each)
 SCHEMES: dict[str, tuple[int, str, int | None]] = {
     "int8 token": (8, "token", 8), "int8 channel-keys": (8, "channel", 8),
     "int4 token": (4, "token", 4), "int4 channel-keys": (4, "channel", 4),
     "int4 token keys, exact values": (4, "token", None), "int4 channel keys, exact values": (4, "channel", None),
+    "int4 kvpolicy (token, groups of 32 channels)": (4, "kvpolicy", 4),
+    "int4 kvpolicy keys, exact values": (4, "kvpolicy", None),
 }
+
+
+def through_codec(x: torch.Tensor) -> torch.Tensor:
+    """``x`` through kvpolicy's ``kv_dtype="int4"`` codec and back."""
+    from kvpolicy.core.layers import choose_codec
+
+    codec = choose_codec("int4")
+    return codec.decode(codec.encode(x), x.dtype)
 
 
 def quantized_cache(bits: int, layout: str, value_bits: int | None, group: int,
@@ -72,9 +85,14 @@ def quantized_cache(bits: int, layout: str, value_bits: int | None, group: int,
             if first:
                 if layout == "token":
                     k = quantize(key_states, bits, -1)
+                elif layout == "kvpolicy":
+                    k = through_codec(key_states)
                 else:
                     k = quantize(key_states, bits, 2, group)
-                v = value_states if value_bits is None else quantize(value_states, value_bits, -1)
+                if value_bits is None:
+                    v = value_states
+                else:
+                    v = through_codec(value_states) if layout == "kvpolicy" else quantize(value_states, value_bits, -1)
                 errors.append(((k - key_states).norm().item() / key_states.norm().item(),
                                (v - value_states).norm().item() / value_states.norm().item()))
                 super().update(k, v, *args, **kwargs)
@@ -135,7 +153,8 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"{meta['documents']} documents: a {meta['context']}-token prompt stored quantized, the next "
         f"{meta['continuation']} tokens scored attending it. Exact cache: perplexity {data['exact_ppl']:.3f}. "
-        f"Per-channel keys use groups of {meta['group']} tokens; values are per token in every scheme.",
+        f"Per-channel keys use groups of {meta['group']} tokens; values are per token in every scheme "
+        "(kvpolicy's int4: per token, in groups of 32 channels).",
         "",
         "Perplexity ratio: the mean NLL's difference from the exact cache's, over the same documents (paired).",
         "",

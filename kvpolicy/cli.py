@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kv-dtype", default="auto",
                        help="how the caches store kept keys/values, comma-separated to run each policy at each: "
                             "auto (the model's dtype), int8, fp8 (8-bit codes and a scale per vector, about half "
-                            "the bytes; docs/kv-dtype.md); full at auto stays the reference (default: auto)")
+                            "the bytes), int4 (4-bit codes per group of 32 channels, 0.31 of 16-bit; no decode "
+                            "kernel: dequantize + SDPA); docs/kv-dtype.md; full at auto stays the reference "
+                            "(default: auto)")
         p.add_argument("--tasks", help=f"comma-separated tasks: ppl, needle, agreement, ruler "
                                        f"(default: {DEFAULT_TASKS})")
         p.add_argument("--sizes", default="sweep" if name == "sweep" else "small",

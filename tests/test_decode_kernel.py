@@ -21,7 +21,7 @@ from models import batch, tiny_model  # noqa: E402
 
 from kvpolicy import ConfigError, make_cache  # noqa: E402
 from kvpolicy.core import decode_attention, decode_kernel  # noqa: E402
-from kvpolicy.core.layers import DynamicLayer, Fp8Codec, Int8Codec, KVCodec  # noqa: E402
+from kvpolicy.core.layers import DynamicLayer, Fp8Codec, Int4Codec, Int8Codec, KVCodec  # noqa: E402
 from kvpolicy.core.layers.frozen_ragged import FrozenRaggedLayer  # noqa: E402
 
 if not decode_kernel.INTERPRETED:  # pragma: no cover - conftest.py sets the flag where there is no GPU
@@ -129,6 +129,8 @@ def test_bad_settings_name_the_fix():
         make_cache("full", decode_kernel="flash")
     with pytest.raises(ConfigError, match="use decode_kernel='auto' or 'sdpa'"):
         decode_attention.kernel_applies("triton", torch.zeros(1, 1, 1, 8), KVCodec(), {"softcap": 30.0})
+    with pytest.raises(ConfigError, match=r"not the codec Int4Codec\(group=32\).*use decode_kernel='auto' or 'sdpa'"):
+        decode_attention.kernel_applies("triton", torch.zeros(1, 1, 1, 64), Int4Codec(), {})
 
 
 def test_auto_keeps_to_sdpa_on_the_cpu():

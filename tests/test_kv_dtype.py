@@ -1,4 +1,5 @@
-"""``kv_dtype``: kept keys/values stored in 8 bits (int8 or fp8 codes with a float32 scale per vector).
+"""``kv_dtype``: kept keys/values stored in 8 bits (int8 or fp8 codes with a float32 scale per vector) or in
+4 (int4: asymmetric codes per group of channels, a bfloat16 scale and minimum per group).
 
 The oracle is written here, apart from kvpolicy's codecs: transformers' own dynamic cache whose layers
 store fake-quantized keys/values (quantize, dequantize at once: the "dequantize + attention" reference),
@@ -22,7 +23,7 @@ from transformers.cache_utils import DynamicLayer as HFDynamicLayer
 
 import kvpolicy
 from kvpolicy import ConfigError, make_cache
-from kvpolicy.core.layers import Fp8Codec, Int8Codec
+from kvpolicy.core.layers import Fp8Codec, Int4Codec, Int8Codec
 from kvpolicy.evaluation.runner import build_specs
 
 #: each policy with settings that compress the tiny prompts (16-40 tokens)
@@ -41,6 +42,8 @@ POLICIES = {
     "kvzip": dict(compression_ratio=0.5, chunk_size=16),
 }
 LENGTHS = [30, 21, 40]
+#: int4 at the tiny models' head_dim (16): groups of 8 channels (``kv_dtype="int4"`` takes groups of 32)
+INT4 = Int4Codec(group=8)
 
 
 def fake_quant(x: torch.Tensor, code_max: float, fp8: bool) -> torch.Tensor:
@@ -55,17 +58,37 @@ def fake_quant(x: torch.Tensor, code_max: float, fp8: bool) -> torch.Tensor:
     return (codes * scale).to(x.dtype)
 
 
-def reference_cache(kv_dtype: str) -> Cache:
+def fake_quant_int4(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The reference int4 quantizer, written from its definition: per group of ``group`` channels, the
+    minimum and the step (span / 15, made a little larger so the top code reaches the maximum) rounded to
+    bfloat16, codes ``round((x - min) / step)`` in [0, 15]; a constant group keeps its minimum."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    flat, xf = out.view(-1, group), x.float().reshape(-1, group)
+    for i, g in enumerate(xf):
+        low = g.min().to(torch.bfloat16).float()
+        span = (g.max() - low) / 15
+        step = (span * (1 + 2.0**-7)).to(torch.bfloat16).float()
+        if step == 0:  # a constant group, or a span too small for a bfloat16 step: the minimum alone
+            step = torch.tensor(1.0)
+        flat[i] = low + ((g - low) / step).round().clamp(0, 15) * step
+    return out.to(x.dtype)
+
+
+def reference_cache(kv_dtype) -> Cache:
     """transformers' dynamic cache storing fake-quantized keys/values; a layer's first forward attends
     its own keys exactly."""
     fp8 = kv_dtype == "fp8"
     code_max = 448.0 if fp8 else 127.0
 
+    def quant(x):
+        if isinstance(kv_dtype, Int4Codec) or kv_dtype == "int4":
+            return fake_quant_int4(x, getattr(kv_dtype, "group", 32))
+        return fake_quant(x, code_max, fp8)
+
     class FakeQuantLayer(HFDynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
             first = not self.is_initialized
-            keys, values = super().update(fake_quant(key_states, code_max, fp8), fake_quant(value_states, code_max,
-                                                                                          fp8), *args, **kwargs)
+            keys, values = super().update(quant(key_states), quant(value_states), *args, **kwargs)
             return (key_states, value_states) if first else (keys, values)
 
     return Cache(layer_class_to_replicate=FakeQuantLayer)
@@ -114,15 +137,47 @@ def test_fp8_codes_keep_each_element_to_a_sixteenth(values):
     assert torch.equal(back, fake_quant(x, 448.0, fp8=True))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=8, max_size=8).flatmap(
+    lambda head: st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=8, max_size=8).map(
+        lambda tail: head + tail)))
+@example([1e-3] * 15 + [1e4])
+@example([5.0] * 16)
+@example([0.0] * 7 + [1.1567e-40] + [0.0] * 8)  # a span whose step bfloat16 cannot hold
+def test_int4_codes_are_within_half_a_step_of_their_group(values):
+    """Each channel within half its group's step (span / 15) of the input, plus the bfloat16 rounding of the
+    group's minimum; the bytes are 8 of codes and 2 x 2 x 2 of scales and minimums for 16 channels."""
+    x = torch.tensor(values).view(1, 1, 1, -1)
+    stored = INT4.encode(x)
+    assert stored.dtype == torch.int8 and stored.shape[-1] == 16 // 2 + 4 * 2 == INT4.stored_width(16)
+    back = INT4.decode(stored, torch.float32)
+    for g in range(2):
+        xs, bs = x[..., 8 * g: 8 * (g + 1)], back[..., 8 * g: 8 * (g + 1)]
+        step = (xs.max() - xs.min()).item() / 15
+        bound = step / 2 * (1 + 2.0**-6) + abs(xs.min().item()) * 2.0**-8
+        assert (bs - xs).abs().max().item() <= bound + 1e-30
+    assert torch.equal(back, fake_quant_int4(x, 8))
+
+
 def test_a_zero_vector_stays_zero():
-    for codec in (Int8Codec(), Fp8Codec()):
-        assert torch.equal(codec.decode(codec.encode(torch.zeros(2, 3)), torch.float32), torch.zeros(2, 3))
+    for codec in (Int8Codec(), Fp8Codec(), INT4):
+        assert torch.equal(codec.decode(codec.encode(torch.zeros(2, 16)), torch.float32), torch.zeros(2, 16))
+
+
+def test_int4_rows_at_each_head_dim_and_their_inverse():
+    for group, head_dim, width in [(32, 64, 40), (32, 128, 80), (32, 256, 160), (8, 16, 16), (16, 80, 60)]:
+        codec = Int4Codec(group=group)
+        assert codec.stored_width(head_dim) == width and codec.head_dim(width) == head_dim
+    with pytest.raises(ConfigError, match=r"Int4Codec\(group=16\) as kv_dtype, or kv_dtype='int8'"):
+        Int4Codec().stored_width(80)
+    with pytest.raises(ConfigError, match="even number"):
+        Int4Codec(group=3)
 
 
 # ------------------------------------------------------------------------------- against the reference
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8", INT4], ids=["int8", "fp8", "int4"])
 @pytest.mark.parametrize("compiled_decode", [False, True])
 def test_full_cache_equals_the_dequantize_then_attend_reference(kv_dtype, compiled_decode):
     model = tiny_model("llama", "sdpa")
@@ -137,10 +192,11 @@ def test_full_cache_equals_the_dequantize_then_attend_reference(kv_dtype, compil
     assert all(layer.attended is None for layer in cache.layers), "a forward's dequantized keys outlived it"
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
-def test_bfloat16_reference_and_exact_accounting(kv_dtype):
+@pytest.mark.parametrize("kv_dtype, row_bytes", [("int8", 68), ("fp8", 68), ("int4", 40)])
+def test_bfloat16_reference_and_exact_accounting(kv_dtype, row_bytes):
     """At head_dim 64 in bfloat16, each kept vector takes 64 code bytes and a 4-byte scale: 68 / 128 of
-    the 16-bit bytes (int8 and fp8 alike), counted exactly by memory_bytes()."""
+    the 16-bit bytes (int8 and fp8 alike); at int4 32 code bytes and two groups' scale and minimum (8 bytes):
+    40 / 128; counted exactly by memory_bytes()."""
     config = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=64, pad_token_id=0)
     torch.manual_seed(0)
@@ -153,15 +209,15 @@ def test_bfloat16_reference_and_exact_accounting(kv_dtype):
     assert logits_gap(expected, runs[kv_dtype]) == 0.0
     held = caches[kv_dtype].memory_bytes(allocated=False)
     b, tokens = len(LENGTHS), max(LENGTHS) + 10 - 1  # the last generated token is never stored
-    assert held == 2 * config.num_hidden_layers * b * config.num_key_value_heads * tokens * (64 + 4)
-    assert held / caches["auto"].memory_bytes(allocated=False) == 68 / 128
+    assert held == 2 * config.num_hidden_layers * b * config.num_key_value_heads * tokens * row_bytes
+    assert held / caches["auto"].memory_bytes(allocated=False) == row_bytes / 128
 
 
 # ------------------------------------------------------------------------------- every policy
 
 
 @pytest.mark.filterwarnings("ignore::kvpolicy.policies.targets.CompressionTargetWarning")
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8", INT4], ids=["int8", "fp8", "int4"])
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_keeps_the_prompt_s_choice_and_both_paths_agree(policy, kv_dtype):
     """The prompt attends and is scored by its exact keys, so every policy keeps after the prompt the very
@@ -202,10 +258,11 @@ def test_every_policy_keeps_the_prompt_s_choice_and_both_paths_agree(policy, kv_
     # input token in both runs) is the first to read the 8-bit keys
     assert torch.equal(base.logits[0], eager.logits[0])
     gap = (base.logits[1] - eager.logits[1]).abs().max().item()
-    assert 0 < gap < (0.005 if kv_dtype == "int8" else 0.03)  # measured: 0.0008-0.0012 and 0.004-0.007
+    # measured: int8 0.0008-0.0012, fp8 0.004-0.007, int4 (groups of 8) INT4_GAP
+    assert 0 < gap < {"int8": 0.005, "fp8": 0.03}.get(kv_dtype, 0.1)
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8", INT4], ids=["int8", "fp8", "int4"])
 def test_the_compiled_step_traces_the_codes_in_one_graph(kv_dtype, fresh_dynamo):
     """Through generate's own compiled decode step (dynamo, fullgraph; forced on the CPU): the codes are
     written and read inside the graph, with the eager path's tokens."""
@@ -268,8 +325,8 @@ def test_the_setting_travels_through_presets_specs_and_copies(tmp_path):
     assert [s.label for s in build_specs(["h2o"], [0.5], kv_dtypes=("fp8",))] == ["full", "full+fp8", "h2o+fp8@0.5"]
 
 
-@pytest.mark.parametrize("kv_dtype, fix", [("int4", "use kv_dtype='int8' or 'fp8'"), ("bf8", "takes one of 'auto'"),
-                                           (8, "takes one of")])
+@pytest.mark.parametrize("kv_dtype, fix", [("int2", "takes one of 'auto', 'int8', 'fp8', 'int4'"),
+                                           ("bf8", "takes one of 'auto'"), (8, "takes one of")])
 def test_a_bad_kv_dtype_is_refused_naming_the_choices(kv_dtype, fix):
     with pytest.raises(ConfigError, match=fix):
         make_cache("full", kv_dtype=kv_dtype)
@@ -285,3 +342,9 @@ def test_a_model_dtype_the_codes_cannot_hold_is_refused():
     model = copy.deepcopy(tiny_model("llama", "eager")).to(torch.float64)
     with pytest.raises(ConfigError, match="load it in bfloat16"):
         generate(model, batch([8], seed=1), make_cache("full", kv_dtype="int8", compiled_decode=False), new_tokens=2)
+
+
+def test_int4_at_a_head_dim_off_its_groups_names_a_group_that_fits():
+    with pytest.raises(ConfigError, match=r"head_dim is 16.*Int4Codec\(group=16\) as kv_dtype, or kv_dtype='int8'"):
+        generate(tiny_model("llama", "sdpa"), batch([8], seed=1), make_cache("full", kv_dtype="int4",
+                                                                              compiled_decode=False), new_tokens=2)

@@ -59,7 +59,9 @@ class PolicyCache(Cache):
     still: the peak holds one chunk's activations and keys; ``core/model_call.py``).
     ``layer_kind``: the class the layers are made as (see ``layers.choose_kind``); ``kv_dtype``: how
     kept keys/values are stored, ``"auto"`` (the model's dtype), ``"int8"`` or ``"fp8"`` (8-bit codes with
-    a scale per vector: about half the bytes; ``layers/codecs.py``, docs/kv-dtype.md); ``decode_kernel``: what
+    a scale per vector: about half the bytes), ``"int4"`` (4-bit codes with a scale and minimum per 32 channels:
+    0.31 of 16-bit; read by dequantize + SDPA) or a codec object (``layers/codecs.py``, docs/kv-dtype.md);
+    ``decode_kernel``: what
     computes a compiled decode step's attention, ``"auto"`` (kvpolicy's Triton kernel over the stored codes where
     it applies, on CUDA; else dequantize + SDPA), ``"triton"`` (the kernel or an error) or ``"sdpa"``
     (``core/decode_attention.py``); ``tp_group``: the

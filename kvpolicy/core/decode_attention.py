@@ -55,7 +55,8 @@ def kernel_applies(setting: str, query: torch.Tensor, codec, kwargs: dict) -> bo
     if problem is None and not (query.is_cuda or (setting == "triton" and _interpreting())):
         problem = f"the kernel runs on CUDA tensors (these are on {query.device})"
     if problem is None and _code_of(codec) is None:
-        problem = f"the kernel reads kv_dtype 'auto', 'int8' and 'fp8', not the codec {codec!r}"
+        problem = (f"the kernel reads kv_dtype 'auto', 'int8' and 'fp8', not the codec {codec!r} (whose layers "
+                   "'auto' dequantizes for SDPA)")
     if problem is None and any(kwargs.get(k) is not None for k in gqa_attention.CHANGES_MATH):
         problem = "the model's attention adds soft-capping, sinks or a bias, which the kernel does not compute"
     if problem is None and kwargs.get("dropout", 0.0):

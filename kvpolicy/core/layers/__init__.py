@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import FreezeSpec, KVLayer, LayerSpec, ModuleFacts, first_moved_slot
-from .codecs import KV_DTYPES, Fp8Codec, Int8Codec, KVCodec, choose_codec
+from .codecs import KV_DTYPES, Fp8Codec, Int4Codec, Int8Codec, KVCodec, choose_codec
 from .dynamic import DynamicLayer
 from .frozen import FrozenLayer
 from .ragged import RaggedLayer
 from .segments import RaggedStore
 
-__all__ = ["KV_DTYPES", "DynamicLayer", "Fp8Codec", "FreezeSpec", "FrozenLayer", "Int8Codec", "KVCodec", "KVLayer",
-           "LayerSpec", "ModuleFacts", "RaggedLayer", "RaggedStore", "choose_codec", "choose_kind", "first_moved_slot"]
+__all__ = ["KV_DTYPES", "DynamicLayer", "Fp8Codec", "FreezeSpec", "FrozenLayer", "Int4Codec", "Int8Codec", "KVCodec",
+           "KVLayer", "LayerSpec", "ModuleFacts", "RaggedLayer", "RaggedStore", "choose_codec", "choose_kind",
+           "first_moved_slot"]
 
 
 def choose_kind(layer_kind: type[KVLayer] | None = None) -> type[KVLayer]:

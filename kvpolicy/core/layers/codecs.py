@@ -1,4 +1,4 @@
-"""How a layer stores each kept key/value vector: at the model's dtype, or in 8 bits with a scale.
+"""How a layer stores each kept key/value vector: at the model's dtype, in 8 bits with a scale, or in 4.
 
 A codec maps a ``[..., D]`` vector of one token and KV head to the ``[..., W]`` row the layer keeps
 and back. The quantized codecs pack the 8-bit codes and their float32 scale into one ``int8`` row
@@ -12,6 +12,10 @@ eviction policy drops single tokens, and a per-channel scale is shared by a grou
 that the policy then breaks up (kvpress re-quantizes after every prune for that reason). A
 per-token scale travels with its token. Measured (docs/benchmarks/key_quant_error.md): at 8 bits per-token
 and per-channel keys are both within 0.03% of the exact perplexity; at 4 bits per-channel keys would matter.
+
+int4 (``Int4Codec``) packs two 4-bit codes per byte with a bfloat16 scale and minimum per group of
+32 channels of the vector: still one token's own row (eviction keeps its meaning), but asymmetric and
+group-wise, which halves the per-vector int4 error (docs/benchmarks/key_quant_error.md).
 
 Attention reads the dequantized buffer (``decode``): the cache holds the codes; a forward's
 own new tokens (the prompt's first fill) are attended exactly and stored quantized.
@@ -45,6 +49,10 @@ class KVCodec:
         """The last dimension of the stored rows for vectors of ``head_dim``."""
         return head_dim
 
+    def head_dim(self, stored_width: int) -> int:
+        """The vectors' dimension back from the stored rows' last dimension (:meth:`stored_width`'s inverse)."""
+        return stored_width
+
     def check(self, dtype: torch.dtype, device: torch.device) -> None:
         """Refuse a model dtype or device this codec cannot hold (at the layer's first tokens)."""
 
@@ -58,10 +66,22 @@ class KVCodec:
         return f"KVCodec({self.name!r})"
 
 
-class _EightBit(KVCodec):
-    """Symmetric 8-bit codes with one float32 scale per vector (absmax / the code's largest value)."""
+class _Quantized(KVCodec):
+    """Codes of a float model's keys/values (a quantized codec reads float16, bfloat16 or float32)."""
 
     quantized = True
+
+    def check(self, dtype: torch.dtype, device: torch.device) -> None:
+        if dtype not in _HOLDS:
+            raise ConfigError(
+                f"kv_dtype={self.name!r} stores keys/values of a float16, bfloat16 or float32 model; this model "
+                f"gives {dtype}: load it in bfloat16 (torch_dtype=torch.bfloat16) or use kv_dtype='auto'"
+            )
+
+
+class _EightBit(_Quantized):
+    """Symmetric 8-bit codes with one float32 scale per vector (absmax / the code's largest value)."""
+
     code_max = 127.0
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,12 +97,8 @@ class _EightBit(KVCodec):
     def stored_width(self, head_dim: int) -> int:
         return head_dim + _SCALE_BYTES
 
-    def check(self, dtype: torch.dtype, device: torch.device) -> None:
-        if dtype not in _HOLDS:
-            raise ConfigError(
-                f"kv_dtype={self.name!r} stores keys/values of a float16, bfloat16 or float32 model; this model "
-                f"gives {dtype}: load it in bfloat16 (torch_dtype=torch.bfloat16) or use kv_dtype='auto'"
-            )
+    def head_dim(self, stored_width: int) -> int:
+        return stored_width - _SCALE_BYTES
 
     def _to_codes(self, scaled: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -158,9 +174,103 @@ def _fp8_problem(device_type: str) -> str | None:
     return None
 
 
+class Int4Codec(_Quantized):
+    """Asymmetric 4-bit codes in groups of ``group`` channels (``kv_dtype="int4"``: 32), each group with a
+    bfloat16 scale and minimum.
+
+    A row of ``D`` channels is ``D / 2`` bytes of codes (channel ``2i`` in the low nibble, ``2i + 1`` in the
+    high one), then each group's scale, then each group's minimum (two bytes each, the bfloat16's bits):
+    ``D / 2 + 4 D / group`` bytes, 0.3125 of 16-bit storage at groups of 32. A channel comes back as
+    ``min + code * scale``, within half a step (``(max - min) / 30`` of its group) of the stored value.
+    Why groups of channels within one token, not KIVI's per-channel key groups over 32 tokens: the row stays
+    the token's own, so eviction and compaction move it like any other; groups of 32 channels and an offset
+    take most of what per-channel scales win at 4 bits (docs/benchmarks/key_quant_error.md).
+    Why bfloat16 scales: they cover float32's range (no overflow on large activations), and their rounding
+    (2^-9 relative) is small against a 4-bit step. The decode kernel does not read these codes: a compiled
+    step dequantizes and calls SDPA (``decode_kernel="auto"``)."""
+
+    name = "int4"
+    LEVELS = 15
+
+    def __init__(self, group: int = 32) -> None:
+        if not isinstance(group, int) or group < 2 or group % 2:
+            raise ConfigError(f"Int4Codec(group=...) takes an even number of channels of at least 2, not {group!r}")
+        self.group = group
+
+    def stored_width(self, head_dim: int) -> int:
+        if head_dim % self.group:
+            fits = [g for g in (16, 8, 4, 2) if head_dim % g == 0]
+            instead = f"kvpolicy.core.layers.Int4Codec(group={fits[0]}) as kv_dtype, or " if fits else ""
+            raise ConfigError(
+                f"kv_dtype='int4' quantizes groups of {self.group} channels and this model's head_dim is {head_dim}, "
+                f"not a multiple of it: use {instead}kv_dtype='int8'"
+            )
+        return head_dim // 2 + 4 * (head_dim // self.group)
+
+    def head_dim(self, stored_width: int) -> int:
+        return stored_width * self.group // (self.group // 2 + 4)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        self.stored_width(d)  # refuses a head_dim that is not whole groups
+        g = x.float().unflatten(-1, (d // self.group, self.group))
+        low = _bf16_round(g.amin(-1, keepdim=True))
+        # the scale rounded up past the group's span, so that the top code still reaches its maximum
+        span = (g.amax(-1, keepdim=True) - low) / self.LEVELS
+        scale = _bf16_round(span * (1.0 + 2.0 ** -7))
+        # a constant group (or one whose span is below bfloat16's smallest step): every code 0, the minimum kept
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = ((g - low) / scale).round().clamp(0, self.LEVELS).to(torch.int32).flatten(-2)
+        pairs = codes.unflatten(-1, (d // 2, 2))
+        packed = pairs[..., 0] | (pairs[..., 1] << 4)
+        return torch.cat([_signed_bytes(packed), _bf16_bytes(scale.squeeze(-1)), _bf16_bytes(low.squeeze(-1))],
+                         dim=-1)
+
+    def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        d = self.head_dim(stored.shape[-1])
+        groups = d // self.group
+        b = stored[..., : d // 2].to(torch.int32) & 0xFF
+        codes = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2).float().unflatten(-1, (groups, self.group))
+        scale = _bf16_of(stored[..., d // 2: d // 2 + 2 * groups]).unsqueeze(-1)
+        low = _bf16_of(stored[..., d // 2 + 2 * groups:]).unsqueeze(-1)
+        return (low + codes * scale).flatten(-2).to(dtype)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.group == self.group
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.group))
+
+    def __repr__(self) -> str:
+        return f"Int4Codec(group={self.group})"
+
+
+def _bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) rounded to the nearest bfloat16, kept as float32."""
+    return x.to(torch.bfloat16).float()
+
+
+def _signed_bytes(b: torch.Tensor) -> torch.Tensor:
+    """Integers in [0, 255] as the int8 bytes of the same bits."""
+    return torch.where(b > 127, b - 256, b).to(torch.int8)
+
+
+def _bf16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[..., n]`` (values that are bfloat16) as ``[..., 2n]`` bytes: each value's bfloat16 bits, low byte
+    first. Through float32's bits (the same size: a bit-cast inductor takes), whose upper half they are."""
+    bits = (x.float().contiguous().view(torch.int32) >> 16) & 0xFFFF
+    return _signed_bytes(torch.stack([bits & 0xFF, bits >> 8], dim=-1).flatten(-2))
+
+
+def _bf16_of(stored: torch.Tensor) -> torch.Tensor:
+    """The float32 values back from ``[..., 2n]`` bfloat16 bytes (:func:`_bf16_bytes`)."""
+    b = (stored.to(torch.int32) & 0xFF).unflatten(-1, (-1, 2))
+    return ((b[..., 0] << 16) | (b[..., 1] << 24)).view(torch.float32)
+
+
 #: the codec of each ``kv_dtype`` name
-_CODECS: dict[str, type[KVCodec]] = {"auto": KVCodec, "int8": Int8Codec, "fp8": Fp8Codec}
-#: what ``kv_dtype`` takes (``"int4"`` is refused by name, saying what to use instead)
+_CODECS: dict[str, type[KVCodec]] = {"auto": KVCodec, "int8": Int8Codec, "fp8": Fp8Codec, "int4": Int4Codec}
+#: what ``kv_dtype`` takes
 KV_DTYPES = tuple(_CODECS)
 
 
@@ -168,11 +278,6 @@ def choose_codec(kv_dtype: str | KVCodec = "auto") -> KVCodec:
     """The codec for a cache's ``kv_dtype`` setting (a name, or a codec object for a kind of one's own)."""
     if isinstance(kv_dtype, KVCodec):
         return kv_dtype
-    if kv_dtype == "int4":
-        raise ConfigError(
-            "kv_dtype='int4' is not available in this version (its group-wise codes and decode kernel are not "
-            "written yet); use kv_dtype='int8' or 'fp8' (0.53 of the 16-bit bytes at head_dim 64, 0.52 at 128)"
-        )
     if kv_dtype == "fp8" and not hasattr(torch, "float8_e4m3fn"):
         raise ConfigError(f"kv_dtype='fp8' needs torch.float8_e4m3fn (torch >= 2.1), not in torch "
                           f"{torch.__version__}; use kv_dtype='int8'")

@@ -70,7 +70,7 @@ class DynamicLayer(KVLayer):
 
     def _check_compatible(self, key_states: torch.Tensor) -> None:
         held, given = list(self.keys.shape), key_states.shape
-        held[3] -= self.spec.codec.stored_width(0)  # the head dimension the packed rows hold
+        held[3] = self.spec.codec.head_dim(held[3])  # the head dimension the packed rows hold
         if given[0] != held[0]:
             raise CacheMisuseError(
                 f"this cache holds a batch of {held[0]} rows but was given {given[0]}; "

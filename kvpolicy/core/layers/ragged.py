@@ -102,7 +102,7 @@ class RaggedLayer(SegmentedBuffers, DynamicLayer):
     def _check_compatible(self, key_states: torch.Tensor) -> None:
         if self._store is None:
             return super()._check_compatible(key_states)
-        width = self._store.keys.shape[-1] - self.spec.codec.stored_width(0)
+        width = self.spec.codec.head_dim(self._store.keys.shape[-1])
         if (key_states.shape[0], key_states.shape[1]) != tuple(self._store.offset.shape) or \
                 key_states.shape[3] != width or key_states.dtype != self.dtype:
             self._unpack()
