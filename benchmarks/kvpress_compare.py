@@ -53,6 +53,11 @@ and its SnapKV settings swap (each library with the other's window and kernel si
 kvpolicy's ``attention_hook.install()`` is called before kvpress is imported: kvpress patches the
 attention functions on import into a mapping that shadows the one kvpolicy wraps.
 
+``--press-cache quanto4`` runs every press (and the no-press row) on transformers' ``QuantizedCache``
+(optimum-quanto, 4 bits, its default groups of 64 and residual of 128; kvpress dequantizes, prunes and
+re-quantizes each layer): issue #25's kvpress anchor for kvpolicy's ``--kv-dtype``. Its KV bytes count the
+packed codes, scales and shifts. ``--kv-dtype`` runs kvpolicy's policies at each given ``kv_dtype``.
+
 A press that fails a short check run (before any timed work) is skipped and listed under
 ``skipped`` in the JSON with its error.
 
@@ -80,7 +85,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, QuantizedCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -173,9 +178,11 @@ def _wraps_prefill(press_class: type) -> bool:
 
 
 # --------------------------------------------------------------------------- kvpress side
-class PressCache(DynamicCache):
-    """A ``DynamicCache`` that carries the press compressing it, counts the tokens it has seen
-    (kept or not) and reports what the Meter reads from kvpolicy's ``PolicyCache``.
+class _PressCacheMixin:
+    """What a cache carrying a press adds (:class:`PressCache` over ``DynamicCache``,
+    :class:`QuantizedPressCache` over transformers' ``QuantizedCache``): it carries the press
+    compressing it, counts the tokens it has seen (kept or not) and reports what the Meter reads
+    from kvpolicy's ``PolicyCache``.
 
     ``get_seq_length()`` is the tokens seen, as kvpolicy's cache reports it, not the tokens kept:
     the model and ``generate`` derive the new tokens' positions and which input columns are new
@@ -189,8 +196,8 @@ class PressCache(DynamicCache):
     counted as removed in ``kv_tokens_per_layer`` and in ``memory_bytes(allocated=False)`` (what a
     real eviction would hold); ``memory_bytes(allocated=True)`` stays what is held."""
 
-    def __init__(self, press: Any = None, modules: list[Any] | None = None) -> None:
-        super().__init__()
+    def __init__(self, press: Any = None, modules: list[Any] | None = None, **cache_kwargs: Any) -> None:
+        super().__init__(**cache_kwargs)
         self.press = press
         self.modules = modules
         self.seen = 0
@@ -218,11 +225,11 @@ class PressCache(DynamicCache):
         return 0 if indices is None else int(indices[0].numel())
 
     def kv_tokens_per_layer(self) -> list[int]:
-        out = []
-        for i, layer in enumerate(self.layers):
-            heads = layer.keys.shape[1] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 1
-            out.append(self.kept(i) - round(self.masked(i) / heads))
-        return out
+        return [self.kept(i) - round(self.masked(i) / self.heads(i)) for i in range(len(self.layers))]
+
+    def heads(self, layer_idx: int) -> int:
+        layer = self.layers[layer_idx]
+        return layer.keys.shape[1] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 1
 
     def memory_bytes(self, allocated: bool = True) -> int:
         total = 0
@@ -232,6 +239,45 @@ class PressCache(DynamicCache):
                     total += t.numel() * t.element_size()
                     if not allocated:
                         total -= self.masked(i) * t.shape[-1] * t.element_size()
+        return total
+
+
+class PressCache(_PressCacheMixin, DynamicCache):
+    """kvpress's usual cache: a ``DynamicCache`` carrying the press."""
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass made of inner tensors (optimum-quanto's packed 4-bit codes,
+    scales and shifts) counts each inner tensor."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.Tensor:
+        names, _ = flatten()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+class QuantizedPressCache(_PressCacheMixin, QuantizedCache):
+    """transformers' ``QuantizedCache`` (optimum-quanto, KIVI-style: the prompt quantized at once, the newest
+    ``residual_length`` generated tokens in 16 bits, then re-quantized with the rest) carrying the press, as
+    kvpress combines them: each press dequantizes the layer, prunes and re-quantizes (``BasePress.forward_hook``).
+    ``memory_bytes`` counts the 4-bit codes, scales and shifts and the 16-bit residual; masked keys (KVzip) are
+    taken off at the layer's bytes per (head, token) entry."""
+
+    def heads(self, layer_idx: int) -> int:
+        q = getattr(self.layers[layer_idx], "_quantized_keys", None)
+        return q.shape[1] if q is not None and q.dim() == 4 else super().heads(layer_idx)
+
+    def memory_bytes(self, allocated: bool = True) -> int:
+        total = 0
+        for i, layer in enumerate(self.layers):
+            held = sum(_tensor_bytes(t) for t in (getattr(layer, "_quantized_keys", None),
+                                                  getattr(layer, "_quantized_values", None),
+                                                  getattr(layer, "keys", None), getattr(layer, "values", None))
+                       if t is not None and t.numel())
+            entries = self.kept(i) * self.heads(i)
+            if not allocated and entries and self.masked(i):
+                held -= round(held * self.masked(i) / entries)
+            total += held
         return total
 
 
@@ -353,18 +399,24 @@ class PressSpec(PolicySpec):
 
     press: Any = None
     model: Any = None
+    #: ``QuantizedCache`` settings (``--press-cache quanto4``), or None: a ``DynamicCache``
+    quantized: dict[str, Any] | None = None
 
-    def new_cache(self) -> PressCache:
+    def new_cache(self) -> PressCache | QuantizedPressCache:
         """A fresh cache for the next sequence. The masks a press put on the attention modules
         (KVzip) belong to the last sequence: cleared here (kvpress clears them on a prefill)."""
         modules = attention_modules(self.model) if self.model is not None else []
         for module in modules:
             if getattr(module, "masked_key_indices", None) is not None:
                 module.masked_key_indices = None
+        if self.quantized is not None:
+            make = functools.partial(QuantizedPressCache, backend="quanto", config=self.model.config, **self.quantized)
+        else:
+            make = PressCache
         if self.press is None:
-            return PressCache()
+            return make()
         self.press.post_init_from_model(self.model)
-        return PressCache(self.press, modules if wraps_prefill(self.press) else None)
+        return make(self.press, modules if wraps_prefill(self.press) else None)
 
 
 def press_settings(press: Any) -> dict[str, Any]:
@@ -374,7 +426,7 @@ def press_settings(press: Any) -> dict[str, Any]:
 
 @torch.no_grad()
 def check_press(model: Any, tok: Any, name: str, ratio: float, settings: dict[str, Any] | None = None,
-                follow: int = 8) -> str | None:
+                follow: int = 8, quantized: dict[str, Any] | None = None) -> str | None:
     """Run one compressed prefill, a few decode steps and a forward of ``follow`` tokens on the
     compressed cache; the error text, or None if it works. ``follow``: a question's length where
     one follows the compressed context (KVzip's key masking fails on a forward whose queries no
@@ -382,7 +434,8 @@ def check_press(model: Any, tok: Any, name: str, ratio: float, settings: dict[st
     ids = tok("It is a truth universally acknowledged. " * 40, return_tensors="pt")["input_ids"][:, :200]
     ids = ids.to(model.device)
     try:
-        spec = PressSpec(PRESSES[name], {}, ratio, press=make_press(name, ratio, settings), model=model)
+        spec = PressSpec(PRESSES[name], {}, ratio, press=make_press(name, ratio, settings), model=model,
+                         quantized=quantized)
         cache = spec.new_cache()
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=3,
                        do_sample=False, pad_token_id=tok.pad_token_id or 0)
@@ -396,7 +449,8 @@ def check_press(model: Any, tok: Any, name: str, ratio: float, settings: dict[st
 
 # --------------------------------------------------------------------------- specs
 def kvpolicy_specs(
-    names: list[str], ratios: list[float], settings: dict[str, dict[str, Any]] | None = None
+    names: list[str], ratios: list[float], settings: dict[str, dict[str, Any]] | None = None,
+    kv_dtypes: tuple[str, ...] = ("auto",),
 ) -> list[PolicySpec]:
     """``full`` first, then each policy at each ratio (validated by ``build_specs``); ``settings``
     (per policy name) are added to the matching specs and checked by building one policy each."""
@@ -404,7 +458,7 @@ def kvpolicy_specs(
 
     settings = settings or {}
     plain = [n for n in names if n not in VARIANTS]
-    specs = build_specs(plain, ratios)
+    specs = build_specs(plain, ratios, kv_dtypes=kv_dtypes)
     for n in names:
         if n in VARIANTS:
             policy, extra = VARIANTS[n]
@@ -645,6 +699,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="non-default kvpolicy settings, e.g. snapkv:window_size=64,kernel_size=5 (repeatable)")
     ap.add_argument("--press-settings", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
                     help="non-default press settings, e.g. snapkv:window_size=32 (repeatable)")
+    ap.add_argument("--kv-dtype", default="auto",
+                    help="kvpolicy's kv_dtype for its policies, comma-separated to run each at each (as kvpolicy "
+                         "compare --kv-dtype; full at auto stays the reference)")
+    ap.add_argument("--press-cache", default="dynamic", choices=["dynamic", "quanto4"],
+                    help="the cache the presses run on: dynamic (DynamicCache) or quanto4 (transformers' "
+                         "QuantizedCache, optimum-quanto, nbits=4, its default groups of 64 and residual of 128; "
+                         "pip install optimum-quanto); the no-press row runs on it too")
     ap.add_argument("--no-press-baseline", action="store_true",
                     help="leave out kvpress's row without a press (DynamicCache), e.g. in all but one of several "
                          "processes whose files are merged")
@@ -714,24 +775,31 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     log = lambda msg: print(f"[{time.time() - start:6.0f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     args.eval_sizes = input_sizes(args)
-    specs = kvpolicy_specs(args.policy_list, args.ratio_list, args.policy_settings_map)
+    specs = kvpolicy_specs(args.policy_list, args.ratio_list, args.policy_settings_map,
+                           tuple(d for d in args.kv_dtype.split(",") if d))
+    quantized = {"nbits": 4} if args.press_cache == "quanto4" else None
+    cache_name = "QuantizedCache" if quantized else "DynamicCache"
+    press_dtype = "quanto-int4" if quantized else "auto"
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     import_kvpress()  # after kvpolicy's attention wrapper: see import_kvpress
     attach_presses(model, tok)
     skipped: dict[str, str] = {}
     for name in args.press_list:
         follow = QUESTION_TOKENS if args.eval_sizes.question == "after_context" else 8
-        err = check_press(model, tok, name, max(args.ratio_list), args.press_settings_map.get(name), follow)
+        err = check_press(model, tok, name, max(args.ratio_list), args.press_settings_map.get(name), follow,
+                          quantized)
         if err:
             skipped[name] = err
             log(f"skipping press {name}: {err}")
     if not args.no_press_baseline:
-        specs.append(PressSpec("DynamicCache", {}, None, press=None, model=model))  # kvpress's cache, no press
+        specs.append(PressSpec(cache_name, {}, None, kv_dtype=press_dtype, press=None, model=model,
+                               quantized=quantized))  # kvpress's cache without a press
     for ratio in args.ratio_list:
         for name in args.press_list:
             if name not in skipped:
                 press = make_press(name, ratio, args.press_settings_map.get(name))
-                specs.append(PressSpec(PRESSES[name], press_settings(press), ratio, press=press, model=model))
+                specs.append(PressSpec(PRESSES[name], press_settings(press), ratio, kv_dtype=press_dtype, press=press,
+                                       model=model, quantized=quantized))
     total = len(specs) * len(args.task_list)
     step = [0]
 

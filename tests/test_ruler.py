@@ -541,6 +541,20 @@ def test_targets_count_a_row_at_the_bytes_it_removed():
                           "not counted at 0.75: kvzip@0.75 removed 55.0% of the KV bytes (score 68.0)"]
 
 
+def test_targets_count_rows_that_saved_bytes_by_bits_and_skip_rows_run_at_no_ratio():
+    """``full+int4`` (run at no ratio, 69% of the bytes saved by 4-bit storage) is a row "at 0.5 removed"; a
+    kvpress row without a press (no ratio) does not stop the kvpolicy-against-kvpress lines."""
+    rows = [_target_row("kvpolicy:full", 0.7, 0.0, None), {**_target_row("kvpolicy:full+int4", 0.68, 0.69, None),
+                                                           "kv_dtype": "int4"},
+            _target_row("kvpolicy:tova@0.5", 0.5, 0.5, 0.5),
+            {**_target_row("kvpress:QuantizedCache", 0.6, 0.69, None), "kv_dtype": "quanto-int4"},
+            _target_row("kvpress:TOVAPress+quanto-int4@0.5", 0.45, 0.84, 0.5)]
+    lines = ruler_report.targets(rows)
+    assert lines[0].startswith("at 0.5 removed the best policy, kvpolicy:full+int4 (69.0% of the KV bytes removed)")
+    assert ("at 0.5 removed the best kvpolicy row, kvpolicy:full+int4 (68.0), against the best kvpress row, "
+            "kvpress:QuantizedCache (60.0): met, 8.0 points ahead") in lines
+
+
 def test_targets_set_kvpolicy_against_kvpress_at_each_ratio():
     """In a kvpress_compare file the best kvpolicy row is chosen among kvpolicy's rows only, and at each ratio
     kvpress ran it is set against kvpress's best by the same bytes rule, ahead or behind."""

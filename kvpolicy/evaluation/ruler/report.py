@@ -41,8 +41,10 @@ def _removed(row: dict[str, Any]) -> float:
 def at_ratio(rows: list[dict[str, Any]], ratio: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(rows that removed at least ratio - RATIO_SLACK of the KV bytes, whatever ratio they were run at;
     the rows run at ratio that removed less)``: "at 50% removed" is judged by the memory a row saved, so a
-    row run at 0.75 that saved 55% counts at 0.5 and one run at 0.5 that saved 29% does not."""
-    met = [r for r in rows if r["ratio"] is not None and _removed(r) >= ratio - RATIO_SLACK]
+    row run at 0.75 that saved 55% counts at 0.5 and one run at 0.5 that saved 29% does not; a row that saved
+    its bytes by storing fewer bits alone (``full+int4``, run at no ratio) counts too."""
+    saves = [r for r in rows if r["ratio"] is not None or r.get("kv_dtype", "auto") != "auto"]
+    met = [r for r in saves if _removed(r) >= ratio - RATIO_SLACK]
     return met, [r for r in rows if r["ratio"] == ratio and r not in met]
 
 
@@ -153,7 +155,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"at 0.5 removed {top['label']} is {gap:.1f} points below the best ({best['label']}; target "
                      f"{PYRAMIDINFER_GAP:g}): {'met' if gap <= PYRAMIDINFER_GAP else 'missed'}")
     theirs = [r for r in rows if _is_kvpress(r)]
-    for ratio in sorted({r["ratio"] for r in theirs}):
+    for ratio in sorted({r["ratio"] for r in theirs if r["ratio"] is not None}):
         mine, other = at_ratio(ours, ratio)[0], at_ratio(theirs, ratio)[0]
         if not mine or not other:
             continue
