@@ -115,8 +115,7 @@ def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
     With shifts, not ``scale.view(torch.int8)``: inductor cannot compile a view between dtypes of different
     sizes (the compiled decode step writes scales)."""
     bits = scale.view(torch.int32)  # the same size: a bit-cast inductor takes
-    b = torch.cat([(bits >> s) & 0xFF for s in _SHIFTS], dim=-1)  # Python shifts: no tensor copied to the device
-    return torch.where(b > 127, b - 256, b).to(torch.int8)
+    return _signed_bytes(torch.cat([(bits >> s) & 0xFF for s in _SHIFTS], dim=-1))  # Python shifts: no tensor copied
 
 
 def _scale_of(stored: torch.Tensor) -> torch.Tensor:
