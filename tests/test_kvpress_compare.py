@@ -47,6 +47,24 @@ def test_kvpolicy_specs(script):
                                         "streamingllm_prefill@0.4"]
     assert specs[-1].settings == {"compress": "prefill", "compression_ratio": 0.4}
     assert [script.method_of(s) for s in specs][-1] == "streamingllm_prefill"
+    at_dtypes = script.kvpolicy_specs(["tova"], [0.5], kv_dtypes=("int4",))
+    assert [s.label for s in at_dtypes] == ["full", "full+int4", "tova+int4@0.5"]
+    assert script.parse_args(["--press-cache", "quanto4", "--presses", "tova"]).press_cache == "quanto4"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--press-cache", "hqq8"])
+
+
+def test_tensor_bytes_counts_the_inner_tensors_of_a_packed_tensor(script):
+    """optimum-quanto's 4-bit tensors are tensor subclasses made of packed codes, scales and shifts: each inner
+    tensor counts (a stand-in subclass here; the real one needs optimum-quanto)."""
+    class Packed(torch.Tensor):
+        def __tensor_flatten__(self):
+            return ["_data", "_scale"], None
+
+    packed = torch.Tensor._make_subclass(Packed, torch.zeros(4, 8))
+    packed._data, packed._scale = torch.zeros(4, 4, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.bfloat16)
+    assert script._tensor_bytes(packed) == 16 + 8
+    assert script._tensor_bytes(torch.zeros(3, dtype=torch.bfloat16)) == 6
 
 
 def test_report(script):
