@@ -303,6 +303,12 @@ def test_pyramidinfer_evicts_no_live_token_for_a_group_the_window_freed():
                     assert live <= kept, f"step {step} layer {idx} row {b} head {h}: evicted live {live - kept}"
 
 
+#: the drop against no drop under 8-bit codes: float32 rounding (~2e-7 at the model's dtype) can flip one new
+#: code at a half-step boundary, which moves the logits ~1e-5 (measured 2.0e-5: snapkv, int8, step 6, on the
+#: CPU of 2026-12-08); two tokens' scales swapped in one layer's keys move them 1.6e-2
+QUANT_TOL = 1e-3
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
 @pytest.mark.parametrize("case", ["full", "snapkv", "h2o"])
 def test_quantized_codes_move_with_their_positions(case, kv_dtype):
@@ -318,5 +324,6 @@ def test_quantized_codes_move_with_their_positions(case, kv_dtype):
         got = run.step(token)
         assert_bound(run.cache, model, slack=True)
         if other is not None:
-            assert (got - other.step(token)).abs().max().item() <= TOL, f"step {step}: the drop changed the logits"
+            gap = (got - other.step(token)).abs().max().item()
+            assert gap <= QUANT_TOL, f"step {step}: the drop changed the logits by {gap:.2e}"
         token = got.argmax(-1)
