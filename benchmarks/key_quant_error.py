@@ -33,6 +33,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.cache_utils import DynamicLayer as HFDynamicLayer
 
+from kvpolicy.core.layers import choose_codec
 from kvpolicy.evaluation import texts
 from kvpolicy.models import load_model
 from kvpolicy.provenance import markdown_provenance, run_meta
@@ -69,8 +70,6 @@ SCHEMES: dict[str, tuple[int, str, int | None]] = {
 
 def through_codec(x: torch.Tensor) -> torch.Tensor:
     """``x`` through kvpolicy's ``kv_dtype="int4"`` codec and back."""
-    from kvpolicy.core.layers import choose_codec
-
     codec = choose_codec("int4")
     return codec.decode(codec.encode(x), x.dtype)
 

@@ -107,23 +107,36 @@ class _EightBit(_Quantized):
         raise NotImplementedError
 
 
-_SHIFTS = (0, 8, 16, 24)
+def _signed_bytes(b: torch.Tensor) -> torch.Tensor:
+    """Integers in [0, 255] as the int8 bytes of the same bits."""
+    return torch.where(b > 127, b - 256, b).to(torch.int8)
+
+
+def _int_bytes(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """The low ``n`` bytes of each int32 of ``bits`` ``[..., k]`` as int8 ``[..., k * n]``, low byte first (memory
+    order). With shifts, not ``.view(torch.int8)``: inductor cannot compile a view between dtypes of different
+    sizes (the compiled decode step writes scales); Python shifts copy no tensor to the device."""
+    return _signed_bytes(torch.stack([(bits >> (8 * i)) & 0xFF for i in range(n)], dim=-1).flatten(-2))
+
+
+def _int_of(stored: torch.Tensor, n: int) -> torch.Tensor:
+    """The int32 values ``[..., k]`` back from their low ``n`` bytes ``[..., k * n]`` (:func:`_int_bytes`)."""
+    b = (stored.to(torch.int32) & 0xFF).unflatten(-1, (-1, n))
+    bits = b[..., 0]
+    for i in range(1, n):
+        bits = bits | (b[..., i] << (8 * i))
+    return bits
 
 
 def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
-    """The float32 ``scale`` ``[..., 1]`` as its four bytes ``[..., 4]`` (int8, little-endian: memory order).
-    With shifts, not ``scale.view(torch.int8)``: inductor cannot compile a view between dtypes of different
-    sizes (the compiled decode step writes scales)."""
-    bits = scale.view(torch.int32)  # the same size: a bit-cast inductor takes
-    return _signed_bytes(torch.cat([(bits >> s) & 0xFF for s in _SHIFTS], dim=-1))  # Python shifts: no tensor copied
+    """The float32 ``scale`` ``[..., 1]`` as its four bytes ``[..., 4]``, through its bits (``view(torch.int32)``:
+    the same size, a bit-cast inductor takes)."""
+    return _int_bytes(scale.view(torch.int32), 4)
 
 
 def _scale_of(stored: torch.Tensor) -> torch.Tensor:
     """The float32 scale ``[..., 1]`` back from its four stored bytes ``[..., 4]``."""
-    b = stored.to(torch.int32) & 0xFF
-    bits = (b[..., 0:1] << _SHIFTS[0]) | (b[..., 1:2] << _SHIFTS[1]) | (b[..., 2:3] << _SHIFTS[2]) | \
-        (b[..., 3:4] << _SHIFTS[3])
-    return bits.view(torch.float32)
+    return _int_of(stored, 4).view(torch.float32)
 
 
 class Int8Codec(_EightBit):
@@ -249,22 +262,15 @@ def _bf16_round(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).float()
 
 
-def _signed_bytes(b: torch.Tensor) -> torch.Tensor:
-    """Integers in [0, 255] as the int8 bytes of the same bits."""
-    return torch.where(b > 127, b - 256, b).to(torch.int8)
-
-
 def _bf16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[..., n]`` (values that are bfloat16) as ``[..., 2n]`` bytes: each value's bfloat16 bits, low byte
-    first. Through float32's bits (the same size: a bit-cast inductor takes), whose upper half they are."""
-    bits = (x.float().contiguous().view(torch.int32) >> 16) & 0xFFFF
-    return _signed_bytes(torch.stack([bits & 0xFF, bits >> 8], dim=-1).flatten(-2))
+    """``x`` ``[..., n]`` (values that are bfloat16) as ``[..., 2n]`` bytes: each value's bfloat16 bits, the upper
+    half of its float32 bits."""
+    return _int_bytes(x.float().contiguous().view(torch.int32) >> 16, 2)
 
 
 def _bf16_of(stored: torch.Tensor) -> torch.Tensor:
     """The float32 values back from ``[..., 2n]`` bfloat16 bytes (:func:`_bf16_bytes`)."""
-    b = (stored.to(torch.int32) & 0xFF).unflatten(-1, (-1, 2))
-    return ((b[..., 0] << 16) | (b[..., 1] << 24)).view(torch.float32)
+    return (_int_of(stored, 2) << 16).view(torch.float32)
 
 
 #: the codec of each ``kv_dtype`` name
